@@ -1,0 +1,126 @@
+r"""The autograd Function shared by every backend, and the kernel contract behind it.
+
+A backend supplies one *row kernel*. It computes the loss of every row and, when asked, writes
+the gradient of the reduced loss into a buffer during the same pass:
+
+.. code-block:: python
+
+    def kernel(
+        z: Tensor,             # (M, V) logits, any float dtype, any strides
+        target: Tensor,        # (M,) int64 class indices, or (M, V) float probabilities
+        weight: Tensor | None, # (V,) class weights
+        opts: CrossEntropyOptions,
+        ce_scale: Tensor,      # 0-dim float: factor on each row's cross-entropy
+        z_scale: Tensor,       # 0-dim float: factor on each row's z-loss
+        grad: Tensor | None,   # (M, V) in z.dtype, to receive ∂loss/∂z; may be z itself
+    ) -> Tensor:               # (M,) ce_scale·E_r + z_scale·s·lse_r², float32 (float64 for f64)
+
+For row r with effective targets t (see :mod:`fastxent.reference`) the kernel writes
+
+.. math::
+
+    \frac{\partial \ell}{\partial z'_{ri}} = a\,(o_{ri} \textstyle\sum_j t_{rj} - t_{ri})
+        + b\, 2 s\, \mathrm{lse}_r\, o_{ri}
+
+with ``a = ce_scale``, ``b = z_scale``, then the softcap chain factor. When ``grad is z`` the
+kernel must finish reading a row block before writing its gradient.
+
+The Function turns the reduction into those two scales, calls the kernel once in forward and keeps
+only the gradient buffer. Backward multiplies that buffer by ``grad_output`` in place: nothing
+else of size N×V is saved, and no N×V buffer is allocated in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from fastxent._options import CrossEntropyOptions
+
+Kernel = Callable[
+    [Tensor, Tensor, "Tensor | None", CrossEntropyOptions, Tensor, Tensor, "Tensor | None"], Tensor
+]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp32, bf16, fp16) accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduction_scales(
+    z: Tensor, target: Tensor, weight: Tensor | None, opts: CrossEntropyOptions
+) -> tuple[Tensor, Tensor]:
+    """The factors ``(a, b)`` on each row's cross-entropy and z-loss for the chosen reduction.
+
+    "mean" divides the cross-entropy by the total target weight W (index targets: Σ w_y over
+    non-ignored rows; probability targets: the row count) and the z-loss by the number of counted
+    rows n. W = 0 or n = 0 gives a factor 0, not a division by zero. No host sync.
+    """
+    dtype, device, num_rows = accumulation_dtype(z.dtype), z.device, z.shape[0]
+    one = torch.ones((), dtype=dtype, device=device)
+    if opts.reduction != "mean":
+        return one, one
+    if opts.soft:
+        n = torch.full((), float(num_rows), dtype=dtype, device=device)
+        total_weight = n
+    else:
+        counted = target != opts.ignore_index
+        n = counted.sum().to(dtype)
+        if weight is None:
+            total_weight = n
+        else:
+            w_y = weight.to(dtype)[torch.where(counted, target, 0)]
+            total_weight = torch.where(counted, w_y, 0).sum()
+
+    def inverse(x: Tensor) -> Tensor:
+        return torch.where(x != 0, 1.0 / torch.where(x != 0, x, one), 0.0)
+
+    return inverse(total_weight), inverse(n)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """loss = reduce(kernel rows); the gradient is made in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        z: Tensor,
+        target: Tensor,
+        weight: Tensor | None,
+        opts: CrossEntropyOptions,
+        kernel: Kernel,
+    ) -> Tensor:
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = z if opts.inplace_backward else torch.empty_like(z)
+        ce_scale, z_scale = reduction_scales(z, target, weight, opts)
+        rows = kernel(z, target, weight, opts, ce_scale, z_scale, grad)  # (M,)
+        ctx.opts = opts
+        ctx.grad = grad
+        if opts.inplace_backward and grad is not None:
+            # z now holds the gradient. Saving it records its version, so a later in-place write
+            # by anyone else makes backward raise instead of returning a corrupted gradient.
+            ctx.save_for_backward(z)
+        return rows if opts.reduction == "none" else rows.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "fastxent computes the gradient in forward and scales it in place in backward, so "
+                "each loss can be back-propagated once; recompute the loss to backward again."
+            )
+        ctx.grad = None
+        if ctx.opts.inplace_backward:
+            ctx.saved_tensors  # noqa: B018 -- raises if the buffer was written since forward
+        if ctx.opts.reduction == "none":
+            grad.mul_(grad_loss.reshape(-1, 1))
+        elif not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
+            # Skip the N×V pass when grad_output is 1; only on CPU, where reading it is free.
+            grad.mul_(grad_loss)
+        return grad, None, None, None, None

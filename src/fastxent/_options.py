@@ -1,0 +1,141 @@
+"""Validation at the public boundary, and the frozen options that travel to every backend.
+
+Every check here raises a real exception (never ``assert``) saying what was expected and what
+came, so that bad input never reaches a kernel and never turns into a silent wrong number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+@dataclass(frozen=True)
+class CrossEntropyOptions:
+    """Non-tensor options of one cross-entropy call (hashable, so backward returns ``None`` for it).
+
+    ``soft`` is True for probability targets, False for class indices.
+    """
+
+    num_classes: int
+    soft: bool
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    inplace_backward: bool = False
+
+    @property
+    def has_transform(self) -> bool:
+        """True when the logits are transformed (softcap or logit scale) before the softmax."""
+        return self.softcap is not None or self.logit_scale != 1.0
+
+
+def check_scalars(
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    logit_scale: float,
+) -> None:
+    """Check the scalar options; raise ValueError naming the bad one."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
+    if not (math.isfinite(z_loss) and z_loss >= 0.0):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}.")
+    if softcap is not None and not (math.isfinite(softcap) and softcap > 0.0):
+        raise ValueError(f"softcap must be None (off) or a finite number > 0, got {softcap}.")
+    if not (math.isfinite(logit_scale) and logit_scale != 0.0):
+        raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}.")
+
+
+def check_logits(z: Tensor, name: str = "input") -> None:
+    """The logits must be a floating-point tensor with at least one dimension."""
+    if not isinstance(z, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}.")
+    if not z.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor of logits, got dtype {z.dtype}; "
+            f"convert it with {name}.float()."
+        )
+    if z.dim() == 0:
+        raise ValueError(
+            f"{name} must have a class dimension: shape (C,), (N, C) or (N, C, d1, ...)."
+        )
+
+
+def check_weight(weight: Tensor | None, num_classes: int, name: str = "weight") -> None:
+    """Class weights are a 1-D floating tensor of length C."""
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(weight).__name__}.")
+    if weight.dim() != 1 or weight.numel() != num_classes:
+        raise ValueError(
+            f"{name} must have shape ({num_classes},), one weight per class, "
+            f"got shape {tuple(weight.shape)}."
+        )
+    if not weight.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got dtype {weight.dtype}.")
+
+
+def check_index_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every class index is in [0, C) or is ignore_index, else IndexError naming the first bad one.
+
+    This reads the targets on the host: one cheap reduction (a device sync on CUDA).
+    """
+    if target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0]) if target.dim() else ()
+        value = int(target[where]) if where else int(target)
+        raise IndexError(
+            f"target{list(where) if where else ''} = {value} is out of range: the input has "
+            f"{num_classes} classes, so targets must be in [0, {num_classes - 1}] or equal "
+            f"ignore_index ({ignore_index})."
+        )
+
+
+def check_targets(z: Tensor, target: Tensor, class_dim: int) -> bool:
+    """Check the target's kind and shape against the logits; return True for probability targets.
+
+    Class indices: an integer tensor of z's shape without the class dimension.
+    Probabilities: a floating tensor of z's shape.
+    """
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
+    expected = tuple(z.shape[:class_dim] + z.shape[class_dim + 1 :])
+    if target.is_floating_point():
+        if target.shape != z.shape:
+            raise ValueError(
+                f"probability targets must have the input's shape {tuple(z.shape)}, got "
+                f"{tuple(target.shape)}; for class indices pass an integer (int64) tensor of "
+                f"shape {expected}."
+            )
+        if target.requires_grad:
+            raise ValueError(
+                "gradients with respect to probability targets are not supported; pass "
+                "target.detach()."
+            )
+        return True
+    if target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must hold class indices (int64) or probabilities (float), got {target.dtype}."
+        )
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"class-index targets must have shape {expected} for input of shape "
+            f"{tuple(z.shape)} (the input without its class dimension {class_dim}), got "
+            f"{tuple(target.shape)}."
+        )
+    return False

@@ -1,0 +1,121 @@
+r"""Row kernel of the portable backend (contract: :mod:`fastxent._autograd`).
+
+Rows are processed in chunks of about ``CHUNK_ELEMENTS`` logits, so the float32 temporaries stay
+a few MB however large N×V is (no full-size float32 copy of bf16 logits). Per chunk:
+
+.. math::
+
+    z' = T(z), \quad m = \max_j z'_j, \quad \mathrm{lse} = m + \log \textstyle\sum_j e^{z'_j - m}
+
+    E = \mathrm{lse} \textstyle\sum_j t_j - \sum_j t_j z'_j, \qquad
+    \partial E / \partial z'_i = o_i \textstyle\sum_j t_j - t_i
+
+For class-index targets ``t = (1-ε) w_y e_y + (ε/V) w`` is never materialised: ``Σ t`` and
+``Σ t z'`` are a gather and a (weighted) row sum.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastxent._autograd import accumulation_dtype
+from fastxent._options import CrossEntropyOptions
+
+CHUNK_ELEMENTS = 1 << 21  # 8 MB of float32 per temporary
+
+
+def rows_per_chunk(num_classes: int, budget: int = CHUNK_ELEMENTS) -> int:
+    """How many rows of ``num_classes`` logits fit in ``budget`` elements (at least one)."""
+    return max(1, budget // max(1, num_classes))
+
+
+def transform(z: Tensor, opts: CrossEntropyOptions) -> tuple[Tensor, Tensor | None]:
+    """z' = c·tanh(αz/c) (or αz) and dz'/dz = α(1 - (z'/c)²) (or None when z' = z)."""
+    if opts.softcap is not None:
+        zp = torch.tanh(z * (opts.logit_scale / opts.softcap)).mul_(opts.softcap)
+        dzp_dz = (zp / opts.softcap).square_().neg_().add_(1.0).mul_(opts.logit_scale)
+        return zp, dzp_dz
+    if opts.logit_scale != 1.0:
+        return z * opts.logit_scale, None
+    return z, None
+
+
+def cross_entropy_rows(
+    z: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    opts: CrossEntropyOptions,
+    ce_scale: Tensor,
+    z_scale: Tensor,
+    grad: Tensor | None,
+) -> Tensor:
+    """Row losses ``ce_scale·E + z_scale·s·lse²`` (M,), and ∂loss/∂z into ``grad`` if given."""
+    num_rows, num_classes = z.shape
+    acc = accumulation_dtype(z.dtype)
+    rows = torch.empty(num_rows, dtype=acc, device=z.device)
+    w = None if weight is None else weight.to(device=z.device, dtype=acc)
+    a, b = ce_scale.to(acc), z_scale.to(acc)
+    eps, s = opts.label_smoothing, opts.z_loss
+    smooth = eps / num_classes
+    step = rows_per_chunk(num_classes)
+
+    for start in range(0, num_rows, step):
+        chunk = slice(start, start + step)
+        zp, dzp_dz = transform(z[chunk].to(acc), opts)  # (n, V); may alias z when fp32, no T
+        m = zp.amax(dim=1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, 0.0)  # rows of ±inf: keep exp() finite
+        e = torch.exp(zp - m)  # (n, V), e_j = e^{z'_j - m}
+        sum_e = e.sum(dim=1, keepdim=True)
+        lse = (m + sum_e.log()).squeeze(1)  # (n,)
+
+        if opts.soft:
+            t = target[chunk].to(acc)  # (n, V)
+            if eps:
+                t = t * (1.0 - eps) + smooth
+            if w is not None:
+                t = t * w
+            counted = None
+            sum_t = t.sum(dim=1)
+            sum_tz = (t * zp).sum(dim=1)
+        else:
+            y = target[chunk]
+            counted = y != opts.ignore_index
+            y_safe = torch.where(counted, y, 0)
+            counted_f = counted.to(acc)
+            w_y = counted_f if w is None else torch.where(counted, w[y_safe], 0.0)
+            z_y = zp.gather(1, y_safe.unsqueeze(1)).squeeze(1)
+            sum_t = (1.0 - eps) * w_y
+            sum_tz = (1.0 - eps) * w_y * z_y
+            if eps:  # the uniform part (ε/V)·w, only on counted rows
+                row_w = num_classes if w is None else w.sum()
+                sum_t = sum_t + counted_f * (smooth * row_w)
+                z_sum = zp.sum(dim=1) if w is None else zp @ w
+                sum_tz = sum_tz + torch.where(counted, smooth * z_sum, 0.0)
+
+        ce = lse * sum_t - sum_tz  # E = -Σ t (z' - lse)
+        zl = s * lse.square()
+        if counted is not None:
+            zl = torch.where(counted, zl, 0.0)
+        rows[chunk] = a * ce + b * zl
+
+        if grad is None:
+            continue
+        # ∂ℓ/∂z'_i = o_i (a Σt + 2 b s lse) - a t_i, with o_i = e_i / Σe.
+        coef = a * sum_t + 2.0 * s * b * lse
+        if counted is not None:
+            coef = torch.where(counted, coef, 0.0)
+        g = e.mul_(coef.unsqueeze(1) / sum_e)  # (n, V), reuses e
+        if opts.soft:
+            g.sub_(a * t)
+        else:
+            g.scatter_add_(1, y_safe.unsqueeze(1), (-(1.0 - eps) * a * w_y).unsqueeze(1))
+            if eps:
+                uniform = smooth * a * (torch.ones_like(g[0]) if w is None else w)  # (V,)
+                g.sub_(counted_f.unsqueeze(1) * uniform)
+        if dzp_dz is not None:
+            g.mul_(dzp_dz)
+        elif opts.logit_scale != 1.0:
+            g.mul_(opts.logit_scale)
+        grad[chunk].copy_(g)
+    return rows

@@ -1,0 +1,187 @@
+r"""Public functions: validate the call, pick a backend, run it."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from fastxent._autograd import CrossEntropyFunction, Kernel
+from fastxent._options import (
+    CrossEntropyOptions,
+    check_index_targets,
+    check_logits,
+    check_scalars,
+    check_targets,
+    check_weight,
+)
+
+# Backend name -> module. Each module exposes ``cross_entropy_rows`` (the row kernel, see
+# fastxent._autograd) and ``unavailable_reason(device) -> str | None``; it is imported on first use.
+BACKENDS: dict[str, str] = {
+    "torch": "fastxent._torch",
+    "compiled": "fastxent._compiled",
+    "triton": "fastxent._triton",
+}
+# What "auto" tries, in order, for each device type; "torch" runs everywhere.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("compiled", "torch"), "cuda": ("triton", "torch")}
+
+
+def _backend_module(name: str):
+    return importlib.import_module(BACKENDS[name])
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` now, or None when it can."""
+    try:
+        module = _backend_module(name)
+    except ImportError as error:
+        return f"it could not be imported ({error})"
+    return module.unavailable_reason(device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> tuple[str, Kernel]:
+    """Name and row kernel of ``backend`` on ``device``; "auto" takes the first that can run.
+
+    Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
+    """
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            if unavailable_reason(name, device) is None:
+                return name, _backend_module(name).cross_entropy_rows
+        raise RuntimeError(f"no fastxent backend can run on {device}.")  # "torch" always can
+    if backend not in BACKENDS:
+        choices = ", ".join(repr(b) for b in ("auto", *BACKENDS))
+        raise ValueError(f"unknown backend {backend!r}; choose one of {choices}.")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} cannot run on {device}: {reason}.")
+    return backend, _backend_module(backend).cross_entropy_rows
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Softmax cross-entropy with its analytic gradient computed in the same pass.
+
+    A drop-in for :func:`torch.nn.functional.cross_entropy`. With logits ``z`` transformed as
+    ``z' = c·tanh(αz/c)`` (softcap ``c``; ``z' = αz`` without it) and effective targets ``t``
+    (class weights ``w`` and label smoothing ``ε`` folded in), each row's loss and gradient are
+
+    .. math::
+
+        \ell = -\sum_j t_j \log o_j + s\,\mathrm{lse}^2, \qquad
+        o_j = \frac{e^{z'_j}}{\sum_k e^{z'_k}}, \qquad
+        \frac{\partial \ell}{\partial z'_i} = o_i \sum_j t_j - t_i + 2 s\,\mathrm{lse}\,o_i
+
+    with ``t = (1-ε) w_y e_y + (ε/C) w`` for a class index ``y`` and ``t_j = w_j((1-ε)y_j + ε/C)``
+    for probabilities ``y``, as in PyTorch. Probability targets need not sum to one: the general
+    gradient ``o·Σt - t`` is used, never ``o - y``.
+
+    Shapes: ``input`` is ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)`` (classes on dim 1);
+    ``target`` is ``()``, ``(N,)`` or ``(N, d1, ..., dk)`` of int64 class indices, or the input's
+    shape of probabilities. ``reduction="none"`` returns the target's (index) shape.
+
+    The gradient is written during forward (into a new buffer, or into ``input`` itself with
+    ``inplace_backward=True``); backward only scales it by ``grad_output``. Nothing else of size
+    N×C is kept, and rows are processed in chunks so temporaries stay small.
+
+    Args:
+        input: logits, any floating dtype. bf16/fp16 accumulate in float32.
+        target: class indices in ``[0, C)`` (or ``ignore_index``), or probabilities.
+        weight: ``(C,)`` class weights. "mean" divides by the total weight of the counted targets
+            (index targets) or by the number of rows (probability targets), as PyTorch does.
+        ignore_index: class-index target value that contributes neither loss nor gradient; any
+            int, including a valid class. Only the default is accepted with probability targets.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        label_smoothing: ``ε`` in ``[0, 1]``, PyTorch's formula.
+        z_loss: ``s >= 0``; adds ``s·lse²`` per counted row (the mean divides it by the number of
+            counted rows, unaffected by class weights).
+        softcap: ``c > 0`` or None; logits become ``c·tanh(αz/c)`` before the softmax.
+        logit_scale: ``α``, multiplies the logits before the softcap and the softmax.
+        inplace_backward: write the gradient into ``input``'s storage during forward. The logits
+            are overwritten: their version counter is bumped, so autograd raises if anything
+            else saved them for backward. Refused on a leaf tensor that requires grad. Each loss
+            can then be back-propagated once.
+        backend: ``"auto"`` or one of :data:`BACKENDS` (``"torch"``: portable, any device).
+
+    Returns:
+        The loss: a scalar for "mean"/"sum", float32 for fp32/bf16/fp16 input and float64 for
+        float64 input.
+
+    Deviations from PyTorch (deliberate): a batch whose targets are all ignored (total weight
+    zero) gives loss 0 and a zero gradient instead of NaN; the loss of half-precision input is
+    float32; each loss back-propagates once. NaN and inf logits propagate as in PyTorch.
+
+    Example:
+        >>> import torch, fastxent
+        >>> z = torch.tensor([[2.0, 0.0, -1.0]], requires_grad=True)
+        >>> loss = fastxent.cross_entropy(z, torch.tensor([0]))
+        >>> round(loss.item(), 4)
+        0.1698
+        >>> loss.backward(); z.grad.sum().abs().item() < 1e-6   # o - y sums to zero
+        True
+
+    References:
+        Softmax gradient: Bridle (1990), "Probabilistic interpretation of feedforward
+        classification network outputs". Label smoothing: Szegedy et al. (2016). z-loss:
+        Chowdhery et al. (2022), PaLM. Softcap: Gemma 2 (2024).
+    """
+    check_logits(input)
+    check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    class_dim = 0 if input.dim() == 1 else 1
+    num_classes = input.shape[class_dim]
+    soft = check_targets(input, target, class_dim)
+    check_weight(weight, num_classes)
+    if soft and ignore_index != -100:
+        raise ValueError(
+            "ignore_index is only supported with class-index targets; probability targets have "
+            f"no class to ignore (got ignore_index={ignore_index})."
+        )
+    if not soft:
+        check_index_targets(target, num_classes, ignore_index)
+    if inplace_backward and input.requires_grad and input.is_leaf:
+        raise ValueError(
+            "inplace_backward=True would overwrite a leaf tensor that requires grad (your "
+            "parameters or data); use it on logits computed by the model, or pass "
+            "inplace_backward=False."
+        )
+    _, kernel = resolve_backend(backend, input.device)
+    opts = CrossEntropyOptions(
+        num_classes=num_classes,
+        soft=soft,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+        logit_scale=float(logit_scale),
+        inplace_backward=inplace_backward,
+    )
+    z = _rows(input, class_dim)  # (M, C)
+    t = _rows(target, class_dim) if soft else target.reshape(-1).long()  # (M, C) or (M,)
+    loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
+    if reduction == "none":
+        loss = loss.reshape(input.shape[:class_dim] + input.shape[class_dim + 1 :])
+    return loss
+
+
+def _rows(x: Tensor, class_dim: int) -> Tensor:
+    """View ``x`` as (M, C) rows of classes: (C,) -> (1, C); (N, C, d...) -> (N·d..., C)."""
+    if x.dim() == 1:
+        return x.unsqueeze(0)
+    if x.dim() == 2:
+        return x
+    return x.movedim(class_dim, -1).reshape(-1, x.shape[class_dim])

@@ -1,0 +1,61 @@
+"""nn.Module wrappers: hold the options, call :mod:`fastxent.functional`."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from fastxent import functional
+from fastxent._options import check_scalars
+
+
+class CrossEntropyLoss(nn.Module):
+    """Module form of :func:`fastxent.cross_entropy` (a drop-in for ``nn.CrossEntropyLoss``).
+
+    ``weight`` is registered as a buffer, so it follows ``.to(device)`` like PyTorch's.
+
+    Example:
+        >>> import torch, fastxent
+        >>> loss_fn = fastxent.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
+        >>> loss = loss_fn(torch.randn(4, 10), torch.tensor([1, 2, 3, 4]))
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return functional.cross_entropy(
+            input,
+            target,
+            self.weight,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+            f"softcap={self.softcap}, logit_scale={self.logit_scale}"
+        )
