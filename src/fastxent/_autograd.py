@@ -26,8 +26,10 @@ with ``a = ce_scale``, ``b = z_scale``, then the softcap chain factor. When ``gr
 kernel must finish reading a row block before writing its gradient.
 
 The Function turns the reduction into those two scales, calls the kernel once in forward and keeps
-only the gradient buffer. Backward multiplies that buffer by ``grad_output`` in place: nothing
-else of size N×V is saved, and no N×V buffer is allocated in backward.
+only the gradient buffer. The first backward multiplies that buffer by ``grad_output`` in place
+and hands it to autograd: nothing else of size N×V is saved, and for "mean"/"sum" no N×V buffer
+is allocated in backward. Later backwards through a retained graph rescale the buffer into a new
+tensor; "none" (one factor per row) always scales into a new tensor.
 """
 
 from __future__ import annotations
@@ -99,28 +101,39 @@ class CrossEntropyFunction(torch.autograd.Function):
         ce_scale, z_scale = reduction_scales(z, target, weight, opts)
         rows = kernel(z, target, weight, opts, ce_scale, z_scale, grad)  # (M,)
         ctx.opts = opts
-        ctx.grad = grad
-        if opts.inplace_backward and grad is not None:
-            # z now holds the gradient. Saving it records its version, so a later in-place write
-            # by anyone else makes backward raise instead of returning a corrupted gradient.
-            ctx.save_for_backward(z)
+        # Keep a detached alias (same storage and version counter): autograd may then take the
+        # buffer itself as the logits' .grad instead of copying it, and any in-place write to it
+        # after this point (e.g. to the logits, with inplace_backward) is detected in backward.
+        ctx.grad = None if grad is None else grad.detach()
+        ctx.grad_version = None if grad is None else grad._version
+        ctx.folded = None  # the grad_output already multiplied into ctx.grad, if any
         return rows if opts.reduction == "none" else rows.sum()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
         grad = ctx.grad
-        if grad is None:
+        if grad._version != ctx.grad_version:
             raise RuntimeError(
-                "fastxent computes the gradient in forward and scales it in place in backward, so "
-                "each loss can be back-propagated once; recompute the loss to backward again."
+                "the gradient fastxent computed in forward was modified in place since (the "
+                "logits were written after an inplace_backward=True call, or .grad was accumulated "
+                "into after an earlier backward); recompute the loss to back-propagate it."
             )
-        ctx.grad = None
-        if ctx.opts.inplace_backward:
-            ctx.saved_tensors  # noqa: B018 -- raises if the buffer was written since forward
-        if ctx.opts.reduction == "none":
-            grad.mul_(grad_loss.reshape(-1, 1))
-        elif not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
-            # Skip the N×V pass when grad_output is 1; only on CPU, where reading it is free.
-            grad.mul_(grad_loss)
-        return grad, None, None, None, None
+        nothing = (None, None, None, None)
+        if ctx.opts.reduction == "none":  # per-row factors: scale a copy, keep the buffer intact
+            return grad * grad_loss.reshape(-1, 1).to(grad.dtype), *nothing
+        if ctx.folded is None:
+            # First backward: fold grad_output into the buffer in place; no new N×V tensor.
+            # Skip the pass when it is 1 -- only checked on CPU, where reading it costs no sync.
+            if not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
+                grad.mul_(grad_loss)
+            ctx.folded = grad_loss.detach().clone()
+            ctx.grad_version = grad._version
+            return grad.detach(), *nothing
+        # A later backward through a retained graph: rescale what the first one folded in.
+        if bool((ctx.folded == 0).any()):
+            raise RuntimeError(
+                "cannot back-propagate this loss again after a backward with grad_output 0 "
+                "(fastxent folds grad_output into its gradient buffer); recompute the loss."
+            )
+        return grad * (grad_loss / ctx.folded).to(grad.dtype), *nothing

@@ -1,0 +1,191 @@
+r"""``fastxent check``: verify the math symbolically, then every backend numerically.
+
+1. SymPy derives, for a softmax over a few classes with symbolic logits and targets:
+   ``∂o_j/∂z_i = -o_j o_i`` (j ≠ i), ``∂o_i/∂z_i = o_i - o_i²``, and
+   ``∂E/∂z_i = o_i Σ_j y_j - y_i`` for targets that need not sum to one; then the extensions
+   ``∂(s·lse²)/∂z_i = 2 s lse o_i`` and ``d/dz c·tanh(αz/c) = α(1 - tanh²(αz/c))``.
+2. Each available backend runs default random cases in float64 and is compared with
+   :mod:`fastxent.reference` and with PyTorch's own ``F.cross_entropy`` composed with autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastxent import reference
+from fastxent.functional import BACKENDS, cross_entropy, unavailable_reason
+
+
+def derivation_steps(num_classes: int = 3) -> list[tuple[str, bool]]:
+    """Each step of the derivation, and whether SymPy proves it (the difference simplifies to 0)."""
+    import sympy as sp
+
+    z = sp.symbols(f"z0:{num_classes}", real=True)
+    y = sp.symbols(f"y0:{num_classes}", real=True)  # arbitrary targets: Σy need not be 1
+    s, c, a, x = sp.symbols("s c alpha x", positive=True)
+    total = sum(sp.exp(zk) for zk in z)
+    o = [sp.exp(zj) / total for zj in z]
+    lse = sp.log(total)
+    loss = -sum(yj * sp.log(oj) for yj, oj in zip(y, o, strict=True))
+    i, j = 0, 1
+
+    def proves(expr) -> bool:
+        return sp.simplify(sp.expand_log(expr, force=True)) == 0
+
+    softcap = c * sp.tanh(a * x / c)
+    return [
+        ("∂o_j/∂z_i = -o_j·o_i  (j ≠ i)", proves(sp.diff(o[j], z[i]) + o[j] * o[i])),
+        ("∂o_i/∂z_i = o_i - o_i²", proves(sp.diff(o[i], z[i]) - (o[i] - o[i] ** 2))),
+        (
+            "∂E/∂z_i = o_i·Σ_j y_j - y_i  (any y)",
+            proves(sp.diff(loss, z[i]) - (o[i] * sum(y) - y[i])),
+        ),
+        ("∂(s·lse²)/∂z_i = 2·s·lse·o_i", proves(sp.diff(s * lse**2, z[i]) - 2 * s * lse * o[i])),
+        (
+            "d/dz c·tanh(αz/c) = α(1 - tanh²(αz/c))",
+            proves(sp.diff(softcap, x) - a * (1 - (softcap / c) ** 2)),
+        ),
+    ]
+
+
+def torch_composed(
+    z: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+) -> Tensor:
+    """The same loss built from PyTorch's ops: transform, ``F.cross_entropy``, plus the z-loss term.
+
+    An independent oracle for fastxent's extras (PyTorch has no z-loss or softcap of its own).
+    """
+    zp = z * logit_scale if softcap is None else softcap * torch.tanh(logit_scale * z / softcap)
+    loss = F.cross_entropy(
+        zp,
+        target,
+        weight,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    if z_loss:
+        lse = torch.logsumexp(zp, dim=0 if z.dim() == 1 else 1)
+        counted = torch.ones_like(lse, dtype=torch.bool)
+        if not target.is_floating_point():
+            counted = target != ignore_index
+        rows = torch.where(counted, z_loss * lse**2, 0.0)
+        if reduction == "none":
+            loss = loss + rows
+        elif reduction == "sum":
+            loss = loss + rows.sum()
+        else:
+            loss = loss + rows.sum() / counted.sum()
+    return loss
+
+
+@dataclass
+class Case:
+    """One default random case of ``fastxent check``."""
+
+    name: str
+    soft: bool = False
+    kwargs: dict = field(default_factory=dict)
+    weighted: bool = False
+
+
+CASES = [
+    Case("index targets"),
+    Case("soft targets (Σy ≠ 1)", soft=True),
+    Case("label smoothing 0.1", kwargs={"label_smoothing": 0.1}),
+    Case("class weights + ignore_index", weighted=True, kwargs={"ignore_index": 3}),
+    Case("z-loss 1e-4", kwargs={"z_loss": 1e-4}),
+    Case("softcap 30, logit scale 0.5", kwargs={"softcap": 30.0, "logit_scale": 0.5}),
+]
+
+
+def case_data(case: Case, n: int = 64, v: int = 1000, seed: int = 0):
+    """float64 logits, targets and weights for ``case``."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, v, generator=g, dtype=torch.float64) * 4
+    if case.soft:
+        target = torch.rand(n, v, generator=g, dtype=torch.float64)
+    else:
+        target = torch.randint(0, v, (n,), generator=g)
+        target[::7] = case.kwargs.get("ignore_index", -100)
+    weight = torch.rand(v, generator=g, dtype=torch.float64) + 0.5 if case.weighted else None
+    return z, target, weight
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max |want| (absolute when want is all zero)."""
+    scale = float(np.abs(want).max()) or 1.0
+    return float(np.abs(got - want).max()) / scale
+
+
+def error_rows(device: str = "cpu") -> Iterator[tuple[str, str, float | None, float | None, str]]:
+    """(backend, case, error vs reference, error vs PyTorch, note) for every backend and case."""
+    dev = torch.device(device)
+    for backend in BACKENDS:
+        reason = unavailable_reason(backend, dev)
+        for case in CASES:
+            if reason is not None:
+                yield backend, case.name, None, None, f"skipped: {reason}"
+                continue
+            z, target, weight = case_data(case)
+            z, target = z.to(dev), target.to(dev)
+            weight = None if weight is None else weight.to(dev)
+            want_loss, want_grad = reference.cross_entropy(
+                z.cpu().numpy(),
+                target.cpu().numpy(),
+                None if weight is None else weight.cpu().numpy(),
+                **case.kwargs,
+            )
+            mine = z.clone().requires_grad_()
+            loss = cross_entropy(mine, target, weight, backend=backend, **case.kwargs)
+            loss.backward()
+            theirs = z.clone().requires_grad_()
+            their_loss = torch_composed(theirs, target, weight, **case.kwargs)
+            their_loss.backward()
+            got_loss, got_grad = loss.detach().cpu().numpy(), mine.grad.cpu().numpy()
+            vs_ref = max(relative_error(got_loss, want_loss), relative_error(got_grad, want_grad))
+            vs_torch = max(
+                relative_error(got_loss, their_loss.detach().cpu().numpy()),
+                relative_error(got_grad, theirs.grad.cpu().numpy()),
+            )
+            yield backend, case.name, vs_ref, vs_torch, ""
+
+
+def run(device: str = "cpu", tolerance: float = 1e-10) -> int:
+    """Print the derivation and the error table; return 0 when everything holds."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    ok = True
+    console.print("[bold]Symbolic derivation[/bold] (SymPy, 3 classes, symbolic targets)")
+    for step, proved in derivation_steps():
+        ok &= proved
+        console.print(f"  {'[green]✓[/green]' if proved else '[red]✗[/red]'} {step}")
+
+    table = Table(title=f"max relative error in float64 on {device} (loss and gradient)")
+    for column in ("backend", "case", "vs float64 reference", "vs PyTorch", "note"):
+        table.add_column(column)
+    for backend, case, vs_ref, vs_torch, note in error_rows(device):
+        passed = vs_ref is None or (vs_ref <= tolerance and vs_torch <= tolerance)
+        ok &= passed
+        cells = ["—" if e is None else f"{e:.1e}" for e in (vs_ref, vs_torch)]
+        table.add_row(backend, case, *cells, note, style="" if passed else "red")
+    console.print(table)
+    console.print("[green]all checks passed[/green]" if ok else "[red]some checks failed[/red]")
+    return 0 if ok else 1

@@ -1,0 +1,338 @@
+"""fastxent.cross_entropy (portable backend) against PyTorch and the float64 reference."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastxent
+from fastxent import reference
+from fastxent.check import torch_composed
+
+BACKEND = "torch"
+SHAPES = [(7,), (5, 7), (3, 7, 2, 4), (1, 1), (2, 423)]
+
+
+def make_case(shape, soft, weighted, ignore_index=-100, seed=0, dtype=torch.float64):
+    """Logits (scale 3), targets with one ignored position, optional class weights."""
+    g = torch.Generator().manual_seed(seed)
+    num_classes = shape[0] if len(shape) == 1 else shape[1]
+    z = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    if soft:
+        target = torch.rand(shape, generator=g, dtype=torch.float64)
+    else:
+        target_shape = () if len(shape) == 1 else (shape[0], *shape[2:])
+        target = torch.randint(0, num_classes, target_shape, generator=g)
+        if target.numel() > 1:
+            target.view(-1)[0] = ignore_index
+    weight = torch.rand(num_classes, generator=g, dtype=torch.float64) + 0.1 if weighted else None
+    return z, target, weight
+
+
+def loss_and_grad(fn, z, *args, grad_output=None, **kwargs):
+    z = z.detach().clone().requires_grad_()
+    loss = fn(z, *args, **kwargs)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), z.grad
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_parity_with_torch_float64(shape, soft, weighted, reduction, label_smoothing):
+    """Loss and gradient equal F.cross_entropy to 1e-12 relative, for every option torch has."""
+    z, target, weight = make_case(shape, soft, weighted)
+    for ignore_index in [-100] if soft else [-100, 2 % z.shape[-1 if z.dim() == 1 else 1]]:
+        if not soft and target.dim() and target.numel() > 1:
+            target.view(-1)[0] = ignore_index
+        kwargs = {
+            "ignore_index": ignore_index,
+            "reduction": reduction,
+            "label_smoothing": label_smoothing,
+        }
+        want = loss_and_grad(F.cross_entropy, z, target, weight, **kwargs)
+        got = loss_and_grad(fastxent.cross_entropy, z, target, weight, backend=BACKEND, **kwargs)
+        if torch.isnan(want[0]).any():  # every target ignored: torch says NaN, we say 0
+            continue
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "extras",
+    [
+        {"z_loss": 1e-2},
+        {"softcap": 5.0},
+        {"logit_scale": 0.5},
+        {"z_loss": 1e-3, "softcap": 2.0, "logit_scale": 1.3},
+    ],
+)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_extras_match_reference_and_torch(extras, reduction, soft):
+    """z-loss, softcap and logit scale against the reference and PyTorch composed with autograd."""
+    z, target, weight = make_case((6, 11, 2), soft, weighted=True, seed=3)
+    grad_output = torch.rand(6, 2, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    kwargs = {"reduction": reduction, "label_smoothing": 0.1, **extras}
+    got = loss_and_grad(
+        fastxent.cross_entropy,
+        z,
+        target,
+        weight,
+        backend=BACKEND,
+        grad_output=grad_output,
+        **kwargs,
+    )
+    want = loss_and_grad(torch_composed, z, target, weight, grad_output=grad_output, **kwargs)
+    ref_loss, ref_grad = reference.cross_entropy(
+        z.numpy(),
+        target.numpy(),
+        weight.numpy(),
+        grad_output=None if grad_output is None else grad_output.numpy(),
+        **kwargs,
+    )
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(got[0].numpy(), ref_loss, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(got[1].numpy(), ref_grad, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("soft", [False, True])
+def test_low_precision_error_bounded_by_torch(dtype, soft):
+    """In fp32/bf16/fp16 our error against float64 is at most torch's own error plus a margin.
+
+    Margins: the gradient is stored in the input dtype, so one rounding (half an ulp) is allowed.
+    """
+    z64, target, weight = make_case((64, 1000), soft, weighted=True, seed=5)
+    z = z64.to(dtype)
+    ref = loss_and_grad(F.cross_entropy, z.double(), target, weight, label_smoothing=0.1)
+    tgt = target.to(dtype) if soft else target
+    mine = loss_and_grad(
+        fastxent.cross_entropy, z, tgt, weight.to(dtype), label_smoothing=0.1, backend=BACKEND
+    )
+    torch_ = loss_and_grad(F.cross_entropy, z, tgt, weight.to(dtype), label_smoothing=0.1)
+    assert mine[0].dtype == torch.float32  # loss in float32 for fp32/bf16/fp16
+    assert mine[1].dtype == dtype
+    tol = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
+    loss_err = (mine[0].double() - ref[0]).abs().item()
+    torch_loss_err = (torch_[0].double() - ref[0]).abs().item()
+    assert loss_err <= torch_loss_err + tol * ref[0].abs().item()
+    grad_err = (mine[1].double() - ref[1]).abs().max().item()
+    torch_grad_err = (torch_[1].double() - ref[1]).abs().max().item()
+    assert grad_err <= torch_grad_err + tol * ref[1].abs().max().item()
+
+
+def test_float32_accumulation_for_bf16():
+    """A bf16 row whose sum-exp would lose precision in bf16 still gives a float32-exact loss."""
+    z = torch.zeros(2, 50000, dtype=torch.bfloat16)
+    target = torch.tensor([0, 1])
+    loss = fastxent.cross_entropy(z, target, backend=BACKEND)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, torch.tensor(np.log(50000.0), dtype=torch.float32))
+
+
+def test_non_contiguous_input():
+    base = torch.randn(16, 64, dtype=torch.float64)
+    z = base[:, ::2]  # stride 2 along classes
+    zt = torch.randn(32, 8, dtype=torch.float64).t()  # transposed
+    for logits in (z, zt):
+        target = torch.randint(0, logits.shape[1], (logits.shape[0],))
+        want = loss_and_grad(F.cross_entropy, logits, target)
+        got = loss_and_grad(fastxent.cross_entropy, logits, target, backend=BACKEND)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-13)
+
+
+def test_many_chunks_and_grad_output():
+    """More rows than one chunk holds, with grad_output != 1 (mean and sum)."""
+    from fastxent._torch import rows_per_chunk
+
+    z, target, _ = make_case((rows_per_chunk(5000) * 2 + 3, 5000), soft=False, weighted=False)
+    for reduction in ("mean", "sum"):
+        g = torch.tensor(2.5, dtype=torch.float64)
+        want = loss_and_grad(F.cross_entropy, z, target, reduction=reduction, grad_output=g)
+        got = loss_and_grad(
+            fastxent.cross_entropy, z, target, reduction=reduction, grad_output=g, backend=BACKEND
+        )
+        torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-13)
+
+
+def test_gradcheck_float64():
+    z, target, weight = make_case((4, 6), soft=False, weighted=True, seed=2)
+    for kwargs in ({}, {"label_smoothing": 0.2, "z_loss": 0.1, "softcap": 3.0, "logit_scale": 0.8}):
+
+        def f(x, kwargs=kwargs):
+            return fastxent.cross_entropy(x, target, weight, backend=BACKEND, **kwargs)
+
+        assert torch.autograd.gradcheck(f, (z.clone().requires_grad_(),))
+    soft_target = torch.rand(4, 6, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x: fastxent.cross_entropy(x, soft_target, reduction="none", backend=BACKEND),
+        (z.clone().requires_grad_(),),
+    )
+
+
+def test_all_ignored_gives_zero_loss_and_zero_grad():
+    z = torch.randn(3, 5, requires_grad=True)
+    target = torch.full((3,), -100)
+    for reduction in ("mean", "sum"):
+        loss = fastxent.cross_entropy(z, target, reduction=reduction, backend=BACKEND)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert not torch.isnan(loss)
+        assert not z.grad.any()
+        z.grad = None
+
+
+def test_ignore_index_may_be_a_valid_class():
+    z, target, _ = make_case((8, 5), soft=False, weighted=False)
+    target = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    want = loss_and_grad(F.cross_entropy, z, target, ignore_index=1)
+    got = loss_and_grad(fastxent.cross_entropy, z, target, ignore_index=1, backend=BACKEND)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    assert not got[1][target == 1].any()
+
+
+def test_nan_and_inf_propagate_like_torch():
+    z = torch.randn(4, 6, dtype=torch.float64)
+    z[0, 3] = float("nan")
+    z[1, 2] = float("-inf")  # a masked class: finite loss
+    z[2, :] = float("-inf")
+    target = torch.tensor([0, 1, 2, 3])
+    want = F.cross_entropy(z, target, reduction="none")
+    got = fastxent.cross_entropy(z, target, reduction="none", backend=BACKEND)
+    assert torch.isnan(got[0]) and torch.isnan(want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0)
+    assert torch.isfinite(got[3])
+    assert not torch.isfinite(got[2]) or torch.isnan(got[2])
+
+
+def test_inplace_backward_matches_and_overwrites_logits():
+    x = torch.randn(8, 50, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 50, (8,))
+    logits = x * 2
+    version = logits._version
+    loss = fastxent.cross_entropy(logits, target, inplace_backward=True, backend=BACKEND)
+    assert logits._version > version  # autograd sees the write
+    loss.backward()
+    reference_x = x.detach().clone().requires_grad_()
+    F.cross_entropy(reference_x * 2, target).backward()
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=1e-12, atol=1e-13)
+
+
+def test_inplace_backward_raises_when_logits_are_needed_elsewhere():
+    """exp() saves its output for backward; overwriting it must raise, not corrupt."""
+    x = torch.randn(4, 10, requires_grad=True)
+    logits = torch.exp(x)
+    loss = fastxent.cross_entropy(logits, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_writing_logits_after_inplace_forward_raises():
+    x = torch.randn(4, 10, requires_grad=True)
+    logits = x * 2
+    loss = fastxent.cross_entropy(logits, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
+    logits.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place since"):
+        loss.backward()
+
+
+def test_inplace_backward_refuses_a_leaf():
+    z = torch.randn(4, 10, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf tensor that requires grad"):
+        fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_backward_twice_through_a_retained_graph(reduction):
+    """retain_graph: the second backward gives the same gradient (here accumulated twice)."""
+    z = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1, 2, 3, 4])
+    loss = fastxent.cross_entropy(z, target, reduction=reduction, backend=BACKEND)
+    grad_output = torch.full_like(loss, 1.5)
+    loss.backward(grad_output, retain_graph=True)
+    first = z.grad.clone()
+    (second,) = torch.autograd.grad(loss, z, grad_output * 2, retain_graph=True)
+    want = loss_and_grad(F.cross_entropy, z, target, reduction=reduction, grad_output=grad_output)
+    torch.testing.assert_close(first, want[1], rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(second, 2 * want[1], rtol=1e-12, atol=1e-13)
+
+
+def test_backward_after_grad_was_accumulated_into_raises():
+    z = torch.randn(4, 10, requires_grad=True)
+    loss = fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), backend=BACKEND)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)  # fine: accumulates into z.grad, which is our buffer
+    with pytest.raises(RuntimeError, match="modified in place since"):
+        loss.backward()
+
+
+def test_leaf_grad_is_the_forward_buffer_not_a_copy():
+    """Memory: the first backward hands its buffer to autograd, which keeps it as .grad."""
+    z = torch.randn(4, 10, requires_grad=True)
+    loss = fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), backend=BACKEND)
+    buffer = loss.grad_fn.grad
+    loss.backward()
+    assert z.grad.data_ptr() == buffer.data_ptr()
+
+
+def test_no_gradient_buffer_without_grad():
+    z = torch.randn(4, 10)
+    with torch.no_grad():
+        loss = fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), backend=BACKEND)
+    torch.testing.assert_close(loss, F.cross_entropy(z, torch.tensor([1, 2, 3, 4])))
+
+
+def test_module_matches_torch_module():
+    weight = torch.rand(10) + 0.5
+    ours = fastxent.CrossEntropyLoss(weight=weight, label_smoothing=0.1, reduction="sum")
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1, reduction="sum")
+    z, target = torch.randn(6, 10, dtype=torch.float64), torch.randint(0, 10, (6,))
+    ours, theirs = ours.double(), theirs.double()
+    torch.testing.assert_close(ours(z, target), theirs(z, target), rtol=1e-12, atol=1e-13)
+    assert "weight" in dict(ours.named_buffers())
+    assert "label_smoothing=0.1" in repr(ours)
+
+
+def test_unknown_backend_lists_choices():
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'.*'auto', 'torch'"):
+        fastxent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="fast")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    v=st.integers(1, 40),
+    soft=st.booleans(),
+    weighted=st.booleans(),
+    reduction=st.sampled_from(["none", "sum", "mean"]),
+    eps=st.floats(0.0, 1.0),
+    z_loss=st.sampled_from([0.0, 1e-3]),
+    softcap=st.sampled_from([None, 1.5, 30.0]),
+    scale=st.floats(0.25, 2.0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(
+    n, v, soft, weighted, reduction, eps, z_loss, softcap, scale, seed
+):
+    z, target, weight = make_case((n, v), soft, weighted, seed=seed)
+    kwargs = {
+        "reduction": reduction,
+        "label_smoothing": eps,
+        "z_loss": z_loss,
+        "softcap": softcap,
+        "logit_scale": scale,
+    }
+    got = loss_and_grad(fastxent.cross_entropy, z, target, weight, backend=BACKEND, **kwargs)
+    want = reference.cross_entropy(
+        z.numpy(), target.numpy(), None if weight is None else weight.numpy(), **kwargs
+    )
+    np.testing.assert_allclose(got[0].numpy(), want[0], rtol=1e-11, atol=1e-12)
+    np.testing.assert_allclose(got[1].numpy(), want[1], rtol=1e-11, atol=1e-12)

@@ -1,0 +1,60 @@
+"""Every bad input raises a clear error that names the problem."""
+
+import pytest
+import torch
+
+import fastxent
+
+Z = torch.randn(4, 5)
+T = torch.tensor([0, 1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"target": torch.tensor([0, 1, 7, 3])}, IndexError, r"target\[2\] = 7 is out of range"),
+        ({"target": torch.tensor([0, 1, 7, 3])}, IndexError, r"has 5 classes.*\[0, 4\]"),
+        ({"target": torch.tensor([0, -1, 2, 3])}, IndexError, r"\[1\] = -1 .*index \(-100\)"),
+        ({"target": torch.tensor([0, 1, 2])}, ValueError, r"index targets must have shape \(4,\)"),
+        ({"target": torch.rand(4, 6)}, ValueError, r"probability targets must have the input's"),
+        ({"target": T.float()}, ValueError, r"probability targets .* shape \(4, 5\)"),
+        ({"target": torch.tensor([True, False, True, True])}, TypeError, "indices .* torch.bool"),
+        ({"target": [0, 1, 2, 3]}, TypeError, "target must be a torch.Tensor, got list"),
+        ({"input": torch.randint(0, 5, (4, 5))}, TypeError, "floating-point tensor.*int64"),
+        ({"input": torch.tensor(1.0)}, ValueError, "must have a class dimension"),
+        ({"label_smoothing": 1.5}, ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
+        ({"label_smoothing": -0.1}, ValueError, r"label_smoothing must be in \[0, 1\]"),
+        ({"weight": torch.ones(4)}, ValueError, r"weight must have shape \(5,\).*got shape \(4,\)"),
+        ({"weight": torch.ones(5, dtype=torch.long)}, TypeError, "weight must be floating point"),
+        ({"reduction": "average"}, ValueError, r"reduction must be one of .*'average'"),
+        ({"softcap": -1.0}, ValueError, "softcap must be None .* > 0, got -1.0"),
+        ({"softcap": 0.0}, ValueError, "softcap must be None"),
+        ({"z_loss": -1e-4}, ValueError, "z_loss must be a finite number >= 0"),
+        ({"logit_scale": 0.0}, ValueError, "logit_scale must be a finite non-zero"),
+        ({"target": torch.rand(4, 5), "ignore_index": 3}, ValueError, "ignore_index is only"),
+        ({"target": torch.rand(4, 5, requires_grad=True)}, ValueError, r"target.detach\(\)"),
+        ({"backend": "cuda"}, ValueError, "unknown backend 'cuda'"),
+    ],
+)  # fmt: skip
+def test_bad_input_raises(kwargs, error, match):
+    call = {"input": Z, "target": T, **kwargs}
+    with pytest.raises(error, match=match):
+        fastxent.cross_entropy(**call)
+
+
+def test_out_of_range_target_names_its_position_in_nd_input():
+    z = torch.randn(2, 5, 3, 4)
+    target = torch.zeros(2, 3, 4, dtype=torch.long)
+    target[1, 2, 0] = 9
+    with pytest.raises(IndexError, match=r"target\[1, 2, 0\] = 9"):
+        fastxent.cross_entropy(z, target)
+
+
+def test_ignore_index_outside_the_range_is_not_an_error():
+    loss = fastxent.cross_entropy(Z, torch.tensor([0, 1, 999, 3]), ignore_index=999)
+    assert torch.isfinite(loss)
+
+
+def test_module_validates_options_at_construction():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fastxent.CrossEntropyLoss(reduction="avg")
