@@ -1,0 +1,205 @@
+"""The compiled CPU backend against the float64 oracle (reference.py) and the portable backend.
+
+Compilation is the slow part, so the tests share a handful of graph variants (dtype x which options
+are on); sizes are dynamic, so every shape below reuses the variant's graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo.utils
+
+import fastxent
+from fastxent import reference
+from fastxent._compiled import kernel, unavailable_reason
+
+pytestmark = pytest.mark.skipif(
+    unavailable_reason(torch.device("cpu")) is not None,
+    reason=f"compiled backend unavailable: {unavailable_reason(torch.device('cpu'))}",
+)
+
+# Variant "general, index targets": every option on, values varied freely between tests.
+GENERAL = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, logit_scale=1.3)
+
+
+def run(z, target, grad_output=None, backend="compiled", **kwargs):
+    """Loss and ∂loss/∂z through the public API, on a fresh leaf copy of ``z``."""
+    x = z.detach().clone().requires_grad_()
+    loss = fastxent.cross_entropy(x, target, backend=backend, **kwargs)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), x.grad
+
+
+def oracle(z, target, weight=None, grad_output=None, **kwargs):
+    """Loss and gradient from the float64 NumPy oracle."""
+    loss, grad = reference.cross_entropy(
+        z.double().numpy(),
+        target.numpy() if not target.is_floating_point() else target.double().numpy(),
+        None if weight is None else weight.double().numpy(),
+        grad_output=None if grad_output is None else grad_output.double().numpy(),
+        **kwargs,
+    )
+    return torch.from_numpy(np.asarray(loss)), torch.from_numpy(grad)
+
+
+def max_err(actual, expected) -> float:
+    """Largest absolute error, relative to the largest expected magnitude (at least 1)."""
+    expected = expected.double()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    return (actual.double() - expected).abs().max().item() / scale if expected.numel() else 0.0
+
+
+def index_targets(n, v, gen, ignore_index=-100, ignored=()):
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[list(ignored)] = ignore_index
+    return y
+
+
+@pytest.mark.parametrize(
+    ("n", "v", "ignore_index", "ignored", "reduction"),
+    [
+        (9, 423, -100, (1, 4), "mean"),
+        (9, 423, -100, (0,), "sum"),
+        (9, 423, -100, (2, 3), "none"),
+        (9, 423, 3, (5,), "mean"),  # ignore_index is a valid class
+        (6, 423, -100, range(6), "mean"),  # every target ignored: loss 0, gradient 0
+        (6, 423, -100, range(6), "none"),
+        (1, 423, -100, (), "mean"),  # N = 1
+        (6, 1, -100, (2,), "sum"),  # V = 1
+    ],
+)
+def test_index_targets_all_options_match_oracle(n, v, ignore_index, ignored, reduction):
+    gen = torch.Generator().manual_seed(n * 1000 + v)
+    z = torch.randn(n, v, generator=gen, dtype=torch.float64) * 3
+    y = index_targets(n, v, gen, ignore_index, ignored)
+    w = torch.rand(v, generator=gen, dtype=torch.float64) + 0.5
+    go = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    opts = dict(ignore_index=ignore_index, reduction=reduction, **GENERAL)
+    loss, grad = run(z, y, go, weight=w, **opts)
+    ref_loss, ref_grad = oracle(z, y, w, go, **opts)
+    assert loss.dtype == torch.float64
+    assert max_err(loss, ref_loss) <= 1e-12
+    assert max_err(grad, ref_grad) <= 1e-12
+    if len(ignored) == n:
+        assert torch.all(grad == 0) and torch.all(loss == 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_soft_targets_match_oracle(reduction):
+    gen = torch.Generator().manual_seed(1)
+    n, v = 7, 423
+    z = torch.randn(n, v, generator=gen, dtype=torch.float64) * 3
+    y = torch.rand(n, v, generator=gen, dtype=torch.float64)  # rows need not sum to one
+    w = torch.rand(v, generator=gen, dtype=torch.float64) + 0.5
+    go = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    opts = dict(reduction=reduction, label_smoothing=0.2, z_loss=1e-2, logit_scale=0.7)
+    loss, grad = run(z, y, go, weight=w, **opts)
+    ref_loss, ref_grad = oracle(z, y, w, go, **opts)
+    assert max_err(loss, ref_loss) <= 1e-12
+    assert max_err(grad, ref_grad) <= 1e-12
+
+
+# Allowed excess error over the portable backend's own error against float64.
+LOW_PRECISION_TOL = {torch.float32: 1e-6, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_matches_portable_and_oracle(dtype):
+    gen = torch.Generator().manual_seed(2)
+    n, v = 33, 1000
+    z = (torch.randn(n, v, generator=gen) * 4).to(dtype)
+    y = index_targets(n, v, gen, ignored=(3,))
+    loss, grad = run(z, y, reduction="sum")
+    port_loss, port_grad = run(z, y, backend="torch", reduction="sum")
+    ref_loss, ref_grad = oracle(z, y, reduction="sum")
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    tol = LOW_PRECISION_TOL[dtype]
+    assert max_err(loss, ref_loss) <= max_err(port_loss, ref_loss) + 1e-6
+    assert max_err(grad, ref_grad) <= max_err(port_grad, ref_grad) + tol
+    assert max_err(grad, port_grad) <= tol
+
+
+def test_inplace_backward_writes_the_gradient_into_the_logits():
+    gen = torch.Generator().manual_seed(3)
+    n, v = 17, 423
+    z = torch.randn(n, v, generator=gen)
+    y = index_targets(n, v, gen, ignored=(0,))
+    expected_loss, expected_grad = run(z, y)
+    leaf = z.clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf, as a model's output would be
+    loss = fastxent.cross_entropy(logits, y, inplace_backward=True, backend="compiled")
+    loss.backward()
+    assert max_err(loss.detach(), expected_loss) <= 1e-7
+    assert max_err(leaf.grad, expected_grad) <= 1e-7
+    assert max_err(logits.detach(), expected_grad) <= 1e-7  # the logits now hold the gradient
+
+
+def test_forward_without_grad_and_non_contiguous_input():
+    gen = torch.Generator().manual_seed(4)
+    n, v = 11, 423
+    wide = torch.randn(n, v + 77, generator=gen)
+    z = wide[:, 5 : v + 5]  # rows strided by v + 77
+    assert not z.is_contiguous()
+    y = index_targets(n, v, gen)
+    ref_loss, ref_grad = oracle(z, y)
+    assert max_err(fastxent.cross_entropy(z, y, backend="compiled"), ref_loss) <= 1e-6
+    loss, grad = run(z, y)
+    assert max_err(loss, ref_loss) <= 1e-6
+    assert max_err(grad, ref_grad) <= 1e-6
+
+
+def test_new_sizes_do_not_recompile():
+    # Inductor specialises the row sum on V <= 4096 or V > 4096: at most two graphs per variant
+    # (plus N = 1 or V = 1, which dynamo always specialises).
+    gen = torch.Generator().manual_seed(5)
+    for n, v in [(8, 300), (8, 5000)]:
+        run(torch.randn(n, v, generator=gen), torch.randint(0, v, (n,), generator=gen))
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for n, v in [(5, 100), (64, 1000), (3, 4097), (130, 17), (2, 32768), (9, 4096)]:
+        z = torch.randn(n, v, generator=gen)
+        y = torch.randint(0, v, (n,), generator=gen)
+        loss, grad = run(z, y)
+        ref_loss, ref_grad = oracle(z, y)
+        assert max_err(loss, ref_loss) <= 1e-6 and max_err(grad, ref_grad) <= 1e-6
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
+def test_compile_failure_falls_back_to_portable_with_one_warning(monkeypatch):
+    def broken(variant):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(kernel, "compiled_graph", broken)
+    monkeypatch.setattr(kernel, "_failed", set())
+    monkeypatch.setattr(kernel, "_warned", False)
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(4, 50, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 50, (4,), generator=gen)
+    ref_loss, ref_grad = oracle(z, y, **GENERAL)
+    with pytest.warns(RuntimeWarning, match="falling back to the portable 'torch' backend"):
+        loss, grad = run(z, y, **GENERAL)
+    assert max_err(loss, ref_loss) <= 1e-12 and max_err(grad, ref_grad) <= 1e-12
+    with warnings.catch_warnings():  # a second failure (another variant) stays silent
+        warnings.simplefilter("error")
+        run(z.float(), y)
+    assert len(kernel._failed) == 2
+
+
+def test_unavailable_reason(monkeypatch):
+    assert unavailable_reason(torch.device("cpu")) is None
+    assert "CPU kernels only" in unavailable_reason(torch.device("meta"))
+    import fastxent._compiled as compiled
+
+    compiled._toolchain_reason.cache_clear()
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    try:
+        assert "no C++ compiler" in unavailable_reason(torch.device("cpu"))
+        with pytest.raises(RuntimeError, match="backend 'compiled' cannot run on cpu"):
+            fastxent.cross_entropy(
+                torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), backend="compiled"
+            )
+    finally:
+        compiled._toolchain_reason.cache_clear()
