@@ -1,7 +1,16 @@
-"""Shared test set-up: the ``gpu`` marker skips without CUDA."""
+"""Shared test set-up: the ``gpu`` marker skips without CUDA; without CUDA, Triton interprets.
+
+Triton reads TRITON_INTERPRET when it is first imported, so it is set here, before any test
+module (or torch.compile) can import it: the Triton kernels then run on CPU tensors.
+"""
+
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,178 @@
+r"""Triton kernels of the row-kernel contract (:mod:`fastxent._autograd`); launchers live in
+:mod:`fastxent._triton`.
+
+One program per row of ``V`` logits, in two passes over tiles of ``BLOCK`` columns, all
+arithmetic in float32 (bf16/fp16 are widened on load, the gradient is rounded once on store):
+
+1. Online softmax, one read: with ``m`` the running max and ``d = Σ_j e^{z'_j - m}``, a tile
+   with max ``m_t`` updates ``m ← max(m, m_t)``, ``d ← d·e^{m_old - m} + Σ_tile e^{z'_j - m}``.
+   The sums the loss needs (``Σ t``, ``Σ t z'`` for probabilities; ``Σ w``, ``Σ w z'`` for
+   label smoothing) are gathered in the same loop; a class index ``y`` reads ``z_y`` directly.
+2. Only when a gradient is asked for: ``o_i = e^{z'_i - lse}`` and
+
+   .. math::
+
+       \frac{\partial \ell}{\partial z_i} = \Big(o_i\,(a \textstyle\sum_j t_j
+           + 2 b s\,\mathrm{lse}) - a\, t_i\Big)\, \frac{\partial z'_i}{\partial z_i}
+
+   written once, tile by tile. Each tile is read before it is written, and ``z_y`` was read in
+   pass 1, so the gradient buffer may be the logits themselves.
+
+64-bit offsets: the program id is widened to int64 before it is multiplied by the row stride,
+so ``row·stride`` (which exceeds 2^31 elements once N×V does) is computed in int64 and folded
+into the row's base pointer. Within a row the column offsets stay int32: the launcher requires
+unit stride along V and V < 2^30, so ``start + arange(BLOCK)`` cannot overflow.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _transform(z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """z' = c·tanh(αz/c), or αz, or z; tanh(u) = 1 - 2/(e^{2u} + 1) is exact at u = ±inf."""
+    zp = z
+    if HAS_SOFTCAP:
+        zp = softcap * (1.0 - 2.0 / (tl.exp(2.0 * (z * (logit_scale / softcap))) + 1.0))
+    elif HAS_SCALE:
+        zp = z * logit_scale
+    return zp
+
+
+@triton.jit
+def cross_entropy_rows_kernel(
+    z_ptr,  # (M, V) logits, unit stride along V
+    z_stride,  # elements between rows of z
+    target_ptr,  # (M,) int64 class indices, or (M, V) probabilities with unit stride along V
+    target_stride,  # elements between targets (index) or rows of targets (probabilities)
+    weight_ptr,  # (V,) float32 class weights (read only when HAS_WEIGHT)
+    grad_ptr,  # (M, V) ∂loss/∂z, unit stride along V, may alias z (written only if WRITE_GRAD)
+    grad_stride,
+    rows_ptr,  # (M,) float32 row losses out
+    ce_scale_ptr,  # 0-dim float32 a: factor on each row's cross-entropy
+    z_scale_ptr,  # 0-dim float32 b: factor on each row's z-loss
+    V,  # classes
+    ignore_index,
+    keep,  # 1 - ε
+    spread,  # ε / V
+    z_loss,  # s
+    softcap,  # c
+    logit_scale,  # α
+    SOFT: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64 before any multiplication by a stride
+    z_row = z_ptr + row * z_stride
+    offs = tl.arange(0, BLOCK)
+    a = tl.load(ce_scale_ptr).to(tl.float32)
+    b = tl.load(z_scale_ptr).to(tl.float32)
+
+    # ---- pass 1: max, Σe, and the target sums, one read of the row ----
+    m = float("-inf")
+    d = 0.0
+    acc_t = tl.zeros([BLOCK], dtype=tl.float32)  # Σ t (probabilities) or Σ w (smoothing)
+    acc_tz = tl.zeros([BLOCK], dtype=tl.float32)  # Σ t z' (probabilities) or Σ w z' (smoothing)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        x = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+        zp = _transform(x, logit_scale, softcap, HAS_SOFTCAP, HAS_SCALE)  # (BLOCK,)
+        zp_max = tl.where(mask, zp, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zp_max, axis=0))
+        # Shift by a finite max so rows of ±inf keep e^{...} defined (0 when no mass yet).
+        shift_old = tl.where(tl.abs(m) < float("inf"), m, 0.0)
+        shift = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)
+        d = d * tl.exp(tl.minimum(shift_old - shift, 0.0)) + tl.sum(tl.exp(zp_max - shift), axis=0)
+        m = m_new
+        if SOFT:
+            t = tl.load(target_ptr + row * target_stride + cols, mask=mask, other=0.0)
+            t = t.to(tl.float32)
+            if HAS_SMOOTHING:
+                t = t * keep + spread
+            if HAS_WEIGHT:
+                t = t * tl.load(weight_ptr + cols, mask=mask, other=0.0)
+            t = tl.where(mask, t, 0.0)
+            acc_t += t
+            acc_tz += tl.where(mask, t * zp, 0.0)
+        elif HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+                acc_t += w
+                acc_tz += tl.where(mask, w * zp, 0.0)
+            else:
+                acc_tz += tl.where(mask, zp, 0.0)
+    lse = tl.where(tl.abs(m) < float("inf"), m, 0.0) + tl.log(d)
+
+    # ---- the row's loss: a·E + b·s·lse² ----
+    if SOFT:
+        counted = 1.0
+        sum_t = tl.sum(acc_t, axis=0)
+        ce = lse * sum_t - tl.sum(acc_tz, axis=0)
+    else:
+        y = tl.load(target_ptr + row * target_stride)
+        is_counted = y != ignore_index
+        counted = tl.where(is_counted, 1.0, 0.0)
+        y = tl.where(is_counted, y, 0)
+        zp_y = _transform(
+            tl.load(z_row + y).to(tl.float32), logit_scale, softcap, HAS_SOFTCAP, HAS_SCALE
+        )
+        w_y = counted
+        if HAS_WEIGHT:
+            w_y = tl.where(is_counted, tl.load(weight_ptr + y), 0.0)
+        sum_t = keep * w_y
+        ce = keep * w_y * (lse - zp_y)  # the one-hot part, (1-ε) w_y (lse - z'_y)
+        if HAS_SMOOTHING:  # the uniform part (ε/V) Σ_j w_j (lse - z'_j), counted rows only
+            sum_w = V * 1.0
+            if HAS_WEIGHT:
+                sum_w = tl.sum(acc_t, axis=0)
+            sum_t += counted * spread * sum_w
+            ce += spread * (lse * sum_w - tl.sum(acc_tz, axis=0))
+    loss = a * ce
+    if HAS_Z_LOSS:
+        loss += b * z_loss * lse * lse
+    if not SOFT:  # an ignored row contributes nothing, even if its logits are not finite
+        loss = tl.where(is_counted, loss, 0.0)
+    tl.store(rows_ptr + row, loss)
+
+    # ---- pass 2: the gradient, written once ----
+    if WRITE_GRAD:
+        coef = a * sum_t  # ∂ℓ/∂z'_i = coef·o_i - a·t_i
+        if HAS_Z_LOSS:
+            coef += counted * 2.0 * b * z_loss * lse
+        grad_row = grad_ptr + row * grad_stride
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            mask = cols < V
+            x = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+            zp = _transform(x, logit_scale, softcap, HAS_SOFTCAP, HAS_SCALE)
+            g = coef * tl.exp(zp - lse)
+            if SOFT:
+                t = tl.load(target_ptr + row * target_stride + cols, mask=mask, other=0.0)
+                t = t.to(tl.float32)
+                if HAS_SMOOTHING:
+                    t = t * keep + spread
+                if HAS_WEIGHT:
+                    t = t * tl.load(weight_ptr + cols, mask=mask, other=0.0)
+                g -= a * t
+            else:
+                g -= tl.where(cols == y, a * keep * w_y, 0.0)
+                if HAS_SMOOTHING:
+                    if HAS_WEIGHT:
+                        g -= (a * spread * counted) * tl.load(
+                            weight_ptr + cols, mask=mask, other=0.0
+                        )
+                    else:
+                        g -= a * spread * counted
+            if HAS_SOFTCAP:
+                g *= logit_scale * (1.0 - (zp / softcap) * (zp / softcap))
+            elif HAS_SCALE:
+                g *= logit_scale
+            tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)

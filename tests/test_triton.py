@@ -1,0 +1,411 @@
+"""The Triton backend against the float64 reference.
+
+Without a GPU the kernels run through Triton's interpreter on small CPU tensors. Triton decides
+when a function is *decorated* whether it is interpreted (its own ``tl.zeros``, ``tl.sum``, ...
+included), so this module sets ``TRITON_INTERPRET=1`` while it imports triton and the kernels,
+and only when triton is not imported yet and there is no CUDA (GPU tests keep compiled kernels).
+Otherwise the interpreter tests run in a child process started with the variable set
+(``test_interpreter_checks_in_a_subprocess``), so they run whatever the import order.
+
+Tests marked ``gpu`` run the compiled kernels at realistic sizes, N×V > 2^31 included.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # The interpreter must be on while triton (whose own tl.zeros, tl.sum, ... are jit
+    # functions) and the kernels are imported; afterwards the variable is put back.
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        pytest.importorskip("triton")
+        import fastxent._triton.kernels
+    finally:
+        if _saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = _saved
+triton = pytest.importorskip("triton")
+
+import fastxent  # noqa: E402
+import fastxent._triton as triton_backend  # noqa: E402
+from fastxent import reference  # noqa: E402
+from fastxent._options import CrossEntropyOptions  # noqa: E402
+from fastxent._triton import kernels  # noqa: E402
+
+INTERPRETED = all(
+    type(fn).__name__ == "InterpretedFunction"
+    for fn in (kernels.cross_entropy_rows_kernel, triton.language.zeros)
+)
+interpreter = pytest.mark.skipif(
+    not INTERPRETED,
+    reason="kernels were compiled before TRITON_INTERPRET=1; the subprocess test runs these",
+)
+compiled = pytest.mark.skipif(INTERPRETED, reason="the kernels were decorated for the interpreter")
+V_ODD = 423  # not a multiple of any tile
+
+
+@pytest.fixture(autouse=True)
+def _interpret_on_cpu(monkeypatch):
+    """CPU calls need TRITON_INTERPRET=1 at call time too (the backend's availability check)."""
+    if INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 128 columns, so V = 423 takes three full tiles and a partial one."""
+    monkeypatch.setattr(triton_backend, "MAX_BLOCK", 128)
+
+
+def oracle(z, target, weight=None, grad_output=None, **kw):
+    """Loss and gradient of fastxent.reference in float64, as torch tensors."""
+    loss, grad = reference.cross_entropy(
+        z.detach().double().numpy(),
+        target.double().numpy() if target.is_floating_point() else target.numpy(),
+        None if weight is None else weight.double().numpy(),
+        grad_output=None if grad_output is None else grad_output.double().numpy(),
+        **kw,
+    )
+    return torch.as_tensor(loss), torch.as_tensor(grad)
+
+
+def run(z, target, weight=None, grad_output=None, backend="triton", **kw):
+    """Loss and z.grad of fastxent.cross_entropy on a leaf copy of z."""
+    x = z.detach().clone().requires_grad_()
+    loss = fastxent.cross_entropy(x, target, weight, backend=backend, **kw)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), x.grad
+
+
+def assert_fp32_close(got, want, rtol=1e-5):
+    """float32 arithmetic against float64: error within rtol of the largest magnitude."""
+    got, want = got.double(), want.double()
+    tol = rtol * max(1.0, want.abs().max().item())
+    err = (got - want).abs().max().item()
+    assert err <= tol, f"max error {err:.3g} > {tol:.3g}"
+
+
+def make_case(n, v, soft, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, v, generator=g) * 4).to(dtype)
+    if soft:
+        target = torch.rand(n, v, generator=g)  # rows need not sum to one
+    else:
+        target = torch.randint(0, v, (n,), generator=g)
+        if n > 2:
+            target[1] = -100
+    weight = torch.rand(v, generator=g) + 0.5
+    return z, target, weight
+
+
+EXTRAS = [
+    {},
+    {"label_smoothing": 0.15},
+    {"z_loss": 1e-2},
+    {"softcap": 6.0, "logit_scale": 0.8},
+    {"logit_scale": 1.7, "z_loss": 3e-3, "label_smoothing": 0.05},
+]
+
+
+@interpreter
+@pytest.mark.parametrize("extras", EXTRAS, ids=lambda e: "-".join(e) or "plain")
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+def test_matches_reference(soft, reduction, weighted, extras, small_tiles):
+    """Loss and gradient equal the float64 reference to float32 accuracy, over several tiles."""
+    z, target, weight = make_case(5, V_ODD, soft)
+    weight = weight if weighted else None
+    grad_output = torch.rand(5) + 0.5 if reduction == "none" else torch.tensor(0.7)
+    kw = dict(reduction=reduction, **extras)
+    loss, grad = run(z, target, weight, grad_output, **kw)
+    want_loss, want_grad = oracle(z, target, weight, grad_output, **kw)
+    assert_fp32_close(loss, want_loss)
+    assert_fp32_close(grad, want_grad)
+
+
+@interpreter
+@pytest.mark.parametrize("num_classes", [1, 7, V_ODD])
+@pytest.mark.parametrize("num_rows", [1, 3])
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+def test_odd_shapes(num_rows, num_classes, soft):
+    """V = 1, 7, 423 with the default tiles (one partial tile), N = 1."""
+    z, target, weight = make_case(num_rows, num_classes, soft, seed=num_classes)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=3.0)
+    loss, grad = run(z, target, weight, **kw)
+    want_loss, want_grad = oracle(z, target, weight, **kw)
+    assert_fp32_close(loss, want_loss)
+    assert_fp32_close(grad, want_grad)
+
+
+@interpreter
+def test_ignore_index_may_be_a_valid_class():
+    z, _, weight = make_case(6, 9, soft=False)
+    target = torch.tensor([3, 0, 3, 8, 3, 1])
+    kw = dict(ignore_index=3, label_smoothing=0.2, z_loss=1e-2, reduction="mean")
+    loss, grad = run(z, target, weight, **kw)
+    want_loss, want_grad = oracle(z, target, weight, **kw)
+    assert_fp32_close(loss, want_loss)
+    assert_fp32_close(grad, want_grad)
+    assert not grad[[0, 2, 4]].any()
+
+
+@interpreter
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_all_ignored_gives_zero_loss_and_gradient(reduction):
+    z = torch.randn(4, 7)
+    loss, grad = run(z, torch.full((4,), -100), reduction=reduction, z_loss=1e-2)
+    assert not loss.any() and not loss.isnan().any()
+    assert not grad.any()
+
+
+@interpreter
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+def test_non_contiguous_rows(soft, small_tiles):
+    """A row stride larger than V, a storage offset, and transposed (non-unit V stride) input."""
+    z, target, weight = make_case(4, V_ODD, soft)
+    buf = torch.randn(8, V_ODD + 37)
+    buf[1::2, 5 : 5 + V_ODD] = z
+    rows = buf[1::2, 5 : 5 + V_ODD]  # row stride 2·(V + 37), offset
+    columns = z.t().contiguous().t()  # stride along V is N
+    if soft:
+        target = target.t().contiguous().t()
+    want_loss, want_grad = oracle(z, target, weight, label_smoothing=0.1)
+    for view in (rows, columns):
+        assert not view.is_contiguous()
+        loss, grad = run(view, target, weight, label_smoothing=0.1)
+        assert_fp32_close(loss, want_loss)
+        assert_fp32_close(grad, want_grad)
+
+
+@interpreter
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "columns"])
+def test_inplace_backward_writes_the_gradient_into_the_logits(transposed, small_tiles):
+    z, target, weight = make_case(4, V_ODD, soft=False)
+    x = z.clone().requires_grad_()
+    logits = x * 1.0 if not transposed else (x.t() * 1.0).t()  # non-leaf, as from a model
+    grad_output = torch.rand(4) + 0.5
+    loss = fastxent.cross_entropy(
+        logits, target, weight, reduction="none", z_loss=1e-3, inplace_backward=True,
+        backend="triton",
+    )  # fmt: skip
+    _, written = oracle(z, target, weight, reduction="none", z_loss=1e-3)
+    assert_fp32_close(logits.detach(), written)  # forward wrote ∂(Σ rows)/∂z into the logits
+    loss.backward(grad_output)
+    want_loss, want_grad = oracle(z, target, weight, grad_output, reduction="none", z_loss=1e-3)
+    assert_fp32_close(loss.detach(), want_loss)
+    assert_fp32_close(x.grad, want_grad)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+def test_half_precision(dtype, soft, small_tiles):
+    """bf16/fp16 accumulate in float32 and round the gradient once.
+
+    Against the float64 reference of the same (rounded) logits: the loss to 1e-5 relative; each
+    gradient element within one rounding of its value (relative u = 2^-11 for fp16; 2^-7 for
+    bf16, one whole ulp, because Triton's interpreter truncates float32 to bf16 where the GPU
+    rounds to nearest), plus 1e-5 of the largest for the float32 arithmetic before it.
+    """
+    z, target, weight = make_case(5, V_ODD, soft, dtype=dtype)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
+    loss, grad = run(z, target, weight, **kw)
+    want_loss, want_grad = oracle(z, target, weight, **kw)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_fp32_close(loss, want_loss)
+    u = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-11
+    bound = u * want_grad.abs() + 1e-5 * want_grad.abs().max()
+    excess = ((grad.double() - want_grad).abs() - bound).max().item()
+    assert excess <= 0.0, f"gradient error exceeds one rounding by {excess:.3g}"
+
+
+@interpreter
+def test_float64_is_routed_to_the_portable_kernel():
+    """float64 logits give float64 results, exact to 1e-12 against the reference."""
+    z, target, weight = make_case(3, 11, soft=False, dtype=torch.float64)
+    loss, grad = run(z, target, weight, softcap=4.0, label_smoothing=0.1)
+    want_loss, want_grad = oracle(z, target, weight, softcap=4.0, label_smoothing=0.1)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+@interpreter
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+def test_loss_only_skips_the_gradient(soft, small_tiles):
+    """Logits that do not require grad: the kernel gets grad=None and returns row losses only."""
+    z, target, weight = make_case(4, V_ODD, soft)
+    before = z.clone()
+    loss = fastxent.cross_entropy(z, target, weight, reduction="none", backend="triton")
+    want_loss, _ = oracle(z, target, weight, reduction="none")
+    assert not loss.requires_grad
+    assert_fp32_close(loss, want_loss)
+    assert torch.equal(z, before)
+
+
+@interpreter
+def test_row_kernel_contract_with_scales_on_device():
+    """Direct launcher call: 0-dim ce_scale/z_scale tensors are read by the kernel."""
+    z, target, _ = make_case(3, 10, soft=False)
+    opts = CrossEntropyOptions(num_classes=10, soft=False, reduction="none", z_loss=0.1)
+    a, b = torch.tensor(0.25), torch.tensor(3.0)
+    grad = torch.empty_like(z)
+    rows = triton_backend.cross_entropy_rows(z, target, None, opts, a, b, grad)
+    ce, dce = oracle(z, target, reduction="none")
+    zl, dzl = oracle(z, target, reduction="none", z_loss=0.1)
+    assert rows.dtype == torch.float32
+    assert_fp32_close(rows, 0.25 * ce + 3.0 * (zl - ce))
+    assert_fp32_close(grad, 0.25 * dce + 3.0 * (dzl - dce))
+
+
+def test_unavailable_reason_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = triton_backend.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fastxent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="triton")
+    assert "CUDA" in triton_backend.unavailable_reason(torch.device("meta"))
+
+
+@interpreter
+def test_unavailable_reason_with_the_interpreter():
+    assert triton_backend.unavailable_reason(torch.device("cpu")) is None
+
+
+def test_unavailable_reason_on_cuda_when_triton_imports():
+    assert triton_backend.unavailable_reason(torch.device("cuda")) is None
+
+
+def test_launch_config_for_large_vocabularies():
+    assert triton_backend.launch_config(128256) == (8192, 16)
+    assert triton_backend.launch_config(423) == (512, 4)
+    assert triton_backend.launch_config(1) == (16, 4)
+
+
+# A row stride that fits in int32 while row·stride does not: rows 1 and 2 start past 2^31
+# elements of a 4 GiB float16 storage that is allocated but, apart from those rows, never
+# touched (the OS maps the pages lazily). A 32-bit row offset reads and writes elsewhere —
+# usually a segmentation fault — so the check runs in a child process.
+_WIDE_OFFSETS = """
+import torch
+from fastxent import reference
+from fastxent._options import CrossEntropyOptions
+from fastxent._triton import cross_entropy_rows
+
+V, S = 64, (1 << 30) + 64
+storage = torch.empty(2 * S + V, dtype=torch.float16)
+z = torch.as_strided(storage, (3, V), (S, 1))  # z[2] starts at element 2^31 + 128
+values = (torch.randn(3, V, generator=torch.Generator().manual_seed(0)) * 3).half()
+z.copy_(values)
+target = torch.tensor([1, 5, 63])
+opts = CrossEntropyOptions(num_classes=V, soft=False, reduction="none")
+one = torch.ones(())
+rows = cross_entropy_rows(z, target, None, opts, one, one, z)  # gradient written into z
+loss, grad = reference.cross_entropy(values.double().numpy(), target.numpy(), reduction="none")
+assert (rows.double() - torch.as_tensor(loss)).abs().max() < 1e-5, rows
+assert (z.double() - torch.as_tensor(grad)).abs().max() < 1e-3
+print("ok")
+"""
+
+
+@interpreter
+def test_row_offsets_beyond_2_31_elements():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_WIDE_OFFSETS)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter checks already ran in this process")
+def test_interpreter_checks_in_a_subprocess():
+    """The kernels were compiled in this process: run the interpreter tests in a child."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p", "no:cacheprovider"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-5000:]
+
+
+# ---- compiled kernels on a GPU, realistic sizes ----
+
+
+def _torch_rows(z, target, **kw):
+    """PyTorch's loss and gradient in float32 for a slice of rows (the independent baseline)."""
+    x = z.float().requires_grad_()
+    loss = torch.nn.functional.cross_entropy(x, target, reduction="sum", **kw)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_gpu_llama_vocabulary(dtype, inplace):
+    n, v = 4096, 128256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(n, v, device="cuda", generator=g) * 2).to(dtype).requires_grad_()
+    target = torch.randint(0, v, (n,), device="cuda", generator=g)
+    target[::7] = -100
+    logits = x * 1.0
+    loss = fastxent.cross_entropy(
+        logits, target, reduction="sum", label_smoothing=0.1, inplace_backward=inplace
+    )
+    loss.backward()
+    want_loss, want_grad = _torch_rows(x.detach(), target, label_smoothing=0.1)
+    torch.testing.assert_close(loss, want_loss, rtol=2e-5, atol=1e-2)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3  # one bf16 rounding of values below 1
+    torch.testing.assert_close(x.grad.float(), want_grad, rtol=0.0, atol=tol)
+
+
+@pytest.mark.gpu
+@compiled
+def test_gpu_options_against_reference():
+    """Every option at once, float32, V = 70001, against the float64 reference."""
+    n, v = 32, 70001
+    z, target, weight = make_case(n, v, soft=False, seed=3)
+    target[5] = 17
+    kw = dict(ignore_index=17, label_smoothing=0.1, z_loss=1e-3, softcap=20.0, logit_scale=0.9)
+    loss, grad = run(z.cuda(), target.cuda(), weight.cuda(), **kw)
+    want_loss, want_grad = oracle(z, target, weight, **kw)
+    assert_fp32_close(loss.cpu(), want_loss)
+    assert_fp32_close(grad.cpu(), want_grad)
+    zs, ts, ws = make_case(n, v, soft=True, seed=4)
+    loss, grad = run(zs.cuda(), ts.cuda(), ws.cuda(), z_loss=1e-3)
+    want_loss, want_grad = oracle(zs, ts, ws, z_loss=1e-3)
+    assert_fp32_close(loss.cpu(), want_loss)
+    assert_fp32_close(grad.cpu(), want_grad)
+
+
+@pytest.mark.gpu
+@compiled
+def test_gpu_more_than_2_31_elements():
+    """N×V = 16800 × 128256 > 2^31 (bf16, 4.3 GB): rows at both ends against PyTorch."""
+    n, v = 16800, 128256
+    assert n * v > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, generator=g)
+    target = torch.randint(0, v, (n,), device="cuda", generator=g)
+    x = z.clone().requires_grad_()
+    loss = fastxent.cross_entropy(x, target, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    for part in (slice(0, 16), slice(n - 16, n)):
+        want_loss = torch.nn.functional.cross_entropy(
+            z[part].float(), target[part], reduction="none"
+        )
+        torch.testing.assert_close(loss[part], want_loss, rtol=1e-5, atol=1e-4)
+        _, want_grad = _torch_rows(z[part], target[part])
+        torch.testing.assert_close(x.grad[part].float(), want_grad, rtol=0.0, atol=4e-3)
