@@ -1,0 +1,365 @@
+r"""Vocab-parallel cross-entropy: the single-device row kernel with its collectives marked.
+
+With tensor parallelism the vocabulary is split across the ranks of a process group: rank ``r``
+holds the logits ``z[:, s_r : s_r + V_r]`` of its slice of the ``V`` classes (Megatron-style; the
+slices may be uneven). The loss needs the global log-sum-exp of each row, which is assembled from
+per-rank statistics with two all-reduces, one row chunk of local logits at a time:
+
+.. math::
+
+    m_r = \max_{j \in r} z'_j, \qquad S_r = \textstyle\sum_{j \in r} e^{z'_j - m_r}
+        \qquad \text{(local, one read of the logits)}
+
+    m = \max_r m_r \quad \text{(MAX all-reduce)}, \qquad
+    S = \textstyle\sum_r S_r\, e^{m_r - m} \quad \text{(SUM all-reduce)}, \qquad
+    \mathrm{lse} = m + \log S
+
+The same SUM all-reduce carries the target logit ``z'_y`` (nonzero only on the rank that owns
+``y``) and, with label smoothing, ``Σ_j z'_j`` (or ``Σ_j w_j z'_j`` with class weights) over the
+whole vocabulary. With the global ``lse`` every rank knows each row's loss (the same number on every
+rank) and writes its own slice of the gradient in a second pass:
+
+.. math::
+
+    \frac{\partial \ell}{\partial z'_i} = a\,(o_i \textstyle\sum_j t_j - t_i)
+        + b\, 2 s\, \mathrm{lse}\, o_i, \qquad o_i = e^{z'_i - \mathrm{lse}}, \quad i \in r
+
+The second pass starts from ``e^{z'_i - m_r}``, kept in the gradient buffer by the first pass
+when that buffer has the accumulation dtype (float32 and float64 logits), so ``o_i`` is one
+multiply; otherwise (bf16/fp16, or softcap with ``inplace_backward``) it reads the logits again.
+Nothing of size N×V_r is allocated besides the gradient buffer (none with ``inplace_backward``)
+and chunk temporaries of a few MB.
+
+Label smoothing uses the global ``V`` and the global sums, so each rank's gradient is exactly its
+slice of the single-process gradient (the local vocabulary size would give a different loss on
+every rank). Softcap and logit scale act elementwise on the local logits; the z-loss uses the
+global ``lse``.
+
+Communication per call, all inside forward (backward only scales the kept gradient, as in
+:class:`fastxent._autograd.CrossEntropyFunction`, which this module reuses unchanged):
+
+* one ``all_gather`` of six int64 per rank: rows, local vocabulary size, ``vocab_start`` and
+  three checksums of the targets, to derive or check the shard layout and the targets;
+* one MAX ``all_reduce`` of an ``(N,)`` tensor in the accumulation dtype: the row max;
+* one SUM ``all_reduce`` of an ``(N, 2)`` tensor (``(N, 3)`` with label smoothing) in the
+  accumulation dtype: ``S_r e^{m_r - m}``, ``z'_y``, smoothing sum.
+
+Supported: class-index targets of shape ``local_logits.shape[:-1]`` (classes on the LAST dim,
+so ``(N, V_r)`` and ``(B, T, V_r)`` both work), uneven and arbitrarily ordered slices (given by
+``vocab_start``), class weights (the global ``(V,)`` vector, the same on every rank), label
+smoothing, z-loss, softcap, logit scale, ``ignore_index``, every reduction, in-place backward,
+any device the process group's backend handles (gloo on CPU, NCCL on CUDA).
+Not supported: probability targets, sequence parallelism (rows split across ranks as well as the
+vocabulary: each rank must hold all N rows), a shard with no class, and the upstream all-reduce of
+the gradient of replicated inputs (for ``z = h W_r^T`` the caller sums ``∂ℓ/∂h`` over the group,
+as Megatron's copy-to-tensor-parallel-region does).
+
+Errors that depend on one rank only (shard layout, row count, mismatched targets) are detected
+after the all-gather, so every rank raises the same exception instead of one rank hanging. The
+target check compares checksums (it catches any realistic mismatch, it is not a proof); the
+scalar options (``ignore_index``, ``reduction``, smoothing, ...) and ``weight`` must be the same on
+every rank and are not compared. Validation reads small results on the host (the layout and the
+target range), as :func:`fastxent.cross_entropy` does for the target range.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastxent._autograd import CrossEntropyFunction, accumulation_dtype
+from fastxent._options import (
+    CrossEntropyOptions,
+    check_index_targets,
+    check_logits,
+    check_scalars,
+    check_weight,
+)
+from fastxent._torch.kernel import rows_per_chunk, transform
+
+__all__ = ["vocab_parallel_cross_entropy"]
+
+
+def vocab_parallel_cross_entropy(
+    local_logits: Tensor,
+    target: Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    inplace_backward: bool = False,
+) -> Tensor:
+    r"""Cross-entropy over a vocabulary split across the ranks of ``group``.
+
+    Every rank passes its slice of the logits, ``z[..., s_r : s_r + V_r]``, and the same global
+    targets; every rank gets the same loss, equal to
+    :func:`fastxent.cross_entropy` of the full logits, and its slice of the full gradient:
+
+    .. math::
+
+        \ell = -\sum_j t_j \log o_j + s\,\mathrm{lse}^2, \qquad
+        \mathrm{lse} = \log \sum_{r} \sum_{j \in r} e^{z'_j}, \qquad
+        \frac{\partial \ell}{\partial z'_i} = o_i \sum_j t_j - t_i + 2 s\,\mathrm{lse}\,o_i
+
+    with ``t = (1-ε) w_y e_y + (ε/V) w`` over the global vocabulary of ``V`` classes. Forward
+    makes one MAX and one SUM all-reduce of per-row statistics (and a tiny all-gather of the
+    shard layout); backward communicates nothing.
+
+    Shapes: ``local_logits`` is ``(N, V_r)`` or ``(..., V_r)`` with classes on the LAST dim (for
+    ``(B, T, V_r)`` the leading dims are flattened into rows); ``target`` is
+    ``local_logits.shape[:-1]`` of int64 global class ids in ``[0, V)`` or ``ignore_index``, the
+    same on every rank. ``reduction="none"`` returns the target's shape.
+
+    Args:
+        local_logits: this rank's logits, any floating dtype (bf16/fp16 accumulate in float32).
+        target: global class indices, identical on every rank (checked).
+        group: the tensor-parallel process group; None for the default group.
+        vocab_start: the first global class of this rank's slice. None on every rank: slices
+            follow rank order (prefix sums of the slice sizes). Given on every rank: the slices
+            must tile ``[0, V)`` without gap or overlap.
+        weight: the GLOBAL ``(V,)`` class weights, the same on every rank; each rank reads its
+            slice. "mean" divides by the total weight of the counted targets, as PyTorch does.
+        ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale: as in
+            :func:`fastxent.cross_entropy`, with ``V`` the global vocabulary size.
+        inplace_backward: write this rank's gradient into ``local_logits`` during forward.
+
+    Returns:
+        The loss, the same on every rank: a scalar for "mean"/"sum", float32 (float64 for
+        float64 logits).
+
+    Example (run under ``torchrun --nproc-per-node 2``; see ``examples/vocab_parallel.py``):
+        >>> import torch, torch.distributed as dist, fastxent  # doctest: +SKIP
+        >>> dist.init_process_group("gloo")  # doctest: +SKIP
+        >>> z = torch.randn(8, 1001)  # the full logits, the same on every rank  # doctest: +SKIP
+        >>> local = z.tensor_split(dist.get_world_size(), dim=1)[dist.get_rank()]  # doctest: +SKIP
+        >>> y = torch.randint(0, 1001, (8,))  # doctest: +SKIP
+        >>> loss = fastxent.vocab_parallel_cross_entropy(local, y)  # doctest: +SKIP
+
+    References:
+        Shoeybi et al. (2019), "Megatron-LM: Training Multi-Billion Parameter Language Models
+        Using Model Parallelism" (vocab-parallel cross-entropy).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "vocab_parallel_cross_entropy needs an initialised torch.distributed process group; "
+            "call torch.distributed.init_process_group (e.g. under torchrun) first."
+        )
+    check_logits(local_logits, "local_logits")
+    check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    if local_logits.dim() < 2:
+        raise ValueError(
+            "local_logits must have shape (N, V_local) or (..., V_local) with the classes on the "
+            f"last dim, got shape {tuple(local_logits.shape)}."
+        )
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            "vocab_parallel_cross_entropy takes global class indices (an int64 tensor) as "
+            f"target; probability targets are not supported, got dtype {target.dtype}."
+        )
+    rows_shape = tuple(local_logits.shape[:-1])
+    if tuple(target.shape) != rows_shape:
+        raise ValueError(
+            f"target must have shape {rows_shape} for local_logits of shape "
+            f"{tuple(local_logits.shape)} (the logits without their last, class dim), got "
+            f"{tuple(target.shape)}."
+        )
+    if inplace_backward and local_logits.requires_grad and local_logits.is_leaf:
+        raise ValueError(
+            "inplace_backward=True would overwrite a leaf tensor that requires grad; use it on "
+            "logits computed by the model, or pass inplace_backward=False."
+        )
+    if vocab_start is not None and (not isinstance(vocab_start, int) or vocab_start < 0):
+        raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}.")
+
+    z = local_logits.reshape(-1, local_logits.shape[-1])  # (N, V_r)
+    y = target.reshape(-1).long()  # (N,)
+    vocab_start, vocab_size = _shard_layout(z, y, vocab_start, group)
+    check_weight(weight, vocab_size)
+    check_index_targets(y, vocab_size, ignore_index)
+    opts = CrossEntropyOptions(
+        num_classes=vocab_size,
+        soft=False,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+        logit_scale=float(logit_scale),
+        inplace_backward=inplace_backward,
+    )
+    kernel = functools.partial(vocab_parallel_rows, vocab_start=vocab_start, group=group)
+    loss = CrossEntropyFunction.apply(z, y, weight, opts, kernel)
+    return loss.reshape(rows_shape) if reduction == "none" else loss
+
+
+def _shard_layout(z: Tensor, y: Tensor, vocab_start: int | None, group) -> tuple[int, int]:
+    """``(vocab_start, V)`` of this rank, from one all-gather of six int64 per rank.
+
+    Each rank sends its row count, slice size, ``vocab_start`` (-1 for None) and three checksums
+    of its targets (Σy, Σy², Σ i·y; int64 wrap-around is the same on every rank), so that a
+    wrong layout or different targets raise the same error on every rank.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    num_rows, num_local = z.shape
+    i = torch.arange(1, num_rows + 1, device=y.device)
+    mine = torch.stack(
+        [
+            torch.tensor(num_rows, device=z.device),
+            torch.tensor(num_local, device=z.device),
+            torch.tensor(-1 if vocab_start is None else vocab_start, device=z.device),
+            y.sum().to(z.device),
+            (y * y).sum().to(z.device),
+            (i * y).sum().to(z.device),
+        ]
+    )  # (6,) int64
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine, group=group)  # COLLECTIVE: shard layout and target checksums
+    rows, sizes, starts, *checksums = zip(*(t.tolist() for t in everyone), strict=True)
+    ranks = f"ranks 0..{world - 1}"
+    if len(set(rows)) != 1:
+        raise ValueError(
+            f"every rank must pass the same rows (sequence parallelism is not supported); got "
+            f"row counts {list(rows)} on {ranks}."
+        )
+    if any(len(set(c)) != 1 for c in checksums):
+        raise ValueError(
+            "target must be the same on every rank of the group (global class ids); the ranks "
+            "passed different targets."
+        )
+    if min(sizes) == 0:
+        raise ValueError(
+            f"every rank must hold at least one class; local vocabulary sizes are {list(sizes)} "
+            f"on {ranks}."
+        )
+    vocab_size = sum(sizes)
+    if all(s == -1 for s in starts):
+        return sum(sizes[:rank]), vocab_size
+    if any(s == -1 for s in starts):
+        raise ValueError(
+            f"vocab_start must be given on every rank or on none; got {list(starts)} on {ranks} "
+            f"(-1 = None)."
+        )
+    expected = 0
+    for start, size in sorted(zip(starts, sizes, strict=True)):
+        if start != expected:
+            slices = [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+            raise ValueError(
+                f"the vocabulary slices [vocab_start, vocab_start + V_local) of {ranks} are "
+                f"{slices} for shard sizes {list(sizes)}; they must tile [0, {vocab_size}) "
+                f"without gap or overlap."
+            )
+        expected += size
+    return starts[rank], vocab_size
+
+
+def vocab_parallel_rows(
+    z: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    opts: CrossEntropyOptions,
+    ce_scale: Tensor,
+    z_scale: Tensor,
+    grad: Tensor | None,
+    *,
+    vocab_start: int,
+    group,
+) -> Tensor:
+    """The row kernel of :mod:`fastxent._autograd` over a slice of the vocabulary.
+
+    Same contract as :func:`fastxent._torch.kernel.cross_entropy_rows` except that ``z`` and
+    ``grad`` are ``(M, V_r)`` slices starting at global class ``vocab_start`` while ``target``,
+    ``weight`` and ``opts.num_classes`` are global. Returns the global row losses (M,), the same
+    on every rank of ``group``.
+    """
+    num_rows, num_local = z.shape
+    acc = accumulation_dtype(z.dtype)
+    w = None if weight is None else weight.to(device=z.device, dtype=acc)  # (V,)
+    w_local = None if w is None else w[vocab_start : vocab_start + num_local]  # (V_r,)
+    a, b = ce_scale.to(acc), z_scale.to(acc)
+    eps, s = opts.label_smoothing, opts.z_loss
+    smooth = eps / opts.num_classes
+    step = rows_per_chunk(num_local)
+
+    counted = target != opts.ignore_index
+    counted_f = counted.to(acc)
+    local_y = target - vocab_start
+    owned = counted & (local_y >= 0) & (local_y < num_local)  # rows whose target is on this rank
+    local_y = torch.where(owned, local_y, 0)
+
+    # Pass 1: per-row statistics of the local slice, relative to the local max. When the gradient
+    # buffer has the accumulation dtype, e = e^{z' - m_r} is kept in it for pass 2 (not with
+    # softcap in place: pass 2 needs z for the chain factor).
+    keep_e = grad is not None and grad.dtype == acc and not (opts.softcap and grad is z)
+    m = torch.empty(num_rows, dtype=acc, device=z.device)  # m_r
+    sums = torch.empty(num_rows, 3 if eps else 2, dtype=acc, device=z.device)  # S_r, z'_y, Σz'
+    for start in range(0, num_rows, step):
+        chunk = slice(start, start + step)
+        zp, _ = transform(z[chunk].to(acc), opts)  # (n, V_r)
+        m[chunk] = zp.amax(dim=1)
+        m_safe = torch.where(torch.isfinite(m[chunk]), m[chunk], 0.0)  # ±inf: keep exp() finite
+        e = torch.exp(zp - m_safe.unsqueeze(1))  # (n, V_r)
+        sums[chunk, 0] = e.sum(dim=1)
+        z_y = zp.gather(1, local_y[chunk].unsqueeze(1)).squeeze(1)
+        sums[chunk, 1] = torch.where(owned[chunk], z_y, 0.0)
+        if eps:
+            sums[chunk, 2] = zp.sum(dim=1) if w_local is None else zp @ w_local
+        if keep_e:  # after the last read of zp, which may alias grad
+            grad[chunk].copy_(e)
+    local_max = torch.where(torch.isfinite(m), m, 0.0)  # (M,)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)  # COLLECTIVE: global row max
+    m = torch.where(torch.isfinite(m), m, 0.0)  # (M,)
+    # Rescale S_r to the global max; a slice whose sum is 0 (all -inf) stays 0.
+    sums[:, 0] = torch.where(sums[:, 0] > 0, sums[:, 0] * torch.exp(local_max - m), 0.0)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)  # COLLECTIVE: S, z'_y, Σz'
+    lse = m + sums[:, 0].log()  # (M,)
+
+    # Row losses from the global sums, as in the single-device kernel.
+    w_y = counted_f if w is None else torch.where(counted, w[torch.where(counted, target, 0)], 0.0)
+    sum_t = (1.0 - eps) * w_y
+    sum_tz = (1.0 - eps) * w_y * sums[:, 1]
+    if eps:  # the uniform part (ε/V)·w, only on counted rows
+        row_w = opts.num_classes if w is None else w.sum()
+        sum_t = sum_t + counted_f * (smooth * row_w)
+        sum_tz = sum_tz + torch.where(counted, smooth * sums[:, 2], 0.0)
+    ce = lse * sum_t - sum_tz  # E = -Σ t (z' - lse)
+    zl = torch.where(counted, s * lse.square(), 0.0)
+    rows = a * ce + b * zl
+    if grad is None:
+        return rows
+
+    # Pass 2: this rank's slice of ∂ℓ/∂z' = o (a Σt + 2 b s lse) - a t, o = e^{z' - lse}.
+    coef = torch.where(counted, a * sum_t + 2.0 * s * b * lse, 0.0)  # (M,)
+    one_hot = torch.where(owned, -(1.0 - eps) * a * w_y, 0.0)  # (M,)
+    uniform = smooth * a * (1.0 if w_local is None else w_local)  # scalar or (V_r,)
+    # o = e·e^{m_r - lse}; the factor is inf only for a slice of -inf logits, where e = 0.
+    o_factor = torch.exp(local_max - lse)
+    o_factor = torch.where(o_factor == float("inf"), 0.0, o_factor) * coef  # (M,)
+    for start in range(0, num_rows, step):
+        chunk = slice(start, start + step)
+        if keep_e:
+            g = grad[chunk].mul_(o_factor[chunk].unsqueeze(1))  # (n, V_r), in place
+            dzp_dz = transform(z[chunk].to(acc), opts)[1] if opts.softcap else None
+        else:
+            zp, dzp_dz = transform(z[chunk].to(acc), opts)  # (n, V_r)
+            g = torch.exp(zp - lse[chunk].unsqueeze(1)).mul_(coef[chunk].unsqueeze(1))
+        g.scatter_add_(1, local_y[chunk].unsqueeze(1), one_hot[chunk].unsqueeze(1))
+        if eps:
+            g.sub_(counted_f[chunk].unsqueeze(1) * uniform)
+        if dzp_dz is not None:
+            g.mul_(dzp_dz)
+        elif opts.logit_scale != 1.0:
+            g.mul_(opts.logit_scale)
+        if not keep_e:
+            grad[chunk].copy_(g)
+    return rows

@@ -1,0 +1,411 @@
+"""Vocab-parallel cross-entropy and DDP training over gloo, against the float64 oracle.
+
+Two process groups are spawned (2 and 3 ranks on CPU); each runs every case, writes its loss and
+gradient slice to a file, and the test process compares them with :mod:`fastxent.reference` on
+the full logits. Error cases run inside the workers with ``pytest.raises``.
+"""
+
+from __future__ import annotations
+
+import functools
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import fastxent
+from fastxent import reference
+from fastxent.distributed import vocab_parallel_cross_entropy
+
+pytestmark = pytest.mark.distributed
+
+WORLDS = (2, 3)
+# Uneven slices of V = 1001, in rank order: one rank of world 3 holds a single class.
+SHARDS = {2: (400, 601), 3: (500, 1, 500)}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    options: dict = field(default_factory=dict)
+    shape: tuple[int, ...] = (13,)  # rows of the target; the logits add the class dim
+    vocab: int = 1001
+    weight: bool = False
+    ignored: int = 2  # rows whose target is ignore_index
+    scale: float = 3.0  # logit spread
+    dtype: torch.dtype = torch.float64
+    reversed_slices: bool = False  # rank r holds the r-th slice from the END (vocab_start given)
+    inplace: bool = False
+    requires_grad: bool = True
+    masked: bool = False  # row 0 is -inf on the whole slice of the last rank
+
+
+CASES = [
+    Case("mean"),
+    Case("smoothing", {"label_smoothing": 0.1}),
+    Case("weight_smoothing", {"label_smoothing": 0.3}, weight=True),
+    Case(
+        "zloss_softcap_scale",
+        {"label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 5.0, "logit_scale": 1.3},
+        weight=True,
+    ),
+    Case("sum_weight", {"reduction": "sum", "z_loss": 1e-3}, weight=True),
+    Case(
+        "none_grad_output",
+        {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 4.0},
+        weight=True,
+    ),
+    Case("ignore_valid_class", {"ignore_index": 3, "label_smoothing": 0.1}, ignored=3),
+    Case("all_ignored", {"label_smoothing": 0.1, "z_loss": 1e-2}, weight=True, ignored=13),
+    Case("btv", {"label_smoothing": 0.1, "z_loss": 1e-3}, shape=(3, 5)),
+    Case("btv_none", {"reduction": "none"}, shape=(2, 4), weight=True),
+    Case("reversed_slices", {"label_smoothing": 0.1}, weight=True, reversed_slices=True),
+    Case("inplace", {"label_smoothing": 0.1, "z_loss": 1e-3}, inplace=True),
+    Case("forward_only", {"label_smoothing": 0.1}, weight=True, requires_grad=False),
+    Case("large_logits", {"label_smoothing": 0.1, "z_loss": 1e-4}, scale=60.0),
+    Case("small_vocab", {"label_smoothing": 0.2}, vocab=7, shape=(5,), weight=True),
+    Case("masked_slice", {}, masked=True),
+    Case(
+        "float32",
+        {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0},
+        weight=True,
+        dtype=torch.float32,
+    ),
+    # The gradient is recomputed in pass 2 (not kept from pass 1) for these two.
+    Case("inplace_softcap", {"label_smoothing": 0.1, "softcap": 4.0}, weight=True, inplace=True),
+    Case(
+        "bfloat16",
+        {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0},
+        weight=True,
+        dtype=torch.bfloat16,
+    ),
+]
+# (loss, gradient) tolerances against the float64 reference on the same (rounded) logits: the
+# loss accumulates in float32 below float64; a bf16 gradient is rounded once to 8 bits.
+TOLERANCE = {
+    torch.float64: ({"rtol": 1e-12, "atol": 1e-15}, {"rtol": 1e-12, "atol": 1e-15}),
+    torch.float32: ({"rtol": 2e-6, "atol": 0}, {"rtol": 2e-5, "atol": 1e-7}),
+    torch.bfloat16: ({"rtol": 2e-6, "atol": 0}, {"rtol": 8e-3, "atol": 1e-6}),
+}
+
+
+def shard_sizes(case: Case, world: int) -> tuple[int, ...]:
+    if case.vocab == 1001:
+        return SHARDS[world]
+    return tuple(len(s) for s in torch.arange(case.vocab).tensor_split(world))
+
+
+def slices(case: Case, world: int) -> list[tuple[int, int]]:
+    """``(vocab_start, size)`` of every rank."""
+    sizes = shard_sizes(case, world)
+    order = range(world - 1, -1, -1) if case.reversed_slices else range(world)
+    starts, at = {}, 0
+    for r in order:
+        starts[r] = at
+        at += sizes[r]
+    return [(starts[r], sizes[r]) for r in range(world)]
+
+
+def make_case(case: Case, world: int):
+    """The full float64 logits (*shape, V), targets, weights and grad_output of ``case``."""
+    g = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
+    z = torch.randn(*case.shape, case.vocab, generator=g, dtype=torch.float64) * case.scale
+    y = torch.randint(0, case.vocab, case.shape, generator=g).reshape(-1)
+    ignore_index = case.options.get("ignore_index", -100)
+    # Targets on slice borders: the first and last class of every rank.
+    borders = [s for start, size in slices(case, world) for s in (start, start + size - 1)]
+    y[case.ignored : case.ignored + len(borders)] = torch.tensor(borders)[: len(y) - case.ignored]
+    y[: case.ignored] = ignore_index
+    if case.masked:
+        start, size = slices(case, world)[-1]
+        z.reshape(-1, case.vocab)[0, start : start + size] = float("-inf")
+        y[0] = 0
+    weight = torch.rand(case.vocab, generator=g, dtype=torch.float64) + 0.5 if case.weight else None
+    grad_output = None
+    if case.options.get("reduction") == "none":
+        grad_output = torch.rand(case.shape, generator=g, dtype=torch.float64) * 2 - 0.5
+    return z, y.reshape(case.shape), weight, grad_output
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=30),
+    )
+    results: dict = {"cases": {}, "errors": {}}
+    for case in CASES:
+        results["cases"][case.name] = _run_case(case, rank, world)
+    for name, check in ERROR_CASES.items():
+        try:
+            check(rank, world)
+            results["errors"][name] = None
+        except BaseException:  # pytest.raises failing raises a BaseException
+            results["errors"][name] = traceback.format_exc()
+    if world == 2:
+        results["ddp"] = _ddp_training(rank)
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run_case(case: Case, rank: int, world: int) -> dict:
+    z, y, weight, grad_output = make_case(case, world)
+    start, size = slices(case, world)[rank]
+    leaf = z[..., start : start + size].to(case.dtype).requires_grad_(case.requires_grad)
+    local = leaf * 1.0 if case.inplace else leaf  # in-place needs a non-leaf
+    w = None if weight is None else weight.to(case.dtype)
+    loss = vocab_parallel_cross_entropy(
+        local,
+        y,
+        weight=w,
+        vocab_start=start if case.reversed_slices else None,
+        inplace_backward=case.inplace,
+        **case.options,
+    )
+    if case.requires_grad:
+        loss.backward(None if grad_output is None else grad_output.to(loss.dtype))
+    return {"loss": loss.detach(), "grad": None if leaf.grad is None else leaf.grad.detach()}
+
+
+def _raises_everywhere(exc, match, call):
+    """A check that runs ``call(rank, world)`` expecting ``exc`` with ``match`` on every rank."""
+
+    def check(rank: int, world: int) -> None:
+        with pytest.raises(exc, match=match):
+            call(rank, world)
+
+    return check
+
+
+def _local(rank: int, world: int, rows: int = 4) -> torch.Tensor:
+    return torch.randn(rows, SHARDS[world][rank], dtype=torch.float64)
+
+
+_y = torch.tensor([0, 5, 1000, 7])
+ERROR_CASES = {
+    "target_shape": _raises_everywhere(
+        ValueError,
+        r"target must have shape \(4,\)",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y[:3]),
+    ),
+    "probability_target": _raises_everywhere(
+        TypeError,
+        "probability targets are not supported",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _local(r, w)),
+    ),
+    "target_out_of_range": _raises_everywhere(
+        IndexError,
+        r"target\[2\] = 1001 is out of range: the input has 1001 classes",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), torch.tensor([0, 5, 1001, 7])),
+    ),
+    "negative_target": _raises_everywhere(
+        IndexError,
+        r"target\[0\] = -1 is out of range",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), torch.tensor([-1, 5, 9, 7])),
+    ),
+    "targets_differ": _raises_everywhere(
+        ValueError,
+        "target must be the same on every rank",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y + r),
+    ),
+    "rows_differ": _raises_everywhere(
+        ValueError,
+        "same rows",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w, 4 + r), torch.zeros(4 + r).long()),
+    ),
+    "vocab_start_overlap": _raises_everywhere(
+        ValueError,
+        r"must tile \[0, 1001\) without gap or overlap",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y, vocab_start=0),
+    ),
+    "vocab_start_on_some_ranks": _raises_everywhere(
+        ValueError,
+        "vocab_start must be given on every rank or on none",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y, vocab_start=None if r else 0),
+    ),
+    "vocab_start_negative": _raises_everywhere(
+        ValueError,
+        "vocab_start must be None or an int >= 0, got -3",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y, vocab_start=-3),
+    ),
+    "local_weight": _raises_everywhere(
+        ValueError,
+        r"weight must have shape \(1001,\)",
+        lambda r, w: vocab_parallel_cross_entropy(
+            _local(r, w), _y, weight=torch.ones(SHARDS[w][r], dtype=torch.float64)
+        ),
+    ),
+    "one_dim_logits": _raises_everywhere(
+        ValueError,
+        r"shape \(N, V_local\)",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w)[0], _y[0]),
+    ),
+    "inplace_on_leaf": _raises_everywhere(
+        ValueError,
+        "would overwrite a leaf tensor",
+        lambda r, w: vocab_parallel_cross_entropy(
+            _local(r, w).requires_grad_(), _y, inplace_backward=True
+        ),
+    ),
+    "bad_reduction": _raises_everywhere(
+        ValueError,
+        "reduction must be one of",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y, reduction="avg"),
+    ),
+}
+
+
+def _ddp_training(rank: int) -> dict:
+    """Train the same tiny model with fastxent and with PyTorch's loss under DDP; final params."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    params = {}
+    for name, loss_fn in {
+        "fastxent": functools.partial(fastxent.cross_entropy, backend="torch"),
+        "torch": F.cross_entropy,
+    }.items():
+        torch.manual_seed(0)  # same initial model on every rank and for both losses
+        net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 11)
+        ).double()
+        model = DDP(net)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+        for _ in range(4):
+            x = torch.randn(6, 8, generator=g, dtype=torch.float64)
+            y = torch.randint(0, 11, (6,), generator=g)
+            y[0] = -100
+            opt.zero_grad()
+            loss_fn(model(x), y, label_smoothing=0.1).backward()
+            opt.step()
+        params[name] = [p.detach().clone() for p in net.parameters()]
+    torch.manual_seed(0)
+    params["initial"] = [
+        p.detach().clone()
+        for p in torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 11)
+        )
+        .double()
+        .parameters()
+    ]
+    return params
+
+
+# --------------------------------------------------------------------------- test process
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> dict[int, list[dict]]:
+    """World size -> per-rank results. Both process groups start at once and run every case."""
+    base = tmp_path_factory.mktemp("dist")
+    contexts = {}
+    for world in WORLDS:
+        (base / str(world)).mkdir()
+        contexts[world] = mp.spawn(
+            _worker,
+            args=(world, str(base / str(world) / "init"), str(base / str(world))),
+            nprocs=world,
+            join=False,
+        )
+    for context in contexts.values():
+        while not context.join():  # raises if a worker raised
+            pass
+    return {
+        world: [
+            torch.load(base / str(world) / f"rank{r}.pt", weights_only=False) for r in range(world)
+        ]
+        for world in WORLDS
+    }
+
+
+def _reference(case: Case, world: int):
+    """Loss and full gradient of ``case`` (the full logits), float64."""
+    z, y, weight, grad_output = make_case(case, world)
+    z = z.to(case.dtype).double()  # the logits and weights the ranks see
+    weight = None if weight is None else weight.to(case.dtype).double()
+    if case.masked:  # reference sums 0·(-inf); PyTorch's autograd picks the target instead
+        zz = z.clone().requires_grad_()
+        loss = F.cross_entropy(zz.reshape(-1, case.vocab), y.reshape(-1), **case.options)
+        loss.backward()
+        return loss.detach().numpy(), zz.grad.numpy()
+    options = {k: v for k, v in case.options.items()}
+    loss, grad = reference.cross_entropy(
+        z.reshape(-1, case.vocab).numpy(),
+        y.reshape(-1).numpy(),
+        None if weight is None else weight.numpy(),
+        grad_output=None if grad_output is None else grad_output.reshape(-1).numpy(),
+        **options,
+    )
+    return loss.reshape(y.shape if case.options.get("reduction") == "none" else ()), grad.reshape(
+        z.shape
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel_matches_reference(spawned, world, case):
+    """Every rank's loss equals the single-process float64 loss; its gradient equals its slice."""
+    ranks = spawned[world]
+    want_loss, want_grad = _reference(case, world)
+    loss_tol, grad_tol = TOLERANCE[case.dtype]
+    for rank, result in enumerate(ranks):
+        got = result["cases"][case.name]
+        assert got["loss"].dtype == (
+            torch.float64 if case.dtype == torch.float64 else torch.float32
+        )
+        np.testing.assert_allclose(got["loss"].double().numpy(), want_loss, **loss_tol)
+        # Every rank returns exactly the same loss.
+        assert torch.equal(got["loss"], ranks[0]["cases"][case.name]["loss"])
+        if not case.requires_grad:
+            assert got["grad"] is None
+            continue
+        start, size = slices(case, world)[rank]
+        assert got["grad"].dtype == case.dtype
+        want = want_grad[..., start : start + size]
+        np.testing.assert_allclose(got["grad"].double().numpy(), want, **grad_tol)
+    if case.name == "all_ignored":
+        assert float(want_loss) == 0.0 and not want_grad.any()
+
+
+@pytest.mark.parametrize("name", list(ERROR_CASES))
+@pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel_errors(spawned, world, name):
+    """Each bad call raises the expected error on every rank (and no rank hangs)."""
+    for rank, result in enumerate(spawned[world]):
+        assert result["errors"][name] is None, f"rank {rank}:\n{result['errors'][name]}"
+
+
+def test_vocab_parallel_needs_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(
+        RuntimeError, match=r"needs an initialised torch\.distributed process group"
+    ):
+        vocab_parallel_cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]))
+
+
+def test_ddp_training_matches_torch(spawned):
+    """DDP over 2 gloo ranks: 4 SGD steps with fastxent give PyTorch's parameters (float64)."""
+    ranks = spawned[2]
+    for result in ranks:
+        for ours, theirs, initial in zip(
+            result["ddp"]["fastxent"], result["ddp"]["torch"], result["ddp"]["initial"], strict=True
+        ):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+            assert (ours - initial).abs().max() > 1e-3  # training moved the parameters
+    for ours0, ours1 in zip(ranks[0]["ddp"]["fastxent"], ranks[1]["ddp"]["fastxent"], strict=True):
+        assert torch.equal(ours0, ours1)  # DDP kept the replicas identical
