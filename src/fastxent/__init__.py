@@ -1,8 +1,17 @@
 """fastxent: softmax cross-entropy with its analytic gradient in one pass, lean on memory."""
 
-from fastxent.functional import BACKENDS, cross_entropy
-from fastxent.modules import CrossEntropyLoss
+from fastxent.distributed import vocab_parallel_cross_entropy
+from fastxent.functional import BACKENDS, cross_entropy, linear_cross_entropy
+from fastxent.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "CrossEntropyLoss", "__version__", "cross_entropy"]
+__all__ = [
+    "BACKENDS",
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "__version__",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "vocab_parallel_cross_entropy",
+]

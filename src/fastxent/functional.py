@@ -178,6 +178,130 @@ def cross_entropy(
     return loss
 
 
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    shift: bool = False,
+    chunk_size: int | None = None,
+    filter_eps: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Cross-entropy of the logits ``z = h Wᵀ + b``, without materialising the N×V logits.
+
+    Equals ``cross_entropy(F.linear(hidden, weight, bias), target, ...)``. Tokens are processed in
+    chunks: each chunk's logits ``z_c = h_c Wᵀ + b`` (n, V) are handed to the backend's row kernel,
+    which overwrites them with ``g = ∂ℓ/∂z_c`` (the loss and gradient of :func:`cross_entropy`,
+    with the reduction's scales taken over all targets); then
+
+    .. math::
+
+        \frac{\partial \ell}{\partial h_c} = g\,W, \qquad
+        \frac{\partial \ell}{\partial W} = \sum_c g^\top h_c, \qquad
+        \frac{\partial \ell}{\partial b} = \sum_c \sum_r g_r
+
+    With "mean"/"sum" the gradients are complete after forward and backward scales them by
+    ``grad_output``. With "none", forward computes the losses only and backward recomputes each
+    chunk (∂W sums over rows, so a per-row ``grad_output`` must be known first).
+
+    Shapes: ``hidden`` (N, D) or (B, T, D); ``weight`` (V, D); ``bias`` (V,); ``target`` the
+    tokens' shape (N,) or (B, T) of class indices, or (N, V) / (B, T, V) probabilities.
+    ``shift=True`` is the causal-LM shift: position t predicts target t+1 within each sequence
+    (hidden[:, :-1] with target[:, 1:]; an (N, D) input is one sequence), read by index without
+    copying the hidden states. "none" returns the tokens' shape (one fewer per sequence with shift).
+
+    Memory beyond the inputs and gradients: one chunk of logits (``chunk_size=None`` picks the
+    tokens so it stays within 64 MB), the row kernel's temporaries and an (n, D) block. ∂W
+    accumulates in float32 for bf16/fp16 weights and is cast once at the end.
+
+    Args:
+        hidden: (N, D) or (B, T, D) floating hidden states.
+        weight: (V, D) classifier weight, hidden's dtype and device.
+        target: class indices in ``[0, V)`` (or ``ignore_index``), or probabilities.
+        bias: optional (V,) bias.
+        class_weight: optional (V,) class weights, as ``weight`` of :func:`cross_entropy`.
+        ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale: as in
+            :func:`cross_entropy`. Ignored tokens are skipped before the matmul.
+        shift: next-token shift, see above.
+        chunk_size: tokens per chunk; None picks it from the 64 MB budget.
+        filter_eps: None (exact, the default) or ``eps >= 0``: within a chunk, skip the ∂h and ∂W
+            matmul contributions of vocab blocks where ``|g| < eps`` for every row. Pays off on
+            peaked (trained) distributions; the loss and ∂b stay exact.
+        backend: ``"auto"`` or one of :data:`BACKENDS`; supplies the row kernel.
+
+    Returns:
+        The loss: a scalar for "mean"/"sum", float32 for fp32/bf16/fp16 and float64 for float64.
+
+    Example:
+        >>> import torch, fastxent
+        >>> h = torch.randn(6, 8, requires_grad=True)
+        >>> w = torch.randn(50, 8, requires_grad=True)
+        >>> y = torch.randint(0, 50, (6,))
+        >>> loss = fastxent.linear_cross_entropy(h, w, y, chunk_size=4)
+        >>> expected = torch.nn.functional.cross_entropy(h @ w.T, y)
+        >>> bool(torch.allclose(loss, expected, atol=1e-5))
+        True
+        >>> loss.backward(); tuple(w.grad.shape)
+        (50, 8)
+
+    References:
+        Wijmans et al. (2025), "Cut Your Losses in Large-Vocabulary Language Models" (chunked
+        logits, gradient filtering); Hsu et al. (2024), "Liger Kernel" (fused linear
+        cross-entropy).
+    """
+    from fastxent._linear import (
+        LinearCrossEntropyFunction,
+        LinearOptions,
+        check_chunking,
+        check_inputs,
+        default_chunk_size,
+    )
+
+    check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    soft = check_inputs(hidden, weight, bias, target, shift)
+    num_classes = weight.shape[0]
+    check_weight(class_weight, num_classes, "class_weight")
+    if soft and ignore_index != -100:
+        raise ValueError(
+            "ignore_index is only supported with class-index targets; probability targets have "
+            f"no class to ignore (got ignore_index={ignore_index})."
+        )
+    if not soft:
+        check_index_targets(target[..., 1:] if shift else target, num_classes, ignore_index)
+    check_chunking(chunk_size, filter_eps)
+    _, kernel = resolve_backend(backend, hidden.device)
+    opts = LinearOptions(
+        ce=CrossEntropyOptions(
+            num_classes=num_classes,
+            soft=soft,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=float(label_smoothing),
+            z_loss=float(z_loss),
+            softcap=None if softcap is None else float(softcap),
+            logit_scale=float(logit_scale),
+        ),
+        chunk_size=chunk_size or default_chunk_size(num_classes, hidden.dtype),
+        shift=shift,
+        filter_eps=None if filter_eps is None else float(filter_eps),
+    )
+    if not torch.is_grad_enabled():  # no graph: the Function must not compute gradients
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
+    return LinearCrossEntropyFunction.apply(
+        hidden, weight, bias, target, class_weight, opts, kernel
+    )
+
+
 def _rows(x: Tensor, class_dim: int) -> Tensor:
     """View ``x`` as (M, C) rows of classes: (C,) -> (1, C); (N, C, d...) -> (N·d..., C)."""
     if x.dim() == 1:

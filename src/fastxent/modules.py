@@ -59,3 +59,77 @@ class CrossEntropyLoss(nn.Module):
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
             f"softcap={self.softcap}, logit_scale={self.logit_scale}"
         )
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`fastxent.linear_cross_entropy`: holds the options.
+
+    ``forward(hidden, weight, target, bias=None)`` takes the classifier's weight (and bias) as
+    arguments, so the module can sit after a tied embedding or an ``nn.Linear`` it does not own.
+    ``class_weight`` is registered as a buffer.
+
+    Example:
+        >>> import torch, fastxent
+        >>> loss_fn = fastxent.LinearCrossEntropyLoss(shift=True, z_loss=1e-4)
+        >>> head = torch.nn.Linear(8, 50, bias=False)
+        >>> h, ids = torch.randn(2, 5, 8), torch.randint(0, 50, (2, 5))
+        >>> loss = loss_fn(h, head.weight, ids)
+    """
+
+    def __init__(
+        self,
+        *,
+        class_weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        logit_scale: float = 1.0,
+        shift: bool = False,
+        chunk_size: int | None = None,
+        filter_eps: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+        self.register_buffer("class_weight", class_weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.logit_scale = logit_scale
+        self.shift = shift
+        self.chunk_size = chunk_size
+        self.filter_eps = filter_eps
+        self.backend = backend
+
+    def forward(
+        self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None
+    ) -> Tensor:
+        return functional.linear_cross_entropy(
+            hidden,
+            weight,
+            target,
+            bias,
+            class_weight=self.class_weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+            shift=self.shift,
+            chunk_size=self.chunk_size,
+            filter_eps=self.filter_eps,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
+            f"softcap={self.softcap}, logit_scale={self.logit_scale}, shift={self.shift}, "
+            f"chunk_size={self.chunk_size}, filter_eps={self.filter_eps}, backend={self.backend!r}"
+        )

@@ -1,0 +1,374 @@
+r"""Fused linear + cross-entropy: the N×V logits exist one chunk of tokens at a time.
+
+For hidden states ``h`` (N, D), weight ``W`` (V, D) and bias ``b`` (V,), the logits are
+``z = h Wᵀ + b``. Tokens are processed in chunks of ``n`` rows; per chunk:
+
+.. math::
+
+    z_c = h_c W^\top + b \;(n, V), \qquad
+    g_c = \partial\ell/\partial z_c \text{ (row kernel, written over } z_c),
+
+    \partial\ell/\partial h_c = g_c W, \qquad
+    \partial\ell/\partial W \mathrel{+}= g_c^\top h_c, \qquad
+    \partial\ell/\partial b \mathrel{+}= \textstyle\sum_r g_{c,r}
+
+The row kernel (contract: :mod:`fastxent._autograd`) gets the reduction's scales computed once
+over all targets, so "mean" is exact across chunks. Ignored tokens are dropped before the matmul.
+With "mean"/"sum" the three gradients are complete after forward and backward only scales them by
+``grad_output``. With "none", ∂ℓ/∂W sums over rows, so a per-row ``grad_output`` cannot be applied
+afterwards: forward computes the losses only, and backward recomputes each chunk's logits with
+the rows of the gradient multiplied by ``grad_output``.
+
+Memory beyond the inputs and the gradients themselves: one chunk of logits (at most
+``CHUNK_BYTES``), the row kernel's temporaries, and an (n, D) block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from fastxent._autograd import Kernel, accumulation_dtype, reduction_scales
+from fastxent._options import CrossEntropyOptions
+
+CHUNK_BYTES = 64 << 20  # logits of one chunk of tokens: at most 64 MB (256 rows at V = 65536 fp32)
+FILTER_BLOCK = 128  # vocabulary entries per block for filter_eps (a multiple of GPU tile widths)
+WEIGHT_BLOCK = 8192  # vocab rows per half-precision ∂W product before its float32 accumulation
+
+
+@dataclass(frozen=True)
+class LinearOptions:
+    """Options of one linear_cross_entropy call: the loss's, plus how the tokens are walked.
+
+    ``shift``: loss row ``(b, t)`` uses hidden ``(b, t)`` and target ``(b, t + 1)``.
+    ``chunk_size``: tokens per chunk. ``filter_eps``: skip vocab blocks with ``|g| < eps``.
+    """
+
+    ce: CrossEntropyOptions
+    chunk_size: int
+    shift: bool = False
+    filter_eps: float | None = None
+
+
+def default_chunk_size(num_classes: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk so that one chunk of logits stays within ``CHUNK_BYTES`` (at least 1)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return max(1, CHUNK_BYTES // (item * max(1, num_classes)))
+
+
+def check_inputs(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, shift: bool
+) -> bool:
+    """Check kinds, dtypes and shapes; return True for probability targets.
+
+    ``hidden`` (N, D) or (B, T, D) float; ``weight`` (V, D) and ``bias`` (V,) of its dtype and
+    device; ``target`` the tokens' shape (N,)/(B, T) of class indices or (..., V) probabilities.
+    """
+    for name, x in (("hidden", hidden), ("weight", weight), ("target", target)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+    if not hidden.is_floating_point():
+        raise TypeError(
+            f"hidden must be a floating-point tensor, got dtype {hidden.dtype}; convert it "
+            "with hidden.float()."
+        )
+    if hidden.dim() not in (2, 3):
+        raise ValueError(
+            f"hidden must have shape (N, D) or (B, T, D), got shape {tuple(hidden.shape)}."
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, D) with D = {hidden.shape[-1]} (hidden's last "
+            f"dimension), got shape {tuple(weight.shape)}."
+        )
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise TypeError(
+            f"weight must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
+            f"got ({weight.dtype}, {weight.device})."
+        )
+    num_classes = weight.shape[0]
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}.")
+        if bias.dim() != 1 or bias.shape[0] != num_classes:
+            raise ValueError(
+                f"bias must have shape ({num_classes},), one entry per row of weight, got "
+                f"shape {tuple(bias.shape)}."
+            )
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(
+                f"bias must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
+                f"got ({bias.dtype}, {bias.device})."
+            )
+    tokens = tuple(hidden.shape[:-1])
+    after = " (shift=True uses target[..., 1:] with hidden[..., :-1, :])" if shift else ""
+    if target.is_floating_point():
+        if tuple(target.shape) != (*tokens, num_classes):
+            raise ValueError(
+                f"probability targets must have shape {(*tokens, num_classes)} (hidden's tokens "
+                f"by V){after}, got {tuple(target.shape)}; for class indices pass an integer "
+                f"tensor of shape {tokens}."
+            )
+        if target.requires_grad:
+            raise ValueError(
+                "gradients with respect to probability targets are not supported; pass "
+                "target.detach()."
+            )
+        return True
+    if target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must hold class indices (int64) or probabilities (float), got {target.dtype}."
+        )
+    if tuple(target.shape) != tokens:
+        raise ValueError(
+            f"class-index targets must have shape {tokens}, one per token of hidden (shape "
+            f"{tuple(hidden.shape)}){after}, got {tuple(target.shape)}."
+        )
+    return False
+
+
+def check_chunking(chunk_size: int | None, filter_eps: float | None) -> None:
+    """chunk_size: None or an int >= 1; filter_eps: None or a finite number >= 0."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}.")
+    if filter_eps is not None and not (math.isfinite(filter_eps) and filter_eps >= 0.0):
+        raise ValueError(f"filter_eps must be None (off) or a number >= 0, got {filter_eps}.")
+
+
+def loss_shape(hidden: Tensor, shift: bool) -> tuple[int, ...]:
+    """Shape of the per-token losses: hidden's tokens, one fewer per sequence with shift."""
+    tokens = tuple(hidden.shape[:-1])
+    return (*tokens[:-1], max(0, tokens[-1] - 1)) if shift else tokens
+
+
+class _Tokens:
+    """Which rows a chunk reads: loss rows ``rows``, hidden rows ``tok`` (targets at ``tok+shift``).
+
+    Only counted loss rows (target != ignore_index) are walked. ``None`` stands for the identity,
+    so that without shift and ignored tokens the chunks are slices (views), not gathers.
+    """
+
+    def __init__(self, hidden: Tensor, target: Tensor, opts: LinearOptions) -> None:
+        self.shift = int(opts.shift)
+        self.shape = loss_shape(hidden, opts.shift)
+        self.num_rows = math.prod(self.shape)
+        pos = None
+        if opts.shift:  # loss row r = (b, t) reads hidden token b·T + t, i.e. r + b
+            r = torch.arange(self.num_rows, device=hidden.device)
+            pos = r + r // max(1, self.shape[-1])  # (M,)
+        self.y = None  # (M,) class-index targets of the loss rows
+        rows = None
+        if not opts.ce.soft:
+            flat = target.reshape(-1)
+            self.y = flat if pos is None else flat[pos + 1]
+            keep = self.y != opts.ce.ignore_index
+            if not bool(keep.all()):
+                rows = keep.nonzero().squeeze(1)  # (K,)
+        self.rows = rows
+        self.tok = pos if rows is None else (rows if pos is None else pos[rows])
+        self.num_counted = self.num_rows if rows is None else rows.numel()
+
+    def chunk(self, start: int, stop: int) -> tuple[slice | Tensor, slice | Tensor]:
+        """(hidden rows, loss rows) of counted rows ``start:stop``, as slices or index tensors."""
+        span = slice(start, stop)
+        tok = span if self.tok is None else self.tok[span]
+        rows = span if self.rows is None else self.rows[span]
+        return tok, rows
+
+
+def _take(x: Tensor, index: slice | Tensor, offset: int = 0) -> Tensor:
+    if isinstance(index, slice):
+        return x[index.start + offset : index.stop + offset]
+    return x.index_select(0, index + offset if offset else index)
+
+
+def chunked_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    opts: LinearOptions,
+    kernel: Kernel,
+    needs: tuple[bool, bool, bool],
+    grad_rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Losses (M,) and, for each of hidden, weight, bias flagged in ``needs``, its gradient.
+
+    ``grad_rows`` (M,) multiplies each row's gradient ("none" with a per-row grad_output).
+    """
+    num_classes, dim = weight.shape
+    h2 = hidden.reshape(-1, dim)  # (B·T, D); a view when hidden is contiguous
+    t2 = target.reshape(-1, num_classes) if opts.ce.soft else target.reshape(-1)
+    toks = _Tokens(hidden, target, opts)
+    acc = accumulation_dtype(hidden.dtype)
+    # reduction_scales reads only the row count, dtype and device of the logits.
+    rows_like = torch.empty((toks.num_rows, 0), dtype=hidden.dtype, device=hidden.device)
+    y_all = t2 if toks.y is None else toks.y
+    ce_scale, z_scale = reduction_scales(rows_like, y_all, class_weight, opts.ce)
+
+    losses = torch.zeros(toks.num_rows, dtype=acc, device=hidden.device)  # (M,)
+    need_h, need_w, need_b = needs
+    any_grad = need_h or need_w or need_b
+    dh = torch.zeros_like(h2) if need_h else None  # (B·T, D); untouched rows stay zero
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    db = torch.zeros(num_classes, dtype=acc, device=weight.device) if need_b else None
+
+    step = opts.chunk_size
+    rows_max = min(step, toks.num_counted)
+    buf = torch.empty((rows_max, num_classes), dtype=hidden.dtype, device=hidden.device)
+    wt = weight.t()  # (D, V)
+    for start in range(0, toks.num_counted, step):
+        stop = min(start + step, toks.num_counted)
+        tok, rows = toks.chunk(start, stop)
+        h = _take(h2, tok)  # (n, D)
+        y = _take(t2, tok, toks.shift) if opts.ce.soft else _take(toks.y, rows)  # (n, V) | (n,)
+        z = buf[: stop - start]  # (n, V)
+        if bias is None:
+            torch.mm(h, wt, out=z)
+        else:
+            torch.addmm(bias, h, wt, out=z)
+        losses[rows] = kernel(
+            z, y, class_weight, opts.ce, ce_scale, z_scale, z if any_grad else None
+        )
+        if not any_grad:
+            continue
+        g = z  # now ∂ℓ/∂z of the chunk, (n, V)
+        if grad_rows is not None:
+            g.mul_(_take(grad_rows, rows).to(g.dtype).unsqueeze(1))
+        if need_b:
+            db.add_(g.sum(0, dtype=acc))
+        cols = _kept_columns(g, opts.filter_eps) if opts.filter_eps is not None else None
+        if cols is None:
+            _dense_update(g, h, weight, tok, dh, dw)
+        elif cols.numel():
+            _sparse_update(g, h, weight, tok, cols, dh, dw)
+    return losses, dh, dw, db
+
+
+def _dense_update(
+    g: Tensor, h: Tensor, weight: Tensor, tok: slice | Tensor, dh: Tensor | None, dw: Tensor | None
+) -> None:
+    """dh[tok] = g W;  dW += gᵀ h (float32 accumulation for half-precision weights)."""
+    if dh is not None:
+        if isinstance(tok, slice):
+            torch.mm(g, weight, out=dh[tok])
+        else:
+            dh.index_copy_(0, tok, torch.mm(g, weight))
+    if dw is None:
+        return
+    if dw.dtype == g.dtype:
+        dw.addmm_(g.t(), h)
+        return
+    for v in range(0, dw.shape[0], WEIGHT_BLOCK):
+        block = slice(v, v + WEIGHT_BLOCK)
+        dw[block].add_(torch.mm(g[:, block].t(), h))  # (Vb, D) in half precision, then float32
+
+
+def _kept_columns(g: Tensor, eps: float) -> Tensor | None:
+    """Vocab columns of blocks where some |g| >= eps; None (dense, exact) when at least half
+    the blocks are kept, since gathering that many columns costs more than it saves."""
+    num_classes = g.shape[1]
+    col_max = torch.maximum(g.amax(0), g.amin(0).neg())  # (V,) max_r |g_rj|
+    pad = (-num_classes) % FILTER_BLOCK
+    if pad:
+        col_max = torch.nn.functional.pad(col_max, (0, pad))
+    keep = col_max.view(-1, FILTER_BLOCK).amax(1) >= eps  # (V / block,)
+    if 2 * int(keep.sum()) >= keep.numel():
+        return None
+    blocks = keep.nonzero().squeeze(1)
+    cols = blocks.unsqueeze(1) * FILTER_BLOCK + torch.arange(FILTER_BLOCK, device=g.device)
+    cols = cols.reshape(-1)
+    return cols[cols < num_classes]
+
+
+def _sparse_update(
+    g: Tensor,
+    h: Tensor,
+    weight: Tensor,
+    tok: slice | Tensor,
+    cols: Tensor,
+    dh: Tensor | None,
+    dw: Tensor | None,
+) -> None:
+    """The dense update restricted to the vocab columns ``cols`` (the others' |g| < eps)."""
+    gk = g.index_select(1, cols)  # (n, K)
+    if dh is not None:
+        dh_rows = torch.mm(gk, weight.index_select(0, cols))  # (n, D)
+        if isinstance(tok, slice):
+            dh[tok] = dh_rows
+        else:
+            dh.index_copy_(0, tok, dh_rows)
+    if dw is not None:
+        dw.index_add_(0, cols, torch.mm(gk.t(), h).to(dw.dtype))  # (K, D)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """loss = reduce(row kernel(h Wᵀ + b)), chunk by chunk; gradients for h, W, b."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target: Tensor,
+        class_weight: Tensor | None,
+        opts: LinearOptions,
+        kernel: Kernel,
+    ) -> Tensor:
+        needs = tuple(ctx.needs_input_grad[:3])
+        ctx.opts, ctx.kernel, ctx.needs = opts, kernel, needs
+        ctx.hidden_shape = hidden.shape
+        if opts.ce.reduction == "none":
+            # ∂W sums rows, so grad_output must be known first: backward recomputes the chunks.
+            losses, *_ = chunked_pass(
+                hidden, weight, bias, target, class_weight, opts, kernel, (False,) * 3
+            )
+            ctx.save_for_backward(hidden, weight, bias, target, class_weight)
+            return losses.reshape(loss_shape(hidden, opts.shift))
+        losses, dh, dw, db = chunked_pass(
+            hidden, weight, bias, target, class_weight, opts, kernel, needs
+        )
+        if dw is not None:
+            dw = dw.to(weight.dtype)  # float32 accumulation for half precision, cast once
+        if db is not None:
+            db = db.to(weight.dtype)
+        ctx.grads = (dh, dw, db)
+        return losses.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        opts = ctx.opts
+        if opts.ce.reduction == "none":
+            hidden, weight, bias, target, class_weight = ctx.saved_tensors
+            _, dh, dw, db = chunked_pass(
+                hidden, weight, bias, target, class_weight, opts, ctx.kernel, ctx.needs,
+                grad_rows=grad_loss.reshape(-1),
+            )  # fmt: skip
+            dw = None if dw is None else dw.to(weight.dtype)
+            db = None if db is None else db.to(weight.dtype)
+        else:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "fastxent computes the gradient in forward and scales it in place in "
+                    "backward, so each loss can be back-propagated once; recompute the loss to "
+                    "backward again."
+                )
+            dh, dw, db = ctx.grads
+            ctx.grads = None
+            # Skip the scaling when grad_output is 1; only on CPU, where reading it is free.
+            if not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
+                for grad in (dh, dw, db):
+                    if grad is not None:
+                        grad.mul_(grad_loss)
+        if dh is not None:
+            dh = dh.view(ctx.hidden_shape)
+        return dh, dw, db, None, None, None, None

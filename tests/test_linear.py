@@ -1,0 +1,378 @@
+"""fastxent.linear_cross_entropy against the float64 oracle: F.linear, then reference.py.
+
+The oracle materialises the logits z = h Wᵀ + b in float64, takes the loss and ∂ℓ/∂z from
+:mod:`fastxent.reference`, and chains ∂h = g W, ∂W = gᵀ h, ∂b = Σ_r g_r by hand.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastxent
+from fastxent import reference
+from fastxent._linear import CHUNK_BYTES, _kept_columns, default_chunk_size
+
+BACKEND = "torch"
+F64 = {"rtol": 1e-10, "atol": 1e-12}  # float64: chunked sums reorder additions only
+
+
+def make_case(tokens, dim=8, num_classes=423, soft=False, bias=True, seed=0, dtype=torch.float64):
+    """Hidden (tokens..., D), weight (V, D), bias (V,), targets with one ignored position."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn((*tokens, dim), generator=g, dtype=torch.float64)
+    weight = torch.randn((num_classes, dim), generator=g, dtype=torch.float64) * 0.7
+    b = torch.randn(num_classes, generator=g, dtype=torch.float64) if bias else None
+    if soft:
+        target = torch.rand((*tokens, num_classes), generator=g, dtype=torch.float64)
+    else:
+        target = torch.randint(0, num_classes, tokens, generator=g)
+        if target.numel() > 2:
+            target.view(-1)[2] = -100
+    cast = (lambda x: None if x is None else x.to(dtype)) if dtype != torch.float64 else None
+    if cast:
+        hidden, weight, b = cast(hidden), cast(weight), cast(b)
+        target = target.to(dtype) if soft else target
+    return hidden, weight, b, target
+
+
+def oracle(hidden, weight, bias, target, *, shift=False, grad_output=None, **kwargs):
+    """Loss and (∂h, ∂W, ∂b) in float64 by the materialised logits and reference.py."""
+    h = hidden.detach().double()
+    w = weight.detach().double()
+    b = None if bias is None else bias.detach().double()
+    y = target.double() if target.is_floating_point() else target
+    h_used = h[..., :-1, :] if shift else h
+    if shift:
+        y = y[..., 1:, :] if target.is_floating_point() else y[..., 1:]
+    num_classes, dim = w.shape
+    z = F.linear(h_used, w, b).reshape(-1, num_classes)  # (M, V)
+    y2 = y.reshape(-1, num_classes) if target.is_floating_point() else y.reshape(-1)
+    cw = kwargs.pop("class_weight", None)
+    go = None if grad_output is None else grad_output.double().numpy()
+    if go is not None and kwargs.get("reduction") == "none":
+        go = go.reshape(-1)
+    loss, dz = reference.cross_entropy(
+        z.numpy(), y2.numpy(), None if cw is None else cw.double().numpy(), grad_output=go,
+        **kwargs,
+    )  # fmt: skip
+    dz = torch.from_numpy(dz)  # (M, V)
+    dh = torch.zeros_like(h)
+    dh_used = dh[..., :-1, :] if shift else dh
+    dh_used.copy_((dz @ w).reshape(h_used.shape))
+    loss = torch.from_numpy(np.asarray(loss))
+    if kwargs.get("reduction") == "none":
+        loss = loss.reshape(h_used.shape[:-1])
+    return loss, dh, dz.T @ h_used.reshape(-1, dim), dz.sum(0)
+
+
+def ours(hidden, weight, bias, target, *, grad_output=None, needs=(True, True, True), **kwargs):
+    """Loss and gradients of fastxent.linear_cross_entropy (None where not required)."""
+    leaves = [
+        None if x is None else x.detach().clone().requires_grad_(need)
+        for x, need in zip((hidden, weight, bias), needs, strict=True)
+    ]
+    loss = fastxent.linear_cross_entropy(*leaves[:2], target, leaves[2], backend=BACKEND, **kwargs)
+    if any(x is not None and x.requires_grad for x in leaves):
+        loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return (loss.detach(), *(None if x is None else x.grad for x in leaves))
+
+
+def assert_matches(got, want, **tol):
+    tol = tol or F64
+    for name, g, w in zip(("loss", "d_hidden", "d_weight", "d_bias"), got, want, strict=True):
+        if g is None:
+            continue
+        assert g.dtype in (torch.float64, torch.float32), name
+        torch.testing.assert_close(g.double(), w, msg=lambda m, name=name: f"{name}: {m}", **tol)
+
+
+OPTIONS = [
+    {},
+    {"label_smoothing": 0.2},
+    {"class_weight": "rand"},
+    {"class_weight": "rand", "label_smoothing": 0.1, "ignore_index": 5},
+    {"z_loss": 1e-2},
+    {"softcap": 3.0},
+    {"logit_scale": 0.6},
+    {"z_loss": 1e-3, "softcap": 2.0, "logit_scale": 1.4, "label_smoothing": 0.05},
+]
+
+
+def resolve(options, num_classes, seed=1):
+    options = dict(options)
+    if options.get("class_weight") == "rand":
+        g = torch.Generator().manual_seed(seed)
+        options["class_weight"] = torch.rand(num_classes, generator=g, dtype=torch.float64) + 0.1
+    return options
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_options_match_oracle(options, reduction, soft):
+    """Every loss option, index and soft targets, with a chunk size that does not divide N."""
+    if soft and "ignore_index" in options:
+        pytest.skip("ignore_index applies to class-index targets only")
+    hidden, weight, bias, target = make_case((13,), soft=soft, seed=2)
+    if not soft and "ignore_index" in options:
+        target[target == -100] = options["ignore_index"]
+    kwargs = {"reduction": reduction, **resolve(options, weight.shape[0])}
+    go = torch.rand(13, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.7)
+    got = ours(hidden, weight, bias, target, grad_output=go, chunk_size=5, **kwargs)
+    assert_matches(got, oracle(hidden, weight, bias, target, grad_output=go, **kwargs))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 64, None])
+@pytest.mark.parametrize(
+    ("tokens", "num_classes"), [((1,), 423), ((9,), 1), ((2, 5), 423), ((3, 4), 37)]
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_shapes_and_chunks(tokens, num_classes, bias, chunk_size):
+    """(N, D) and (B, T, D), N = 1, V = 1 and odd V, chunks that do and do not divide N."""
+    hidden, weight, b, target = make_case(tokens, num_classes=num_classes, bias=bias, seed=3)
+    for reduction in ("mean", "none"):
+        go = torch.rand(tokens, dtype=torch.float64) + 0.5 if reduction == "none" else None
+        kwargs = {"reduction": reduction, "label_smoothing": 0.1}
+        got = ours(hidden, weight, b, target, grad_output=go, chunk_size=chunk_size, **kwargs)
+        want = oracle(hidden, weight, b, target, grad_output=go, **kwargs)
+        assert got[0].shape == want[0].shape == (tokens if reduction == "none" else ())
+        assert_matches(got, want)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("tokens", [(3, 6), (7,), (2, 1)])
+def test_shift(tokens, soft, reduction):
+    """shift=True: position t predicts target t+1 within each sequence; an (N, D) input is one."""
+    hidden, weight, bias, target = make_case(tokens, soft=soft, num_classes=57, seed=4)
+    if not soft:
+        target.view(-1)[0] = 10_000  # never read with shift: the first position has no predictor
+    shifted = (*tokens[:-1], tokens[-1] - 1)
+    go = torch.rand(shifted, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    kwargs = {"reduction": reduction, "z_loss": 1e-3, "shift": True}
+    got = ours(hidden, weight, bias, target, grad_output=go, chunk_size=4, **kwargs)
+    want = oracle(hidden, weight, bias, target, grad_output=go, **kwargs)
+    assert got[0].shape == want[0].shape
+    assert_matches(got, want)
+
+
+def test_shift_equals_explicit_slices():
+    """shift=True gives what slicing hidden[:, :-1] and target[:, 1:] by hand gives."""
+    hidden, weight, bias, target = make_case((3, 8), num_classes=50, seed=5)
+    got = ours(hidden, weight, bias, target, shift=True, chunk_size=5)
+    sliced = ours(hidden[:, :-1], weight, bias, target[:, 1:], chunk_size=5)
+    torch.testing.assert_close(got[0], sliced[0], **F64)
+    torch.testing.assert_close(got[1][:, :-1], sliced[1], **F64)
+    assert torch.count_nonzero(got[1][:, -1]) == 0
+    torch.testing.assert_close(got[2], sliced[2], **F64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_gradient(reduction):
+    """No counted token: loss 0 (not NaN) and zero gradients, as fastxent.cross_entropy."""
+    hidden, weight, bias, target = make_case((2, 5), num_classes=30, seed=6)
+    target.fill_(-100)
+    got = ours(hidden, weight, bias, target, reduction=reduction, z_loss=1e-2)
+    for x in got:
+        assert torch.count_nonzero(x) == 0
+    assert_matches(got, oracle(hidden, weight, bias, target, reduction=reduction, z_loss=1e-2))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "needs", [(True, False, False), (False, True, False), (False, False, True), (True, False, True)]
+)
+def test_gradients_only_where_required(needs, reduction):
+    """hidden only / weight only / bias only: the others get no gradient."""
+    hidden, weight, bias, target = make_case((11,), num_classes=40, seed=7)
+    go = torch.rand(11, dtype=torch.float64) if reduction == "none" else None
+    got = ours(hidden, weight, bias, target, needs=needs, grad_output=go, reduction=reduction)
+    want = oracle(hidden, weight, bias, target, grad_output=go, reduction=reduction)
+    for need, g in zip(needs, got[1:], strict=True):
+        assert (g is not None) == need
+    assert_matches(got, want)
+
+
+def test_matches_torch_autograd_and_no_grad():
+    """Against PyTorch's own F.cross_entropy(F.linear(...)) and autograd; no_grad gives the loss."""
+    hidden, weight, bias, target = make_case((4, 6), num_classes=101, seed=8)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    want = F.cross_entropy(F.linear(*leaves).flatten(0, 1), target.flatten(), label_smoothing=0.1)
+    want.backward()
+    got = ours(hidden, weight, bias, target, label_smoothing=0.1, chunk_size=5)
+    assert_matches(got, (want.detach(), *(x.grad for x in leaves)))
+    with torch.no_grad():
+        loss = fastxent.linear_cross_entropy(
+            *leaves[:2], target, leaves[2], label_smoothing=0.1, backend=BACKEND
+        )
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, want.detach(), **F64)
+
+
+def test_gradcheck_none_reduction():
+    """torch.autograd.gradcheck (float64) through the recomputing "none" path, all options on."""
+    hidden, weight, bias, target = make_case((2, 3), dim=3, num_classes=7, seed=9)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+
+    def fn(h, w, b):
+        return fastxent.linear_cross_entropy(
+            h, w, target, b, reduction="none", z_loss=1e-2, softcap=2.0, logit_scale=1.3,
+            label_smoothing=0.1, shift=True, chunk_size=2, backend=BACKEND,
+        )  # fmt: skip
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_non_contiguous_inputs():
+    """Hidden as a transposed (T, B, D) view and a transposed weight give the same result."""
+    hidden, weight, bias, target = make_case((3, 5), num_classes=29, seed=10)
+    hidden_t = hidden.transpose(0, 1).contiguous().transpose(0, 1)  # (3, 5, D), not contiguous
+    weight_t = weight.t().contiguous().t()
+    assert not hidden_t.is_contiguous() and not weight_t.is_contiguous()
+    got = ours(hidden_t, weight_t, bias, target, shift=True, chunk_size=4)
+    assert_matches(got, oracle(hidden, weight, bias, target, shift=True))
+
+
+def test_backward_twice_raises_for_mean():
+    """Like cross_entropy, "mean"/"sum" hold one gradient: a second backward is refused."""
+    hidden, weight, _, target = make_case((5,), num_classes=11, bias=False)
+    h = hidden.clone().requires_grad_()
+    loss = fastxent.linear_cross_entropy(h, weight, target, backend=BACKEND)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision_within_baseline_error(dtype, reduction):
+    """Our error against float64 is at most PyTorch's own (F.linear + F.cross_entropy in the same
+    dtype) plus a tolerance: err <= ref_err + tol, per output, relative to the output's max."""
+    hidden, weight, bias, target = make_case((4, 16), dim=32, num_classes=523, seed=11, dtype=dtype)
+    kwargs = {"reduction": reduction, "label_smoothing": 0.1}
+    go = torch.rand(4, 16, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    want = oracle(hidden, weight, bias, target, grad_output=go, **kwargs)
+    got = ours(hidden, weight, bias, target, grad_output=None if go is None else go.to(dtype),
+               chunk_size=9, **kwargs)  # fmt: skip
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    base = F.cross_entropy(F.linear(*leaves).flatten(0, 1), target.flatten(), **kwargs)
+    base.backward(torch.ones_like(base) if go is None else go.to(dtype).flatten())
+    baseline = (base.detach().reshape(want[0].shape), *(x.grad for x in leaves))
+    tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
+    for name, g, b, w in zip(("loss", "dh", "dW", "db"), got, baseline, want, strict=True):
+        assert g.dtype == (torch.float32 if name == "loss" else dtype), name
+        scale = w.abs().max()
+        err = (g.double() - w).abs().max() / scale
+        ref_err = (b.double() - w).abs().max() / scale
+        assert err <= ref_err + tol, f"{name}: error {err:.2e} > baseline {ref_err:.2e} + {tol}"
+
+
+def peaked_case(tokens=64, dim=64, num_classes=2048, sharpness=40.0, seed=12):
+    """Hidden states correlated with their target's weight row: a peaked (trained-like) softmax."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(num_classes, dim, generator=g, dtype=torch.float64) / dim**0.5
+    target = torch.randint(0, num_classes, (tokens,), generator=g)
+    hidden = sharpness * weight[target] + 0.1 * torch.randn(tokens, dim, generator=g).double()
+    return hidden, weight, target
+
+
+def test_filter_eps_zero_is_exact_and_eps_error_is_bounded():
+    """filter_eps skips only vocab blocks with |g| < eps in every row: ∂W differs from the exact
+    gradient by at most eps·Σ_r |h_r| per entry, ∂h by eps·Σ_j |W_j|; the loss stays exact."""
+    hidden, weight, target = peaked_case()
+    exact = oracle(hidden, weight, None, target)
+    assert_matches(ours(hidden, weight, None, target, filter_eps=0.0, chunk_size=16), exact)
+    eps = 1e-7
+    _, dz = reference.cross_entropy(F.linear(hidden, weight).numpy(), target.numpy())  # (N, V)
+    cols = _kept_columns(torch.from_numpy(dz[:16]), eps)  # the first chunk's kept vocab
+    assert cols is not None and 0 < cols.numel() < 2048, "nothing or everything skipped: vacuous"
+    got = ours(hidden, weight, None, target, filter_eps=eps, chunk_size=16)
+    torch.testing.assert_close(got[0], exact[0], **F64)
+    dw_bound = eps * hidden.abs().sum(0) + 1e-12  # (D,), broadcast over V
+    assert ((got[2] - exact[2]).abs() <= dw_bound).all()
+    dh_bound = eps * weight.abs().sum(0) + 1e-12
+    assert ((got[1] - exact[1]).abs() <= dh_bound).all()
+
+
+def test_module_form():
+    """LinearCrossEntropyLoss holds the options and equals the functional form."""
+    hidden, weight, bias, target = make_case((2, 6), num_classes=45, seed=13)
+    cw = torch.rand(45, dtype=torch.float64) + 0.1
+    module = fastxent.LinearCrossEntropyLoss(
+        class_weight=cw, label_smoothing=0.1, z_loss=1e-3, shift=True, chunk_size=3, backend=BACKEND
+    )
+    assert "shift=True" in repr(module)
+    h = hidden.clone().requires_grad_()
+    loss = module(h, weight, target, bias)
+    loss.backward()
+    want = oracle(hidden, weight, bias, target, class_weight=cw, label_smoothing=0.1,
+                  z_loss=1e-3, shift=True)  # fmt: skip
+    torch.testing.assert_close(loss.detach(), want[0], **F64)
+    torch.testing.assert_close(h.grad, want[1], **F64)
+
+
+def test_default_chunk_size_follows_the_budget():
+    """chunk_size=None keeps one chunk of logits within CHUNK_BYTES."""
+    assert default_chunk_size(65536, torch.float32) * 65536 * 4 == CHUNK_BYTES
+    assert default_chunk_size(65536, torch.bfloat16) == 2 * default_chunk_size(65536, torch.float32)
+    assert default_chunk_size(10**9, torch.float32) == 1
+
+
+def _call(**overrides):
+    hidden, weight, bias, target = make_case((2, 4), num_classes=20, seed=14)
+    args = {"hidden": hidden, "weight": weight, "target": target, "bias": bias}
+    args |= {"backend": BACKEND, **overrides}
+    return fastxent.linear_cross_entropy(
+        args.pop("hidden"), args.pop("weight"), args.pop("target"), args.pop("bias"), **args
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"hidden": torch.ones(2, 4, 8, dtype=torch.long)}, TypeError, "hidden must be a floating"),
+        ({"hidden": [1.0]}, TypeError, "hidden must be a torch.Tensor"),
+        ({"hidden": torch.randn(8, dtype=torch.float64)}, ValueError, r"shape \(N, D\)"),
+        ({"weight": torch.randn(20, 7, dtype=torch.float64)}, ValueError, "D = 8"),
+        ({"weight": torch.randn(20, 8)}, TypeError, "weight must have hidden's dtype"),
+        (
+            {"bias": torch.randn(19, dtype=torch.float64)},
+            ValueError,
+            r"bias must have shape \(20,\)",
+        ),
+        ({"bias": torch.randn(20)}, TypeError, "bias must have hidden's dtype"),
+        ({"target": torch.zeros(2, 5, dtype=torch.long)}, ValueError, r"shape \(2, 4\), one per"),
+        ({"target": torch.zeros(8, dtype=torch.long)}, ValueError, r"shape \(2, 4\), one per"),
+        ({"target": torch.full((2, 4), 20)}, IndexError, "out of range"),
+        ({"target": torch.full((2, 4), -3)}, IndexError, "out of range"),
+        ({"target": torch.rand(2, 4, 19, dtype=torch.float64)}, ValueError, r"\(2, 4, 20\)"),
+        ({"target": torch.zeros(2, 4, dtype=torch.bool)}, TypeError, "class indices"),
+        ({"class_weight": torch.ones(19, dtype=torch.float64)}, ValueError, "class_weight must"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+        ({"z_loss": -1.0}, ValueError, "z_loss"),
+        ({"softcap": 0.0}, ValueError, "softcap"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be None or an int"),
+        ({"chunk_size": 2.5}, ValueError, "chunk_size must be None or an int"),
+        ({"filter_eps": -1e-3}, ValueError, "filter_eps must be None"),
+        ({"backend": "cuda-magic"}, ValueError, "unknown backend"),
+    ],
+)
+def test_errors(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+def test_shift_errors_count_the_shifted_targets():
+    """With shift the shapes still match the tokens; a bad target after the shift is reported."""
+    target = torch.randint(0, 20, (2, 4))
+    target[1, 2] = 99
+    with pytest.raises(IndexError, match="out of range"):
+        _call(target=target, shift=True)
+    with pytest.raises(ValueError, match=r"shift=True uses target\[\.\.\., 1:\]"):
+        _call(target=torch.zeros(2, 3, dtype=torch.long), shift=True)
+    with pytest.raises(ValueError, match="ignore_index is only supported"):
+        _call(target=torch.rand(2, 4, 20, dtype=torch.float64), ignore_index=0)
+    with pytest.raises(ValueError, match="probability targets are not supported"):
+        _call(target=torch.rand(2, 4, 20, dtype=torch.float64, requires_grad=True))
