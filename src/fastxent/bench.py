@@ -1,0 +1,991 @@
+r"""The benchmark suite behind ``fastxent bench``: time, peak memory and error of every method.
+
+Two kinds of case:
+
+* ``cross_entropy``: logits ``z`` of shape ``(N, V)`` and class indices ``y`` of shape ``(N,)``;
+  the loss ``mean_r -log o_{r,y_r}`` and its gradient with respect to ``z``.
+* ``linear``: hidden states ``h`` ``(N, D)`` and a classifier ``W`` ``(V, D)``; logits
+  ``z = h Wᵀ`` are part of the method, and the gradients are ``dh`` and ``dW``.
+
+For each (case, method) the suite reports
+
+* the forward+backward time: the median of ``repeats`` runs after ``warmup`` runs, with the
+  methods interleaved (one run of each in turn, the order rotating) so drift hits all alike;
+* the peak extra memory: bytes allocated beyond the inputs during one forward+backward, the
+  gradients included. On CPU each method runs in its own subprocess, and the peak resident set
+  size is reset (``/proc/self/clear_refs``) after warm-up so compilation does not count; on CUDA
+  it is ``torch.cuda.max_memory_allocated`` minus what was allocated before the step;
+* the max relative error of the loss and of the gradients against float64 PyTorch on the same
+  data: ``|loss - ref| / |ref|`` and ``max|g - g_ref| / max|g_ref|``;
+* the time ratio to fastxent measured in the same run (``ratio`` 2.0: twice fastxent's time).
+
+A ``floor`` row bounds what any method can reach: for ``cross_entropy`` the bytes that must move
+(read the logits twice, write the gradient once) at the memory bandwidth of a large tensor copy
+timed in the same run; for ``linear`` the three plain matmuls ``z = h Wᵀ``, ``dh = g W`` and
+``dW = gᵀ h`` of the same sizes, timed in the same run.
+
+Results go to ``bench.json`` (raw numbers and the machine) and ``bench.png`` (time and memory
+against the vocabulary size) in the output directory; the terminal shows a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import fastxent
+from fastxent import functional
+
+KINDS = ("cross_entropy", "linear")
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+# Shapes of a default run, and of --quick (tiny, seconds; used by the tests).
+DEFAULTS = {"n": 4096, "v": [8192, 32768, 65536], "linear_n": 2048, "d": 512, "linear_v": [65536]}
+QUICK = {"n": 64, "v": [256, 1024], "linear_n": 64, "d": 32, "linear_v": [512]}
+DEFAULT_REPEATS, DEFAULT_WARMUP = 5, 1
+QUICK_REPEATS = 3
+# Largest relative error (loss and gradient) a fastxent row may show before the run fails.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+# Bytes of the tensor copied to measure the memory bandwidth (large enough to leave the caches).
+BANDWIDTH_BYTES, QUICK_BANDWIDTH_BYTES = 256 << 20, 16 << 20
+REFERENCE_ROWS = 256  # rows per float64 reference chunk, so the reference never holds N×V float64
+MIB = float(1 << 20)
+# Library deprecation chatter is not about the measured call; other warnings go in the notes.
+_QUIET_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One problem: ``n`` rows, ``v`` classes, ``d`` hidden size (linear only), one dtype."""
+
+    kind: str
+    n: int
+    v: int
+    dtype: str
+    d: int = 0
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        shape = f"N={self.n} V={self.v}" + (f" D={self.d}" if self.kind == "linear" else "")
+        return f"{self.kind} {shape} {self.dtype}"
+
+
+def make_inputs(case: Case, device: torch.device) -> dict[str, Tensor]:
+    """Random inputs of ``case``, the same for every method and process (seeded on the CPU)."""
+    gen = torch.Generator().manual_seed(case.seed)
+    dtype = DTYPES[case.dtype]
+    y = torch.randint(0, case.v, (case.n,), generator=gen).to(device)  # (N,)
+    if case.kind == "cross_entropy":
+        z = (2.0 * torch.randn(case.n, case.v, generator=gen)).to(device, dtype)  # (N, V)
+        return {"z": z.requires_grad_(), "y": y}
+    h = torch.randn(case.n, case.d, generator=gen).to(device, dtype)  # (N, D)
+    w = (torch.randn(case.v, case.d, generator=gen) / math.sqrt(case.d)).to(device, dtype)  # (V, D)
+    return {"h": h.requires_grad_(), "w": w.requires_grad_(), "y": y}
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+@dataclass
+class Runner:
+    """One method bound to one case's inputs.
+
+    ``step`` runs forward and backward and returns the loss and the gradients; ``clear`` drops
+    the gradients (outside the timed region); ``reset`` restores anything the method overwrote.
+    """
+
+    forward: Callable[[], Tensor]
+    grads_of: list[Tensor]
+    reset: Callable[[], None] | None = None
+
+    def clear(self) -> None:
+        for x in self.grads_of:
+            x.grad = None
+
+    def step(self) -> tuple[Tensor, list[Tensor | None]]:
+        loss = self.forward()
+        loss.backward()
+        return loss.detach(), [x.grad for x in self.grads_of]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to compute the loss: ``why_not(device)`` says why it cannot run (None: it can)."""
+
+    name: str
+    kind: str
+    label: str
+    why_not: Callable[[torch.device], str | None]
+    build: Callable[[dict[str, Tensor], torch.device], Runner]
+    is_fastxent: bool = False
+
+
+def _can_run(device: torch.device) -> str | None:
+    return None
+
+
+def _installed(module: str, package: str) -> Callable[[torch.device], str | None]:
+    def why_not(device: torch.device) -> str | None:
+        if importlib.util.find_spec(module) is None:
+            return f"{package} is not installed (pip install 'fastxent[peers]')"
+        return None
+
+    return why_not
+
+
+def _liger_why_not(device: torch.device) -> str | None:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "Liger-Kernel is not installed (pip install 'fastxent[peers]')"
+    if device.type != "cuda":
+        return "Liger-Kernel's Triton kernels need CUDA (on CPU only TRITON_INTERPRET, too slow)"
+    return None
+
+
+def _fastxent_ce(backend: str) -> Method:
+    def why_not(device: torch.device) -> str | None:
+        return functional.unavailable_reason(backend, device)
+
+    def build(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+        z, y = inputs["z"], inputs["y"]
+        return Runner(lambda: fastxent.cross_entropy(z, y, backend=backend), [z])
+
+    return Method(
+        f"fastxent-{backend}", "cross_entropy", f"fastxent ({backend})", why_not, build, True
+    )
+
+
+def _eager_ce(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+    z, y = inputs["z"], inputs["y"]
+    return Runner(lambda: F.cross_entropy(z, y), [z])
+
+
+def _torch_ce(z: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(z, y)
+
+
+def _compiled_ce(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+    z, y = inputs["z"], inputs["y"]
+    compiled = torch.compile(_torch_ce, dynamic=False)
+    return Runner(lambda: compiled(z, y), [z])
+
+
+def _liger_ce(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    # Liger writes the gradient into its input during forward: give it its own copy of the
+    # logits, refreshed before every step outside the timed region.
+    z, y = inputs["z"], inputs["y"]
+    own = z.detach().clone().requires_grad_()
+
+    def reset() -> None:
+        with torch.no_grad():
+            own.copy_(z)
+
+    return Runner(lambda: liger_cross_entropy(own, y), [own], reset)
+
+
+def _fastxent_linear_why_not(device: torch.device) -> str | None:
+    if not hasattr(fastxent, "linear_cross_entropy"):
+        return "this fastxent has no linear_cross_entropy"
+    return None
+
+
+def _fastxent_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+    h, w, y = inputs["h"], inputs["w"], inputs["y"]
+    return Runner(lambda: fastxent.linear_cross_entropy(h, w, y), [h, w])
+
+
+def _eager_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+    h, w, y = inputs["h"], inputs["w"], inputs["y"]
+    return Runner(lambda: F.cross_entropy(F.linear(h, w), y), [h, w])
+
+
+def _chunked_why_not(device: torch.device) -> str | None:
+    if not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy with chunking options"
+    return None
+
+
+def _chunked_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+    h, w, y = inputs["h"], inputs["w"], inputs["y"]
+    options = torch.nn.LinearCrossEntropyOptions()
+    return Runner(lambda: F.linear_cross_entropy(h, w, y, options=options), [h, w])
+
+
+def _cce_impl(device: torch.device) -> str:
+    # CCE's own Triton kernel on CUDA; its torch.compile path elsewhere (it runs on CPU).
+    return "cce" if device.type == "cuda" else "torch_compile"
+
+
+def _cce_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+    from cut_cross_entropy import linear_cross_entropy
+
+    h, w, y = inputs["h"], inputs["w"], inputs["y"]
+    impl = _cce_impl(device)
+    return Runner(lambda: linear_cross_entropy(h, w, y, impl=impl), [h, w])
+
+
+def _liger_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    h, w, y = inputs["h"], inputs["w"], inputs["y"]
+    return Runner(lambda: liger_fused_linear_cross_entropy(h, w, y), [h, w])
+
+
+def methods() -> list[Method]:
+    """Every method the suite knows, fastxent first (one row per backend)."""
+    cross_entropy = [_fastxent_ce(backend) for backend in functional.BACKENDS]
+    cross_entropy += [
+        Method("eager", "cross_entropy", "torch F.cross_entropy", _can_run, _eager_ce),
+        Method(
+            "compile", "cross_entropy", "torch.compile(F.cross_entropy)", _can_run, _compiled_ce
+        ),
+        Method("liger", "cross_entropy", "Liger-Kernel", _liger_why_not, _liger_ce),
+    ]
+    linear = [
+        Method(
+            "fastxent-linear",
+            "linear",
+            "fastxent.linear_cross_entropy",
+            _fastxent_linear_why_not,
+            _fastxent_linear,
+            True,
+        ),
+        Method("eager", "linear", "torch F.linear + F.cross_entropy", _can_run, _eager_linear),
+        Method(
+            "chunked",
+            "linear",
+            "torch F.linear_cross_entropy (chunked)",
+            _chunked_why_not,
+            _chunked_linear,
+        ),
+        Method(
+            "cce",
+            "linear",
+            "Cut Cross-Entropy",
+            _installed("cut_cross_entropy", "CCE"),
+            _cce_linear,
+        ),
+        Method("liger", "linear", "Liger-Kernel fused linear", _liger_why_not, _liger_linear),
+    ]
+    return cross_entropy + linear
+
+
+def method_names() -> list[str]:
+    """Distinct method names, in order, for ``--methods``."""
+    return list(dict.fromkeys(m.name for m in methods()))
+
+
+def _selected(name: str, wanted: Sequence[str] | None) -> bool:
+    """``--methods fastxent`` selects every ``fastxent-<backend>`` row as well."""
+    if wanted is None:
+        return True
+    return any(name == w or name.startswith(w + "-") for w in wanted)
+
+
+def _method(name: str, kind: str) -> Method:
+    for m in methods():
+        if m.name == name and m.kind == kind:
+            return m
+    raise ValueError(f"no method {name!r} for {kind} cases.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Float64 reference and errors
+
+
+def _rel(diff: float, ref: float) -> float:
+    return diff / ref if ref > 0 else diff
+
+
+def ce_reference(z: Tensor, y: Tensor) -> tuple[float, Tensor]:
+    """Loss of ``F.cross_entropy`` in float64 and each row's log-sum-exp, in row chunks."""
+    total, lse = 0.0, []
+    for r in range(0, z.shape[0], REFERENCE_ROWS):
+        zc = z[r : r + REFERENCE_ROWS].detach().double()  # (rows, V)
+        total += F.cross_entropy(zc, y[r : r + REFERENCE_ROWS], reduction="sum").item()
+        lse.append(torch.logsumexp(zc, dim=1))
+    return total / z.shape[0], torch.cat(lse)
+
+
+def ce_errors(
+    z: Tensor, y: Tensor, reference: tuple[float, Tensor], loss: Tensor, grad: Tensor
+) -> tuple[float, float]:
+    """Relative errors of a loss and its gradient: ``∂loss/∂z = (o - e_y) / N`` in float64."""
+    ref_loss, lse = reference
+    n = z.shape[0]
+    worst, largest = 0.0, 0.0
+    for r in range(0, n, REFERENCE_ROWS):
+        zc = z[r : r + REFERENCE_ROWS].detach().double()  # (rows, V)
+        g_ref = torch.exp(zc - lse[r : r + REFERENCE_ROWS, None])
+        g_ref[torch.arange(zc.shape[0], device=z.device), y[r : r + REFERENCE_ROWS]] -= 1.0
+        g_ref /= n
+        worst = max(worst, (grad[r : r + REFERENCE_ROWS].double() - g_ref).abs().max().item())
+        largest = max(largest, g_ref.abs().max().item())
+    return _rel(abs(loss.double().item() - ref_loss), abs(ref_loss)), _rel(worst, largest)
+
+
+def linear_reference(h: Tensor, w: Tensor, y: Tensor) -> tuple[float, Tensor, Tensor]:
+    """Loss, ``dh`` and ``dW`` of ``F.cross_entropy(h Wᵀ, y)`` in float64, in row chunks."""
+    n = h.shape[0]
+    w64 = w.detach().double().requires_grad_()
+    dh, total = [], 0.0
+    for r in range(0, n, REFERENCE_ROWS):
+        hc = h[r : r + REFERENCE_ROWS].detach().double().requires_grad_()  # (rows, D)
+        loss = F.cross_entropy(hc @ w64.T, y[r : r + REFERENCE_ROWS], reduction="sum") / n
+        loss.backward()
+        total += loss.item()
+        dh.append(hc.grad)
+    return total, torch.cat(dh), w64.grad
+
+
+def linear_errors(
+    reference: tuple[float, Tensor, Tensor], loss: Tensor, grads: list[Tensor]
+) -> tuple[float, float]:
+    """Relative errors of a loss and of the worse of ``dh`` and ``dW``."""
+    ref_loss, *ref_grads = reference
+    grad_err = max(
+        _rel((g.double() - g_ref).abs().max().item(), g_ref.abs().max().item())
+        for g, g_ref in zip(grads, ref_grads, strict=True)
+    )
+    return _rel(abs(loss.double().item() - ref_loss), abs(ref_loss)), grad_err
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(runner: Runner, device: torch.device) -> float:
+    """Seconds of one forward+backward; clearing and resetting happen outside the clock."""
+    runner.clear()
+    if runner.reset is not None:
+        runner.reset()
+    _sync(device)
+    start = time.perf_counter()
+    out = runner.step()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    del out
+    return elapsed
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} is missing from /proc/self/status.")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current resident set size (Linux >= 4.0)
+
+
+def cpu_memory_reason() -> str | None:
+    """Why the peak resident set size cannot be measured per step here, or None."""
+    if not (os.path.exists("/proc/self/status") and os.access("/proc/self/clear_refs", os.W_OK)):
+        return "peak RSS reset needs Linux /proc/self/clear_refs"
+    return None
+
+
+def peak_extra_bytes(runner: Runner, device: torch.device) -> int:
+    """Bytes allocated beyond what was live before one forward+backward (gradients included)."""
+    runner.clear()
+    if runner.reset is not None:
+        runner.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = runner.step()
+        torch.cuda.synchronize(device)
+        extra = torch.cuda.max_memory_allocated(device) - before
+    else:
+        _reset_peak_rss()
+        before = _status_kib("VmRSS")
+        out = runner.step()
+        extra = (_status_kib("VmHWM") - before) * 1024
+    del out
+    runner.clear()
+    return max(extra, 0)
+
+
+def memory_worker() -> None:
+    """Subprocess entry: measure one method's peak memory on each case given as JSON on stdin.
+
+    Prints one JSON line per case: ``{"bytes": int}`` or ``{"error": str}``.
+    """
+    spec = json.loads(sys.stdin.read())
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    for fields in spec["cases"]:
+        case = Case(**fields)
+        try:
+            torch._dynamo.reset()
+            inputs = make_inputs(case, device)
+            runner = _method(spec["method"], case.kind).build(inputs, device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(spec["warmup"]):
+                    runner.clear()
+                    runner.step()
+                result = {"bytes": peak_extra_bytes(runner, device)}
+            del runner, inputs
+        except Exception as error:  # reported in the results, never fatal
+            result = {"error": f"{type(error).__name__}: {error}"}
+        print(json.dumps(result), flush=True)
+
+
+def measure_memory_in_subprocess(name: str, cases: list[Case], warmup: int) -> list[int | str]:
+    """Peak extra bytes of method ``name`` on each case (or why not), in a fresh process.
+
+    A fixed mmap threshold makes glibc hand every freed block above 64 KiB back to the system, so
+    memory freed by one case is not silently reused by the next.
+    """
+    spec = {
+        "method": name,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "warmup": warmup,
+        "cases": [asdict(c) for c in cases],
+    }
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    source = str(Path(fastxent.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
+    code = "import fastxent.bench as b; b.memory_worker()"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if len(lines) != len(cases):
+        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        return [f"memory subprocess failed (exit {done.returncode}): {tail[0]}"] * len(cases)
+    return [line.get("bytes", line.get("error")) for line in lines]
+
+
+# ---------------------------------------------------------------------------------------------
+# One case
+
+
+@dataclass
+class Row:
+    """Results of one method on one case."""
+
+    name: str
+    label: str
+    is_fastxent: bool = False
+    skipped: str | None = None
+    note: str | None = None
+    times_s: list[float] = field(default_factory=list)
+    median_s: float | None = None
+    ratio: float | None = None
+    peak_extra_bytes: int | None = None
+    memory_skipped: str | None = None
+    loss_rel_err: float | None = None
+    grad_rel_err: float | None = None
+
+
+def _floor(case: Case, inputs: dict[str, Tensor], device: torch.device, quick: bool):
+    """The floor's timed step and what it records: a copy (cross_entropy) or three matmuls."""
+    dtype = DTYPES[case.dtype]
+    if case.kind == "cross_entropy":
+        size = (QUICK_BANDWIDTH_BYTES if quick else BANDWIDTH_BYTES) // dtype.itemsize
+        src = torch.ones(size, dtype=dtype, device=device)
+        dst = torch.empty_like(src)
+        must_move = 3 * case.n * case.v * dtype.itemsize  # read z twice, write the gradient once
+
+        def copy() -> None:
+            dst.copy_(src)
+
+        # One copy moves 2·size·itemsize bytes; the floor moves must_move at the same rate.
+        scale = must_move / (2 * size * dtype.itemsize)
+        label = "floor: 3·N·V bytes at copy bandwidth"
+        return copy, scale, label, case.n * case.v * dtype.itemsize
+    h, w = inputs["h"].detach(), inputs["w"].detach()
+    z = torch.empty(case.n, case.v, dtype=dtype, device=device)  # (N, V), reused as g
+    dh, dw = torch.empty_like(h), torch.empty_like(w)
+
+    def matmuls() -> None:
+        torch.mm(h, w.T, out=z)  # z = h Wᵀ      (N, V)
+        torch.mm(z, w, out=dh)  # dh = g W      (N, D)
+        torch.mm(z.T, h, out=dw)  # dW = gᵀ h   (V, D)
+
+    return matmuls, 1.0, "floor: 3 matmuls", (h.numel() + w.numel()) * dtype.itemsize
+
+
+def run_case(
+    case: Case,
+    candidates: list[Method],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    quick: bool,
+    advance: Callable[[], None],
+) -> tuple[list[Row], dict]:
+    """Warm up, check errors, then time every runnable method, interleaved; memory on CUDA."""
+    torch._dynamo.reset()
+    inputs = make_inputs(case, device)
+    if case.kind == "cross_entropy":
+        reference = ce_reference(inputs["z"], inputs["y"])
+    else:
+        reference = linear_reference(inputs["h"], inputs["w"], inputs["y"])
+    rows, runners = [], {}
+    for m in candidates:
+        row = Row(m.name, m.label, m.is_fastxent)
+        rows.append(row)
+        row.skipped = m.why_not(device)
+        if row.skipped is not None:
+            continue
+        if m.name == "cce":
+            row.label = f"{m.label} (impl={_cce_impl(device)})"
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                runner = m.build(inputs, device)
+                for _ in range(warmup):  # the last warm-up run's output is checked
+                    runner.clear()
+                    if runner.reset is not None:
+                        runner.reset()
+                    loss, grads = runner.step()
+                    advance()
+            said = [w for w in caught if not issubclass(w.category, _QUIET_WARNINGS)]
+            if said:
+                row.note = str(said[0].message).splitlines()[0][:200]
+        except Exception as error:  # a peer that fails is reported, not fatal
+            row.skipped = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            continue
+        if case.kind == "cross_entropy":
+            errors = ce_errors(inputs["z"], inputs["y"], reference, loss, grads[0])
+        else:
+            errors = linear_errors(reference, loss, grads)
+        row.loss_rel_err, row.grad_rel_err = errors
+        del loss, grads
+        if device.type == "cuda":
+            row.peak_extra_bytes = peak_extra_bytes(runner, device)
+        runner.clear()
+        runners[m.name] = runner
+
+    floor_step, floor_scale, floor_label, floor_bytes = _floor(case, inputs, device, quick)
+    floor = Row("floor", floor_label, peak_extra_bytes=floor_bytes)
+    floor.note = "memory: the gradients themselves"
+    rows.append(floor)
+    timed = [*runners, "floor"]
+    for r in range(repeats):
+        k = r % len(timed)
+        for name in timed[k:] + timed[:k]:  # interleaved, the order rotating each round
+            if name == "floor":
+                _sync(device)
+                start = time.perf_counter()
+                floor_step()
+                _sync(device)
+                floor.times_s.append(floor_scale * (time.perf_counter() - start))
+            else:
+                row = next(row for row in rows if row.name == name)
+                row.times_s.append(time_step(runners[name], device))
+            advance()
+    del runners
+    extra = {}
+    if case.kind == "cross_entropy" and floor.times_s:
+        must_move = 3 * case.n * case.v * DTYPES[case.dtype].itemsize
+        extra["bandwidth_gbps"] = must_move / statistics.median(floor.times_s) / 1e9
+    for row in rows:
+        if row.times_s:
+            row.median_s = statistics.median(row.times_s)
+    return rows, extra
+
+
+def _baseline(rows: list[Row], device: torch.device) -> Row | None:
+    """The fastxent row the ratios divide by: the backend "auto" picks, else the first timed."""
+    auto = "fastxent"
+    with contextlib.suppress(RuntimeError):
+        auto = "fastxent-" + functional.resolve_backend("auto", device)[0]
+    timed = [row for row in rows if row.is_fastxent and row.median_s]
+    return next((row for row in timed if row.name == auto), timed[0] if timed else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def machine_info(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        cpu = next(
+            (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+            cpu,
+        )
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "fastxent": fastxent.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(results: list[dict], console) -> None:
+    """One table per case; skip reasons and warnings listed once each, under the tables."""
+    from rich.table import Table
+
+    notes: list[str] = []
+    for result in results:
+        case = Case(**result["case"])
+        table = Table(title=case.label, title_justify="left", min_width=72)
+        table.add_column("method")
+        for header in ("ms", "× fastxent", "peak MiB", "loss err", "grad err"):
+            table.add_column(header, justify="right")
+        for row in result["rows"]:
+            note = row["skipped"] or row["memory_skipped"] or row["note"]
+            mark = ""
+            if note:
+                if note not in notes:
+                    notes.append(note)
+                mark = f" ({notes.index(note) + 1})"
+            memory = row["peak_extra_bytes"]
+            table.add_row(
+                row["name"] + mark,
+                _fmt(None if row["median_s"] is None else 1e3 * row["median_s"], ".1f"),
+                _fmt(row["ratio"], ".2f"),
+                _fmt(None if memory is None else memory / MIB, ".0f"),
+                _fmt(row["loss_rel_err"], ".1e"),
+                _fmt(row["grad_rel_err"], ".1e"),
+                style="dim" if row["skipped"] else ("bold" if row["is_fastxent"] else None),
+            )
+        console.print(table)
+    for i, note in enumerate(notes, 1):
+        console.print(f"({i}) {note}", highlight=False, markup=False)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Time and peak memory against V, one line per (method, dtype), one row per kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in KINDS if any(r["case"]["kind"] == k for r in results)]
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(12, 4.5 * len(kinds)), squeeze=False)
+    for (ax_time, ax_mem), kind in zip(axes, kinds, strict=True):
+        lines: dict[tuple[str, str], list[tuple[int, float | None, int | None]]] = {}
+        for result in results:
+            case = result["case"]
+            if case["kind"] != kind:
+                continue
+            for row in result["rows"]:
+                if row["median_s"] is None:
+                    continue
+                point = (case["v"], row["median_s"], row["peak_extra_bytes"])
+                lines.setdefault((row["label"], case["dtype"]), []).append(point)
+        labels = sorted({label for label, _ in lines})
+        dashes = {dtype: ls for dtype, ls in zip(DTYPES, ("-", "--", ":", "-."), strict=True)}
+        for (label, dtype), points in sorted(lines.items()):
+            points.sort()
+            color = "black" if label.startswith("floor") else f"C{labels.index(label) % 10}"
+            style = {"color": color, "linestyle": dashes[dtype], "marker": "o"}
+            v = [p[0] for p in points]
+            ax_time.plot(v, [1e3 * p[1] for p in points], label=f"{label} {dtype}", **style)
+            memory = [(p[0], p[2] / MIB) for p in points if p[2]]  # log axis: no zeros
+            if memory:
+                ax_mem.plot(*zip(*memory, strict=True), label=f"{label} {dtype}", **style)
+        for ax, ylabel in [(ax_time, "forward+backward (ms)"), (ax_mem, "peak extra memory (MiB)")]:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("vocabulary size V")
+            ax.set_ylabel(ylabel)
+            ax.set_title(kind)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``fastxent bench`` flags to ``parser``."""
+    d = DEFAULTS
+    shapes = parser.add_argument_group("shapes (defaults; --quick: tiny ones)")
+    shapes.add_argument("--n", type=int, help=f"rows of the cross_entropy cases ({d['n']})")
+    shapes.add_argument(
+        "--v", type=_ints, help=f"vocabulary sizes, comma-separated ({','.join(map(str, d['v']))})"
+    )
+    shapes.add_argument("--linear-n", type=int, help=f"rows of the linear cases ({d['linear_n']})")
+    shapes.add_argument("--d", type=int, help=f"hidden size of the linear cases ({d['d']})")
+    shapes.add_argument(
+        "--linear-v",
+        type=_ints,
+        help=f"vocabulary sizes of the linear cases ({','.join(map(str, d['linear_v']))})",
+    )
+    parser.add_argument(
+        "--dtypes",
+        type=_names,
+        default=["float32", "bfloat16"],
+        help="dtypes of the cross_entropy cases (float32,bfloat16)",
+    )
+    parser.add_argument(
+        "--linear-dtypes", type=_names, default=["float32"], help="dtypes of the linear cases"
+    )
+    parser.add_argument("--no-linear", action="store_true", help="skip the linear cases")
+    parser.add_argument(
+        "--methods",
+        type=_names,
+        help="methods to run, comma-separated; 'fastxent' selects every backend "
+        f"(default: all of {','.join(method_names())})",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
+    parser.add_argument("--repeats", type=int, help=f"timed runs per method ({DEFAULT_REPEATS})")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=DEFAULT_WARMUP,
+        help="untimed runs first (compilation); the last is checked against float64",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: seconds")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-results"), help="output directory (bench-results)"
+    )
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags, or None."""
+    for name in ("n", "linear_n", "d", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    if args.warmup < 1:
+        return f"--warmup must be >= 1 (its last run is the one checked), got {args.warmup}"
+    for dtype in [*args.dtypes, *args.linear_dtypes]:
+        if dtype not in DTYPES:
+            return f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}"
+    known = [*method_names(), "fastxent"]
+    for name in args.methods or []:
+        if name not in known:
+            return f"unknown method {name!r}; choose from {', '.join(dict.fromkeys(known))}"
+    if args.device not in ("cpu", "cuda"):
+        return f"--device must be cpu or cuda, got {args.device!r}"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda was asked for, but torch sees no CUDA device"
+    return None
+
+
+def cases_of(args: argparse.Namespace) -> list[Case]:
+    """The cases the flags ask for, in run order."""
+    shapes = QUICK if args.quick else DEFAULTS
+    n = args.n or shapes["n"]
+    cases = [
+        Case("cross_entropy", n, v, dtype) for dtype in args.dtypes for v in args.v or shapes["v"]
+    ]
+    if not args.no_linear:
+        linear_n, d = args.linear_n or shapes["linear_n"], args.d or shapes["d"]
+        cases += [
+            Case("linear", linear_n, v, dtype, d)
+            for dtype in args.linear_dtypes
+            for v in args.linear_v or shapes["linear_v"]
+        ]
+    return cases
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the suite the flags describe; 0 when every fastxent row ran within tolerance."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()
+    problem = _check(args)
+    if problem is not None:
+        console.print(f"fastxent bench: {problem}.", style="red")
+        return 2
+    device = torch.device(args.device)
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    cases = cases_of(args)
+    chosen = [m for m in methods() if _selected(m.name, args.methods)]
+    per_case = {k: [m for m in chosen if m.kind == k] for k in KINDS}
+    memory_reason = "not measured (--no-memory)" if args.no_memory else None
+    if device.type == "cpu" and memory_reason is None:
+        memory_reason = cpu_memory_reason()
+
+    def steps(case: Case) -> int:  # progress units of one case: every run, floor included
+        return len(per_case[case.kind]) * (args.warmup + repeats) + repeats
+
+    results = []
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("timing", total=sum(steps(c) for c in cases))
+        done = 0
+        for case in cases:
+            progress.update(task, description=f"timing {case.label}")
+            rows, extra = run_case(
+                case,
+                per_case[case.kind],
+                device,
+                repeats,
+                args.warmup,
+                args.quick,
+                lambda: progress.advance(task),
+            )
+            results.append({"case": case, "rows": rows, **extra})
+            done += steps(case)
+            progress.update(task, completed=done)  # skipped methods never advanced
+            gc.collect()
+        if device.type == "cpu":
+            _cpu_memory(results, memory_reason, args.warmup, progress)
+
+    failures = []
+    for result in results:
+        case, rows = result["case"], result["rows"]
+        base = _baseline(rows, device)
+        result["baseline"] = base.name if base else None
+        for row in rows:
+            if base and row.median_s is not None:
+                row.ratio = row.median_s / base.median_s
+            if device.type == "cuda" and row.peak_extra_bytes is None and not row.skipped:
+                row.memory_skipped = memory_reason
+            if row.is_fastxent:
+                failures += _fastxent_failures(case, row)
+        result["case"] = asdict(case)
+        result["rows"] = [asdict(row) for row in rows]
+
+    report = {
+        "machine": machine_info(device),
+        "settings": {
+            "repeats": repeats,
+            "warmup": args.warmup,
+            "quick": args.quick,
+            "flags": {
+                k: str(v) if isinstance(v, Path) else v
+                for k, v in vars(args).items()
+                if v is None or isinstance(v, (bool, int, float, str, list, Path))
+            },
+            "tolerance": TOLERANCE,
+            "error": "loss: |l - l64|/|l64|; grad: max|g - g64| / max|g64| (worst of dh, dW)",
+            "memory": "peak bytes beyond the inputs during one forward+backward, grads included",
+        },
+        "cases": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / "bench.json", args.out / "bench.png"
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    plot(results, png_path)
+    print_table(results, console)
+    console.print(f"raw numbers: {json_path}   plot: {png_path}")
+    for failure in failures:
+        console.print(f"FAILED {failure}", style="red")
+    return 1 if failures else 0
+
+
+def _cpu_memory(results: list[dict], reason: str | None, warmup: int, progress) -> None:
+    """Fill in peak memory on CPU: one subprocess per method, over every case it ran on."""
+    by_method: dict[tuple[str, str], list[tuple[Case, Row]]] = {}
+    for result in results:
+        for row in result["rows"]:
+            if row.name == "floor" or row.skipped:
+                continue
+            if reason is not None:
+                row.memory_skipped = reason
+                continue
+            key = (row.name, result["case"].kind)
+            by_method.setdefault(key, []).append((result["case"], row))
+    if not by_method:
+        return
+    task = progress.add_task("memory", total=len(by_method))
+    for (name, kind), pairs in by_method.items():
+        progress.update(task, description=f"memory {kind} {name} (own process)")
+        measured = measure_memory_in_subprocess(name, [case for case, _ in pairs], warmup)
+        for (_, row), value in zip(pairs, measured, strict=True):
+            if isinstance(value, int):
+                row.peak_extra_bytes = value
+            else:
+                row.memory_skipped = value
+        progress.advance(task)
+
+
+def _fastxent_failures(case: Case, row: Row) -> list[str]:
+    if row.skipped is not None:
+        return (
+            [f"{case.label} {row.name}: {row.skipped}"] if row.skipped.startswith("failed") else []
+        )
+    tolerance = TOLERANCE[case.dtype]
+    return [
+        f"{case.label} {row.name}: {what} relative error {err:.2e} > {tolerance:.0e}"
+        for what, err in (("loss", row.loss_rel_err), ("grad", row.grad_rel_err))
+        if err is not None and err > tolerance
+    ]

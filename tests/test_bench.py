@@ -1,0 +1,162 @@
+"""The benchmark suite: structure of its results, its error measure, its memory measure.
+
+Nothing here times anything: speed and memory goals are what the suite itself reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("rich")
+pytest.importorskip("matplotlib")
+
+from fastxent import bench
+
+# Methods without torch.compile, so the quick run takes seconds; "liger" is skipped on CPU.
+QUICK_METHODS = "fastxent-torch,fastxent-linear,eager,chunked,liger"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = bench.run(parse(["--quick", "--methods", QUICK_METHODS, "--out", str(out)]))
+    return code, out
+
+
+def test_quick_run_writes_results_plot_and_exit_code(quick_run):
+    code, out = quick_run
+    report = json.loads((out / "bench.json").read_text())
+    fastxent_rows = [
+        (c["case"], row) for c in report["cases"] for row in c["rows"] if row["is_fastxent"]
+    ]
+    assert code == 0, fastxent_rows  # 1: a fastxent row failed or exceeded its tolerance
+    assert {"cpu", "cores", "torch", "device", "date"} <= set(report["machine"])
+    assert report["machine"]["device"] == "cpu"
+    labels = [(c["case"]["kind"], c["case"]["v"], c["case"]["dtype"]) for c in report["cases"]]
+    expected = [
+        ("cross_entropy", v, dtype) for dtype in ("float32", "bfloat16") for v in bench.QUICK["v"]
+    ]
+    assert labels == [*expected, ("linear", bench.QUICK["linear_v"][0], "float32")]
+    png = out / "bench.png"
+    assert png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_rows_have_figures_or_a_reason(quick_run):
+    _, out = quick_run
+    report = json.loads((out / "bench.json").read_text())
+    repeats = report["settings"]["repeats"]
+    for case in report["cases"]:
+        names = [row["name"] for row in case["rows"]]
+        assert names[-1] == "floor"
+        assert case["baseline"] in ("fastxent-torch", "fastxent-linear")
+        for row in case["rows"]:
+            if row["skipped"] is not None:
+                assert isinstance(row["skipped"], str) and row["skipped"]
+                assert row["times_s"] == [] and row["median_s"] is None
+                continue
+            assert len(row["times_s"]) == repeats
+            assert row["median_s"] == sorted(row["times_s"])[repeats // 2]
+            assert row["ratio"] is not None and row["ratio"] > 0
+            if row["name"] != "floor":
+                assert row["peak_extra_bytes"] is not None or row["memory_skipped"]
+        baseline = next(row for row in case["rows"] if row["name"] == case["baseline"])
+        assert baseline["ratio"] == 1.0
+    liger = [row for case in report["cases"] for row in case["rows"] if row["name"] == "liger"]
+    assert liger and all("CUDA" in row["skipped"] for row in liger)
+
+
+def test_quick_run_errors_are_small(quick_run):
+    _, out = quick_run
+    report = json.loads((out / "bench.json").read_text())
+    for case in report["cases"]:
+        # bf16 gradients are rounded to 8 bits: relative to the largest entry, <= 2^-8.
+        tol = {"float32": 1e-5, "bfloat16": 4e-3}[case["case"]["dtype"]]
+        for row in case["rows"]:
+            if row["skipped"] is None and row["name"] != "floor":
+                assert row["grad_rel_err"] <= tol, (case["case"], row["name"])
+                if row["name"].startswith("fastxent"):  # float32 loss, whatever the input
+                    assert row["loss_rel_err"] <= 1e-5, (case["case"], row["name"])
+
+
+def test_ce_errors_measures_a_known_perturbation():
+    torch.manual_seed(0)
+    z, y = torch.randn(300, 50, dtype=torch.float64), torch.randint(0, 50, (300,))
+    zr = z.clone().requires_grad_()
+    loss = F.cross_entropy(zr, y)
+    loss.backward()
+    grad = zr.grad.clone()
+    reference = bench.ce_reference(z, y)
+    loss_err, grad_err = bench.ce_errors(z, y, reference, loss.detach(), grad)
+    assert loss_err < 1e-14 and grad_err < 1e-12
+    grad[7, 3] += 1e-3 * grad.abs().max()
+    _, grad_err = bench.ce_errors(z, y, reference, loss.detach() * (1 + 1e-4), grad)
+    assert grad_err == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_linear_reference_matches_autograd():
+    torch.manual_seed(0)
+    h, w = torch.randn(300, 16), torch.randn(40, 16)
+    y = torch.randint(0, 40, (300,))
+    loss, dh, dw = bench.linear_reference(h, w, y)
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    full = F.cross_entropy(h64 @ w64.T, y)
+    full.backward()
+    assert loss == pytest.approx(full.item(), rel=1e-12)
+    assert torch.allclose(dh, h64.grad, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(dw, w64.grad, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.skipif(bench.cpu_memory_reason() is not None, reason="needs Linux clear_refs")
+def test_peak_memory_sees_a_known_allocation():
+    size = 64 << 20
+    keep = torch.zeros(8)
+
+    def forward():
+        scratch = torch.ones(size // 4)  # 64 MiB, touched, freed before backward
+        return (keep * scratch[:8]).sum()
+
+    keep.requires_grad_()
+    runner = bench.Runner(forward, [keep])
+    extra = bench.peak_extra_bytes(runner, torch.device("cpu"))
+    assert size - (1 << 20) <= extra < size + (16 << 20)  # RSS counts pages, not bytes
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--methods", "nope"], "unknown method 'nope'"),
+        (["--dtypes", "int8"], "unknown dtype 'int8'"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--warmup", "0"], "--warmup must be >= 1"),
+        (["--device", "tpu"], "--device must be cpu or cuda"),
+    ],
+)
+def test_bad_flags_are_refused_with_a_message(argv, message, capsys, tmp_path):
+    assert bench.run(parse([*argv, "--out", str(tmp_path)])) == 2
+    assert message in capsys.readouterr().out
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("text", ["8,x", "0,8", ""])
+def test_bad_size_lists_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+        bench._ints(text)
+
+
+def test_methods_flag_selects_backends_by_prefix():
+    args = parse(["--quick", "--methods", "fastxent", "--no-linear"])
+    assert {c.kind for c in bench.cases_of(args)} == {"cross_entropy"}
+    chosen = [m.name for m in bench.methods() if bench._selected(m.name, args.methods)]
+    assert chosen == [*(f"fastxent-{b}" for b in bench.functional.BACKENDS), "fastxent-linear"]
