@@ -160,3 +160,16 @@ def test_methods_flag_selects_backends_by_prefix():
     assert {c.kind for c in bench.cases_of(args)} == {"cross_entropy"}
     chosen = [m.name for m in bench.methods() if bench._selected(m.name, args.methods)]
     assert chosen == [*(f"fastxent-{b}" for b in bench.functional.BACKENDS), "fastxent-linear"]
+
+
+def test_default_cases_sweep_v_in_float32_and_run_bf16_at_the_headline_shape():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    labels = [case.label for case in bench.cases_of(parser.parse_args([]))]
+    assert labels == [
+        "cross_entropy N=4096 V=8192 float32",
+        "cross_entropy N=4096 V=32768 float32",
+        "cross_entropy N=4096 V=65536 float32",
+        "cross_entropy N=4096 V=32768 bfloat16",
+        "linear N=2048 V=65536 D=512 float32",
+    ]
