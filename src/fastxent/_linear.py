@@ -21,11 +21,17 @@ the rows of the gradient multiplied by ``grad_output``.
 
 Memory beyond the inputs and the gradients themselves: one chunk of logits (at most
 ``CHUNK_BYTES``), the row kernel's temporaries, and an (n, D) block.
+
+With the vocabulary split across ranks (:mod:`fastxent.distributed`) the same walk runs on every
+rank with the vocab-parallel row kernel and the local ``W_r``, ``b_r``: ∂W_r and ∂b_r are then
+complete on each rank, while ``g_c W_r`` is one rank's share of ∂h, summed over the ranks by
+``LinearOptions.reduce_hidden_grad`` once the walk is done.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,12 +52,15 @@ class LinearOptions:
 
     ``shift``: loss row ``(b, t)`` uses hidden ``(b, t)`` and target ``(b, t + 1)``.
     ``chunk_size``: tokens per chunk. ``filter_eps``: skip vocab blocks with ``|g| < eps``.
+    ``reduce_hidden_grad``: completes ∂h in place when each rank computed a partial sum of it
+    (a SUM all-reduce over the tensor-parallel group); None on a single device.
     """
 
     ce: CrossEntropyOptions
     chunk_size: int
     shift: bool = False
     filter_eps: float | None = None
+    reduce_hidden_grad: Callable[[Tensor], object] | None = None
 
 
 def default_chunk_size(num_classes: int, dtype: torch.dtype) -> int:
@@ -336,6 +345,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         losses, dh, dw, db = chunked_pass(
             hidden, weight, bias, target, class_weight, opts, kernel, needs
         )
+        if dh is not None and opts.reduce_hidden_grad is not None:
+            opts.reduce_hidden_grad(dh)  # COLLECTIVE (vocab-parallel): Σ_r g W_r
         if dw is not None:
             dw = dw.to(weight.dtype)  # float32 accumulation for half precision, cast once
         if db is not None:
@@ -353,6 +364,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 hidden, weight, bias, target, class_weight, opts, ctx.kernel, ctx.needs,
                 grad_rows=grad_loss.reshape(-1),
             )  # fmt: skip
+            if dh is not None and opts.reduce_hidden_grad is not None:
+                opts.reduce_hidden_grad(dh)  # COLLECTIVE (vocab-parallel): Σ_r g W_r
             dw = None if dw is None else dw.to(weight.dtype)
             db = None if db is None else db.to(weight.dtype)
         else:

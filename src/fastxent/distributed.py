@@ -39,7 +39,8 @@ Communication per call, all inside forward (backward only scales the kept gradie
 :class:`fastxent._autograd.CrossEntropyFunction`, which this module reuses unchanged):
 
 * one ``all_gather`` of six int64 per rank: rows, local vocabulary size, ``vocab_start`` and
-  three checksums of the targets, to derive or check the shard layout and the targets;
+  three checksums of the targets, to derive or check the shard layout and the targets (eight
+  for the fused projection, which also checks ``chunk_size`` and ``hidden.requires_grad``);
 * one MAX ``all_reduce`` of an ``(N,)`` tensor in the accumulation dtype: the row max;
 * one SUM ``all_reduce`` of an ``(N, 2)`` tensor (``(N, 3)`` with label smoothing) in the
   accumulation dtype: ``S_r e^{m_r - m}``, ``z'_y``, smoothing sum.
@@ -53,6 +54,11 @@ Not supported: probability targets, sequence parallelism (rows split across rank
 vocabulary: each rank must hold all N rows), a shard with no class, and the upstream all-reduce of
 the gradient of replicated inputs (for ``z = h W_r^T`` the caller sums ``∂ℓ/∂h`` over the group,
 as Megatron's copy-to-tensor-parallel-region does).
+
+The fused projection ``fastxent.linear_cross_entropy(h, W_r, y, b_r, process_group=group)``
+(:func:`vocab_parallel_linear_cross_entropy`) never holds the ``(N, V_r)`` logits: it walks token
+chunks with this row kernel (one MAX and one SUM all-reduce per chunk) and does the ``∂h``
+all-reduce itself, once, at the end of forward; slices follow rank order there.
 
 Errors that depend on one rank only (shard layout, row count, mismatched targets) are detected
 after the all-gather, so every rank raises the same exception instead of one rank hanging. The
@@ -184,7 +190,8 @@ def vocab_parallel_cross_entropy(
 
     z = local_logits.reshape(-1, local_logits.shape[-1])  # (N, V_r)
     y = target.reshape(-1).long()  # (N,)
-    vocab_start, vocab_size = _shard_layout(z, y, vocab_start, group)
+    vocab_start, sizes = _shard_layout(y, z.shape[1], vocab_start, group, z.device)
+    vocab_size = sum(sizes)
     check_weight(weight, vocab_size)
     check_index_targets(y, vocab_size, ignore_index)
     opts = CrossEntropyOptions(
@@ -203,29 +210,143 @@ def vocab_parallel_cross_entropy(
     return loss.reshape(rows_shape) if reduction == "none" else loss
 
 
-def _shard_layout(z: Tensor, y: Tensor, vocab_start: int | None, group) -> tuple[int, int]:
-    """``(vocab_start, V)`` of this rank, from one all-gather of six int64 per rank.
+def vocab_parallel_linear_cross_entropy(
+    hidden: Tensor,
+    local_weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    *,
+    group: dist.ProcessGroup,
+    class_weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    shift: bool = False,
+    chunk_size: int | None = None,
+    filter_eps: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""``fastxent.linear_cross_entropy(..., process_group=group)``: the vocab-parallel path.
 
-    Each rank sends its row count, slice size, ``vocab_start`` (-1 for None) and three checksums
-    of its targets (Σy, Σy², Σ i·y; int64 wrap-around is the same on every rank), so that a
-    wrong layout or different targets raise the same error on every rank.
+    Rank ``r`` (in the group's rank order) holds rows ``[s_r, s_r + V_r)`` of the ``(V, D)``
+    weight and of the bias; ``hidden`` and the global ``target`` are the same on every rank. The
+    chunked walk of :mod:`fastxent._linear` runs on every rank with the local weight and the
+    vocab-parallel row kernel:
+
+    .. math::
+
+        z_c^{(r)} = h_c W_r^\top + b_r, \qquad
+        \frac{\partial \ell}{\partial h} = \textstyle\sum_r g^{(r)} W_r, \qquad
+        \frac{\partial \ell}{\partial W_r} = \textstyle\sum_c g_c^{(r)\top} h_c
+
+    Each token chunk makes the row kernel's MAX and SUM all-reduces over its rows, so every rank
+    uses the same chunk size (taken from the largest ``V_r`` when None; checked when given).
+    ∂W_r and ∂b_r are local and complete; ∂h is summed by one all-reduce of the (N, D) gradient
+    at the end of forward ("mean"/"sum", backward then communicates nothing). "none" recomputes
+    the chunks in backward with the same collectives plus that all-reduce: every rank must run
+    backward, with the same ``grad_output``. ``filter_eps`` acts on each rank's local gradient
+    (the dropped contributions are those of its own vocab blocks). Class-index targets only.
+    """
+    from fastxent._linear import (
+        LinearCrossEntropyFunction,
+        LinearOptions,
+        check_chunking,
+        check_inputs,
+        default_chunk_size,
+    )
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "linear_cross_entropy with a process_group needs an initialised torch.distributed "
+            "process group; call torch.distributed.init_process_group (e.g. under torchrun) first."
+        )
+    check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    if check_inputs(hidden, local_weight, bias, target, shift):
+        raise TypeError(
+            "linear_cross_entropy with a process_group takes global class indices (an int64 "
+            f"tensor) as target; probability targets are not supported, got dtype {target.dtype}."
+        )
+    check_chunking(chunk_size, filter_eps)
+    if backend not in ("auto", "torch"):
+        raise ValueError(
+            "with a process_group the vocab-parallel PyTorch row kernel is used; backend must be "
+            f"'auto' or 'torch', got {backend!r}."
+        )
+    y = (target[..., 1:] if shift else target).reshape(-1).long()  # (M,) the loss rows' targets
+    needs_hidden = torch.is_grad_enabled() and hidden.requires_grad
+    vocab_start, sizes = _shard_layout(
+        y,
+        local_weight.shape[0],
+        None,
+        group,
+        hidden.device,
+        agreed={
+            "chunk_size (0 = None)": chunk_size or 0,
+            "hidden.requires_grad": int(needs_hidden),
+        },
+    )
+    vocab_size = sum(sizes)
+    check_weight(class_weight, vocab_size, "class_weight")
+    check_index_targets(target[..., 1:] if shift else target, vocab_size, ignore_index)
+    opts = LinearOptions(
+        ce=CrossEntropyOptions(
+            num_classes=vocab_size,
+            soft=False,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=float(label_smoothing),
+            z_loss=float(z_loss),
+            softcap=None if softcap is None else float(softcap),
+            logit_scale=float(logit_scale),
+        ),
+        # The same on every rank: a rank with fewer chunks would leave the others' all-reduces.
+        chunk_size=chunk_size or default_chunk_size(max(sizes), hidden.dtype),
+        shift=shift,
+        filter_eps=None if filter_eps is None else float(filter_eps),
+        reduce_hidden_grad=functools.partial(dist.all_reduce, group=group),
+    )
+    kernel = functools.partial(vocab_parallel_rows, vocab_start=vocab_start, group=group)
+    if not torch.is_grad_enabled():  # no graph: the Function must not compute gradients
+        hidden, local_weight = hidden.detach(), local_weight.detach()
+        bias = None if bias is None else bias.detach()
+    return LinearCrossEntropyFunction.apply(
+        hidden, local_weight, bias, target, class_weight, opts, kernel
+    )
+
+
+def _shard_layout(
+    y: Tensor,
+    num_local: int,
+    vocab_start: int | None,
+    group,
+    device: torch.device,
+    agreed: dict[str, int] | None = None,
+) -> tuple[int, list[int]]:
+    """``(vocab_start, local sizes of all ranks)`` from one all-gather of a few int64 per rank.
+
+    Each rank sends its row count ``len(y)``, slice size, ``vocab_start`` (-1 for None), three
+    checksums of its targets (Σy, Σy², Σ i·y; int64 wrap-around is the same on every rank) and the
+    values of ``agreed`` (name -> int that must be equal on every rank), so that a wrong layout,
+    different targets or a disagreement raise the same error on every rank.
     """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    num_rows, num_local = z.shape
-    i = torch.arange(1, num_rows + 1, device=y.device)
-    mine = torch.stack(
-        [
-            torch.tensor(num_rows, device=z.device),
-            torch.tensor(num_local, device=z.device),
-            torch.tensor(-1 if vocab_start is None else vocab_start, device=z.device),
-            y.sum().to(z.device),
-            (y * y).sum().to(z.device),
-            (i * y).sum().to(z.device),
-        ]
-    )  # (6,) int64
+    agreed = agreed or {}
+    num_rows = y.numel()
+    y = y.to(device)
+    i = torch.arange(1, num_rows + 1, device=device)
+    mine = torch.tensor(
+        [num_rows, num_local, -1 if vocab_start is None else vocab_start, *agreed.values()],
+        device=device,
+    )
+    mine = torch.cat([mine, torch.stack([y.sum(), (y * y).sum(), (i * y).sum()])])  # int64
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)  # COLLECTIVE: shard layout and target checksums
-    rows, sizes, starts, *checksums = zip(*(t.tolist() for t in everyone), strict=True)
+    columns = list(zip(*(t.tolist() for t in everyone), strict=True))
+    rows, sizes, starts = columns[:3]
+    values, checksums = columns[3 : 3 + len(agreed)], columns[3 + len(agreed) :]
     ranks = f"ranks 0..{world - 1}"
     if len(set(rows)) != 1:
         raise ValueError(
@@ -237,6 +358,12 @@ def _shard_layout(z: Tensor, y: Tensor, vocab_start: int | None, group) -> tuple
             "target must be the same on every rank of the group (global class ids); the ranks "
             "passed different targets."
         )
+    for name, column in zip(agreed, values, strict=True):
+        if len(set(column)) != 1:
+            raise ValueError(
+                f"{name} must be the same on every rank of the group; got {list(column)} on "
+                f"{ranks}."
+            )
     if min(sizes) == 0:
         raise ValueError(
             f"every rank must hold at least one class; local vocabulary sizes are {list(sizes)} "
@@ -244,7 +371,7 @@ def _shard_layout(z: Tensor, y: Tensor, vocab_start: int | None, group) -> tuple
         )
     vocab_size = sum(sizes)
     if all(s == -1 for s in starts):
-        return sum(sizes[:rank]), vocab_size
+        return sum(sizes[:rank]), list(sizes)
     if any(s == -1 for s in starts):
         raise ValueError(
             f"vocab_start must be given on every rank or on none; got {list(starts)} on {ranks} "
@@ -260,7 +387,7 @@ def _shard_layout(z: Tensor, y: Tensor, vocab_start: int | None, group) -> tuple
                 f"without gap or overlap."
             )
         expected += size
-    return starts[rank], vocab_size
+    return starts[rank], list(sizes)
 
 
 def vocab_parallel_rows(

@@ -195,6 +195,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     filter_eps: float | None = None,
     backend: str = "auto",
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> Tensor:
     r"""Cross-entropy of the logits ``z = h Wᵀ + b``, without materialising the N×V logits.
 
@@ -237,6 +238,17 @@ def linear_cross_entropy(
             matmul contributions of vocab blocks where ``|g| < eps`` for every row. Pays off on
             peaked (trained) distributions; the loss and ∂b stay exact.
         backend: ``"auto"`` or one of :data:`BACKENDS`; supplies the row kernel.
+        process_group: None (one device), or the tensor-parallel ``torch.distributed`` group over
+            which the vocabulary is split (Megatron-style): rank r passes its rows
+            ``[s_r, s_r + V_r)`` of ``weight`` and ``bias`` (slices in rank order, uneven allowed)
+            and the same ``hidden`` and GLOBAL class-index ``target``; ``class_weight`` is the
+            global (V,) vector. Every rank gets the single-process loss, the full ∂h (one SUM
+            all-reduce in forward) and its slice of ∂W and ∂b; each token chunk makes one MAX
+            and one SUM all-reduce. "none" recomputes in backward with the same collectives, so
+            every rank must run backward with the same grad_output. ``filter_eps`` filters each
+            rank's own vocab blocks. Not supported: probability targets, sequence parallelism
+            (hidden split along tokens), backends other than "auto"/"torch". See
+            :mod:`fastxent.distributed` and ``examples/vocab_parallel_linear.py``.
 
     Returns:
         The loss: a scalar for "mean"/"sum", float32 for fp32/bf16/fp16 and float64 for float64.
@@ -258,6 +270,15 @@ def linear_cross_entropy(
         logits, gradient filtering); Hsu et al. (2024), "Liger Kernel" (fused linear
         cross-entropy).
     """
+    if process_group is not None:
+        from fastxent.distributed import vocab_parallel_linear_cross_entropy
+
+        return vocab_parallel_linear_cross_entropy(
+            hidden, weight, target, bias, group=process_group, class_weight=class_weight,
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, shift=shift,
+            chunk_size=chunk_size, filter_eps=filter_eps, backend=backend,
+        )  # fmt: skip
     from fastxent._linear import (
         LinearCrossEntropyFunction,
         LinearOptions,

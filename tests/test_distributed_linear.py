@@ -1,0 +1,330 @@
+"""linear_cross_entropy with process_group (vocabulary split over gloo ranks) against float64.
+
+Two process groups are spawned (2 and 3 ranks on CPU, uneven slices of V = 1001, one rank of
+world 3 holding a single class); each rank holds its rows of the weight and bias, runs every case
+and writes its loss and gradients to a file. The test process compares them with the oracle of
+``test_linear`` (the float64 logits by F.linear, then :mod:`fastxent.reference`): the loss and
+∂h on every rank, ∂W and ∂b as the rank's slice. Error cases run inside the workers.
+"""
+
+from __future__ import annotations
+
+import traceback
+import zlib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastxent
+from test_distributed import SHARDS, WORLDS, _raises_everywhere
+from test_linear import oracle
+
+pytestmark = pytest.mark.distributed
+
+V, D = 1001, 8
+# Float64: the partial ∂h of the ranks are summed by an all-reduce, chunks reorder sums.
+F64 = {"rtol": 1e-10, "atol": 1e-12}
+F32 = {"rtol": 2e-4, "atol": 2e-6}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    options: dict = field(default_factory=dict)
+    tokens: tuple[int, ...] = (13,)
+    chunk_size: int | None = 5  # does not divide 13
+    bias: bool = True
+    class_weight: bool = False
+    ignored: int = 2  # leading loss rows whose target is ignore_index
+    needs: tuple[bool, bool, bool] = (True, True, True)  # requires_grad of hidden, weight, bias
+    dtype: torch.dtype = torch.float64
+    zero_grads: bool = False  # filter_eps above every |g|: ∂h = ∂W = 0, loss and ∂b exact
+
+
+CASES = [
+    Case("mean"),
+    Case("sum_weight_smoothing", {"reduction": "sum", "label_smoothing": 0.2}, class_weight=True),
+    Case(
+        "all_options",
+        {"label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 4.0, "logit_scale": 1.3},
+        class_weight=True,
+        chunk_size=4,
+    ),
+    Case(
+        "none_grad_output",
+        {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-2, "softcap": 3.0},
+        class_weight=True,
+    ),
+    Case("shift", {"shift": True, "label_smoothing": 0.1}, tokens=(3, 5), chunk_size=4),
+    Case(
+        "shift_none",
+        {"shift": True, "reduction": "none", "z_loss": 1e-3},
+        tokens=(2, 6),
+        class_weight=True,
+        chunk_size=3,
+    ),
+    Case("ignore_valid_class", {"ignore_index": 3, "label_smoothing": 0.1}, ignored=3),
+    Case("all_ignored", {"z_loss": 1e-2}, class_weight=True, ignored=13),
+    Case("no_bias", {"z_loss": 1e-3}, bias=False, chunk_size=1),
+    Case("default_chunk", {"label_smoothing": 0.1}, chunk_size=None),
+    Case("hidden_only", {"reduction": "sum"}, needs=(True, False, False)),
+    Case("weight_only", {"label_smoothing": 0.1}, needs=(False, True, False)),
+    Case("bias_only_none", {"reduction": "none"}, needs=(False, False, True)),
+    Case("forward_only", {"label_smoothing": 0.1}, class_weight=True, needs=(False,) * 3),
+    Case("filter_eps_zero", {"filter_eps": 0.0, "label_smoothing": 0.1}),
+    Case("filter_eps_all", {"filter_eps": 1.0, "reduction": "mean"}, zero_grads=True),
+    Case("float32", {"label_smoothing": 0.1, "z_loss": 1e-3}, dtype=torch.float32),
+]
+
+
+def slices(world: int) -> list[tuple[int, int]]:
+    """``(vocab_start, V_r)`` of every rank: the slices in rank order."""
+    sizes = SHARDS[world]
+    return [(sum(sizes[:r]), sizes[r]) for r in range(world)]
+
+
+def make_case(case: Case, world: int):
+    """Float64 hidden (tokens, D), full weight (V, D), bias, targets, class weight, grad_output."""
+    g = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
+    hidden = torch.randn((*case.tokens, D), generator=g, dtype=torch.float64)
+    weight = torch.randn((V, D), generator=g, dtype=torch.float64) * 0.7
+    bias = torch.randn(V, generator=g, dtype=torch.float64) if case.bias else None
+    target = torch.randint(0, V, case.tokens, generator=g)
+    shift = case.options.get("shift", False)
+    rows = target[..., 1:] if shift else target  # the loss rows' targets (a view)
+    flat = rows.reshape(-1) if shift else rows.view(-1)
+    # Targets on slice borders: the first and last class of every rank.
+    borders = [c for start, size in slices(world) for c in (start, start + size - 1)]
+    y = flat.clone()
+    y[case.ignored : case.ignored + len(borders)] = torch.tensor(borders)[: len(y) - case.ignored]
+    y[: case.ignored] = case.options.get("ignore_index", -100)
+    rows.copy_(y.reshape(rows.shape))
+    class_weight = (
+        torch.rand(V, generator=g, dtype=torch.float64) + 0.5 if case.class_weight else None
+    )
+    grad_output = torch.tensor(1.7, dtype=torch.float64)
+    if case.options.get("reduction") == "none":
+        grad_output = torch.rand(rows.shape, generator=g, dtype=torch.float64) * 2 - 0.5
+    return hidden, weight, bias, target, class_weight, grad_output
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=30),
+    )
+    results: dict = {"cases": {}, "errors": {}}
+    for case in CASES:
+        results["cases"][case.name] = _run_case(case, rank, world)
+    for name, check in ERROR_CASES.items():
+        try:
+            check(rank, world)
+            results["errors"][name] = None
+        except BaseException:  # pytest.raises failing raises a BaseException
+            results["errors"][name] = traceback.format_exc()
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run_case(case: Case, rank: int, world: int) -> dict:
+    hidden, weight, bias, target, class_weight, grad_output = make_case(case, world)
+    start, size = slices(world)[rank]
+    local = (
+        hidden,
+        weight[start : start + size],
+        None if bias is None else bias[start : start + size],
+    )
+    leaves = [
+        None if x is None else x.to(case.dtype).requires_grad_(need)
+        for x, need in zip(local, case.needs, strict=True)
+    ]
+    loss = fastxent.linear_cross_entropy(
+        leaves[0],
+        leaves[1],
+        target,
+        leaves[2],
+        class_weight=None if class_weight is None else class_weight.to(case.dtype),
+        chunk_size=case.chunk_size,
+        process_group=dist.group.WORLD,
+        **case.options,
+    )
+    if any(case.needs):
+        loss.backward(grad_output.to(loss.dtype))
+    grads = [None if x is None or x.grad is None else x.grad.detach() for x in leaves]
+    return {"loss": loss.detach(), "grads": grads}
+
+
+def _inputs(rank: int, world: int, rows: int = 4, grad: bool = False):
+    """Hidden (rows, D), this rank's weight (V_r, D) and bias (V_r,)."""
+    hidden = torch.randn(rows, D, dtype=torch.float64, requires_grad=grad)
+    size = SHARDS[world][rank]
+    return hidden, torch.randn(size, D, dtype=torch.float64), torch.randn(size, dtype=torch.float64)
+
+
+def _call(hidden, weight, target, bias=None, **kwargs):
+    return fastxent.linear_cross_entropy(
+        hidden, weight, target, bias, process_group=dist.group.WORLD, **kwargs
+    )
+
+
+_y = torch.tensor([0, 5, 1000, 7])
+ERROR_CASES = {
+    "bias_global_length": _raises_everywhere(
+        ValueError,
+        r"bias must have shape \(\d+,\), one entry per row of weight, got shape \(1001,\)",
+        lambda r, w: _call(*_inputs(r, w)[:2], _y, torch.zeros(V, dtype=torch.float64)),
+    ),
+    "class_weight_local": _raises_everywhere(
+        ValueError,
+        r"class_weight must have shape \(1001,\)",
+        lambda r, w: _call(
+            *_inputs(r, w)[:2], _y, class_weight=torch.ones(SHARDS[w][r], dtype=torch.float64)
+        ),
+    ),
+    "probability_target": _raises_everywhere(
+        TypeError,
+        "probability targets are not supported",
+        lambda r, w: _call(*_inputs(r, w)[:2], torch.rand(4, SHARDS[w][r], dtype=torch.float64)),
+    ),
+    "target_out_of_range": _raises_everywhere(
+        IndexError,
+        r"target\[2\] = 1001 is out of range: the input has 1001 classes",
+        lambda r, w: _call(*_inputs(r, w)[:2], torch.tensor([0, 5, 1001, 7])),
+    ),
+    "targets_differ": _raises_everywhere(
+        ValueError,
+        "target must be the same on every rank",
+        lambda r, w: _call(*_inputs(r, w)[:2], _y + r),
+    ),
+    "rows_differ": _raises_everywhere(
+        ValueError,
+        r"same rows \(sequence parallelism is not supported\)",
+        lambda r, w: _call(*_inputs(r, w, rows=4 + r)[:2], torch.zeros(4 + r).long()),
+    ),
+    "chunk_size_differs": _raises_everywhere(
+        ValueError,
+        r"chunk_size \(0 = None\) must be the same on every rank of the group; got \[2, 3",
+        lambda r, w: _call(*_inputs(r, w)[:2], _y, chunk_size=2 + r),
+    ),
+    "hidden_grad_differs": _raises_everywhere(
+        ValueError,
+        r"hidden\.requires_grad must be the same on every rank of the group; got \[1, 0",
+        lambda r, w: _call(*_inputs(r, w, grad=r == 0)[:2], _y),
+    ),
+    "other_backend": _raises_everywhere(
+        ValueError,
+        "backend must be 'auto' or 'torch', got 'triton'",
+        lambda r, w: _call(*_inputs(r, w)[:2], _y, backend="triton"),
+    ),
+    "bad_reduction": _raises_everywhere(
+        ValueError,
+        "reduction must be one of",
+        lambda r, w: _call(*_inputs(r, w)[:2], _y, reduction="avg"),
+    ),
+}
+
+
+# --------------------------------------------------------------------------- test process
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> dict[int, list[dict]]:
+    """World size -> per-rank results. Both process groups start at once and run every case."""
+    base = tmp_path_factory.mktemp("dist_linear")
+    contexts = {}
+    for world in WORLDS:
+        (base / str(world)).mkdir()
+        contexts[world] = mp.spawn(
+            _worker,
+            args=(world, str(base / str(world) / "init"), str(base / str(world))),
+            nprocs=world,
+            join=False,
+        )
+    for context in contexts.values():
+        while not context.join():  # raises if a worker raised
+            pass
+    return {
+        world: [
+            torch.load(base / str(world) / f"rank{r}.pt", weights_only=False) for r in range(world)
+        ]
+        for world in WORLDS
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel_linear_matches_single_process(spawned, world, case):
+    """Every rank: the full float64 loss and ∂h, and its slices of ∂W and ∂b."""
+    hidden, weight, bias, target, class_weight, grad_output = make_case(case, world)
+    options = {k: v for k, v in case.options.items() if k != "filter_eps"}
+
+    def cast(x):  # the values the ranks see, in float64
+        return None if x is None else x.to(case.dtype).double()
+
+    want_loss, *want_grads = oracle(
+        cast(hidden),
+        cast(weight),
+        cast(bias),
+        target,
+        class_weight=cast(class_weight),
+        grad_output=grad_output,
+        **options,
+    )
+    if case.zero_grads:  # every vocab block filtered out: no ∂h, ∂W contributions
+        want_grads[0] = torch.zeros_like(want_grads[0])
+        want_grads[1] = torch.zeros_like(want_grads[1])
+    tol = F64 if case.dtype == torch.float64 else F32
+    ranks = spawned[world]
+    for rank, result in enumerate(ranks):
+        got = result["cases"][case.name]
+        torch.testing.assert_close(got["loss"].double(), want_loss, **tol)
+        assert torch.equal(got["loss"], ranks[0]["cases"][case.name]["loss"])  # same everywhere
+        start, size = slices(world)[rank]
+        wants = (
+            want_grads[0],
+            want_grads[1][start : start + size],
+            want_grads[2][start : start + size],
+        )
+        for name, need, g, want in zip(
+            ("d_hidden", "d_weight", "d_bias"), case.needs, got["grads"], wants, strict=True
+        ):
+            if not need or (name == "d_bias" and not case.bias):
+                assert g is None, f"rank {rank}: {name} should not be computed"
+                continue
+            assert g.dtype == case.dtype
+            torch.testing.assert_close(
+                g.double(), want, msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}", **tol
+            )
+    if case.name == "all_ignored":
+        assert float(want_loss) == 0.0
+    if case.zero_grads:  # the filter did drop something: the unfiltered gradients are not zero
+        assert oracle(hidden, weight, bias, target, grad_output=grad_output)[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("name", list(ERROR_CASES))
+@pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel_linear_errors(spawned, world, name):
+    """Each bad call raises the expected error on every rank (and no rank hangs)."""
+    for rank, result in enumerate(spawned[world]):
+        assert result["errors"][name] is None, f"rank {rank}:\n{result['errors'][name]}"
+
+
+def test_process_group_needs_initialised_distributed():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match=r"needs an initialised torch\.distributed"):
+        fastxent.linear_cross_entropy(
+            torch.randn(2, D), torch.randn(5, D), torch.tensor([0, 1]), process_group=object()
+        )
