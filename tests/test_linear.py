@@ -342,8 +342,16 @@ def _call(**overrides):
             r"bias must have shape \(20,\)",
         ),
         ({"bias": torch.randn(20)}, TypeError, "bias must have hidden's dtype"),
-        ({"target": torch.zeros(2, 5, dtype=torch.long)}, ValueError, r"shape \(2, 4\), one per"),
-        ({"target": torch.zeros(8, dtype=torch.long)}, ValueError, r"shape \(2, 4\), one per"),
+        (
+            {"target": torch.zeros(2, 5, dtype=torch.long)},
+            ValueError,
+            r"shape \(2, 4\) \(one per token",
+        ),
+        (
+            {"target": torch.zeros(8, dtype=torch.long)},
+            ValueError,
+            r"shape \(2, 4\) \(one per token",
+        ),
         ({"target": torch.full((2, 4), 20)}, IndexError, "out of range"),
         ({"target": torch.full((2, 4), -3)}, IndexError, "out of range"),
         ({"target": torch.rand(2, 4, 19, dtype=torch.float64)}, ValueError, r"\(2, 4, 20\)"),

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fastxent._autograd import Kernel, accumulation_dtype, reduction_scales
-from fastxent._options import CrossEntropyOptions
+from fastxent._options import CrossEntropyOptions, check_target_kind
 
 CHUNK_BYTES = 64 << 20  # logits of one chunk of tokens: at most 64 MB (256 rows at V = 65536 fp32)
 FILTER_BLOCK = 128  # vocabulary entries per block for filter_eps (a multiple of GPU tile widths)
@@ -114,30 +114,11 @@ def check_inputs(
                 f"got ({bias.dtype}, {bias.device})."
             )
     tokens = tuple(hidden.shape[:-1])
-    after = " (shift=True uses target[..., 1:] with hidden[..., :-1, :])" if shift else ""
-    if target.is_floating_point():
-        if tuple(target.shape) != (*tokens, num_classes):
-            raise ValueError(
-                f"probability targets must have shape {(*tokens, num_classes)} (hidden's tokens "
-                f"by V){after}, got {tuple(target.shape)}; for class indices pass an integer "
-                f"tensor of shape {tokens}."
-            )
-        if target.requires_grad:
-            raise ValueError(
-                "gradients with respect to probability targets are not supported; pass "
-                "target.detach()."
-            )
-        return True
-    if target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(
-            f"target must hold class indices (int64) or probabilities (float), got {target.dtype}."
-        )
-    if tuple(target.shape) != tokens:
-        raise ValueError(
-            f"class-index targets must have shape {tokens}, one per token of hidden (shape "
-            f"{tuple(hidden.shape)}){after}, got {tuple(target.shape)}."
-        )
-    return False
+    after = "; shift=True uses target[..., 1:] with hidden[..., :-1, :]" if shift else ""
+    context = (
+        f"one per token of hidden of shape {tuple(hidden.shape)}, by V for probabilities{after}"
+    )
+    return check_target_kind(target, tokens, (*tokens, num_classes), context)
 
 
 def check_chunking(chunk_size: int | None, filter_eps: float | None) -> None:

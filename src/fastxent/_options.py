@@ -106,21 +106,21 @@ def check_index_targets(target: Tensor, num_classes: int, ignore_index: int) -> 
         )
 
 
-def check_targets(z: Tensor, target: Tensor, class_dim: int) -> bool:
-    """Check the target's kind and shape against the logits; return True for probability targets.
+def check_target_kind(
+    target: Tensor, index_shape: tuple[int, ...], soft_shape: tuple[int, ...], context: str
+) -> bool:
+    """Class indices of ``index_shape`` or probabilities of ``soft_shape``; True for probabilities.
 
-    Class indices: an integer tensor of z's shape without the class dimension.
-    Probabilities: a floating tensor of z's shape.
+    ``context`` says where the expected shapes come from, for the error messages.
     """
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
-    expected = tuple(z.shape[:class_dim] + z.shape[class_dim + 1 :])
     if target.is_floating_point():
-        if target.shape != z.shape:
+        if tuple(target.shape) != soft_shape:
             raise ValueError(
-                f"probability targets must have the input's shape {tuple(z.shape)}, got "
+                f"probability targets must have shape {soft_shape} ({context}), got "
                 f"{tuple(target.shape)}; for class indices pass an integer (int64) tensor of "
-                f"shape {expected}."
+                f"shape {index_shape}."
             )
         if target.requires_grad:
             raise ValueError(
@@ -132,10 +132,16 @@ def check_targets(z: Tensor, target: Tensor, class_dim: int) -> bool:
         raise TypeError(
             f"target must hold class indices (int64) or probabilities (float), got {target.dtype}."
         )
-    if tuple(target.shape) != expected:
+    if tuple(target.shape) != index_shape:
         raise ValueError(
-            f"class-index targets must have shape {expected} for input of shape "
-            f"{tuple(z.shape)} (the input without its class dimension {class_dim}), got "
+            f"class-index targets must have shape {index_shape} ({context}), got "
             f"{tuple(target.shape)}."
         )
     return False
+
+
+def check_targets(z: Tensor, target: Tensor, class_dim: int) -> bool:
+    """The targets of logits ``z``: indices of z's shape without ``class_dim``, or z's shape."""
+    index_shape = tuple(z.shape[:class_dim] + z.shape[class_dim + 1 :])
+    context = f"input of shape {tuple(z.shape)}, classes on dim {class_dim}"
+    return check_target_kind(target, index_shape, tuple(z.shape), context)
