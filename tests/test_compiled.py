@@ -203,3 +203,41 @@ def test_unavailable_reason(monkeypatch):
             )
     finally:
         compiled._toolchain_reason.cache_clear()
+
+
+def peak_bytes_allocated(fn) -> int:
+    """Peak of the bytes held through PyTorch's CPU allocator while ``fn`` runs, above the start.
+
+    Ops are replayed in the order they end, each adding what it allocated less what it freed
+    itself: a temporary an op allocates and frees inside (a leaf ``empty`` under it) still counts.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.end):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("options", [{}, GENERAL], ids=["plain", "all-options"])
+def test_bf16_step_holds_the_gradient_and_no_float32_copy_of_the_logits(options):
+    # The step must hold one (N, V) bf16 gradient and row-sized work; any full-size float32
+    # temporary (a z.to(float32), a float32 scatter_ into the bf16 gradient) adds 2x its size.
+    gen = torch.Generator().manual_seed(7)
+    n, v = 64, 4096
+    z = torch.randn(n, v, generator=gen).to(torch.bfloat16)
+    y = index_targets(n, v, gen, ignored=(5,))
+    z.requires_grad_()
+
+    def step():
+        fastxent.cross_entropy(z, y, backend="compiled", **options).backward()
+
+    step()  # compile outside the measurement
+    z.grad = None
+    grad_bytes = n * v * z.element_size()
+    peak = peak_bytes_allocated(step)
+    assert grad_bytes <= peak < grad_bytes + n * v * 2
+    expected_grad = oracle(z.detach(), y, **options)[1]
+    assert max_err(z.grad, expected_grad) <= LOW_PRECISION_TOL[torch.bfloat16]

@@ -11,6 +11,8 @@ and writes ``∂ℓ/∂z = (o (a Σt + 2 b s lse) - a t) · dz'/dz`` straight in
 (``grad.copy_`` of a graph input is lowered to a store). Only row *reductions* leave the graph, so
 inductor emits one parallel loop over rows holding the max, sum and gradient passes: a row of
 logits comes from memory once (the later passes find it in L2) and the gradient is written once.
+``e = exp(z' - m)`` is one tensor used by the sum and the gradient: inductor then keeps it in a
+row-sized buffer, one exp per logit (except with ``inplace``, where inductor needs it recomputed).
 Class-index targets are never expanded: ``z'_y`` is gathered and the one-hot part of the gradient
 (M entries) is written after the graph; the per-row loss is (M,)-sized eager work.
 
@@ -80,7 +82,8 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
     zp = _transform(v, z.to(acc), cap, alpha)  # (M, V); accumulate wide, cast back at the store
     m_max = zp.amax(dim=1, keepdim=True)  # (M, 1)
     m = _finite(m_max)
-    sum_e = torch.exp(zp - m).sum(dim=1, keepdim=True)  # (M, 1)
+    e = torch.exp(zp - m)  # (M, V); used twice, so inductor keeps it in a row buffer: one exp
+    sum_e = e.sum(dim=1, keepdim=True)  # (M, 1)
     out = [m_max, sum_e]
     keep = 1.0 - eps
 
@@ -111,7 +114,9 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
             coef = coef + 2.0 * b * s * (m + sum_e.log())
         if not v.soft:
             coef = torch.where(counted, coef, 0.0)
-        g = torch.exp(zp - m) * (coef / sum_e)  # (M, V)
+        if v.inplace:  # writing into z: recompute e (inductor cannot keep it beside the store)
+            e = torch.exp(zp - m)
+        g = e * (coef / sum_e)  # (M, V)
         if v.soft:
             g = g - a * t
         elif v.smoothing:  # the uniform part; the one-hot part is added outside, at M entries
@@ -162,8 +167,9 @@ def cross_entropy_rows(
         y = target
     else:
         counted = target != opts.ignore_index  # (M,)
-        y_safe = torch.where(counted, target, 0).unsqueeze(1)  # (M, 1)
-        z_y = z.gather(1, y_safe).squeeze(1).to(acc)  # read before the graph may overwrite z
+        y_safe = torch.where(counted, target, 0)  # (M,)
+        at_target = (torch.arange(z.shape[0], device=z.device), y_safe)  # the M (row, y) entries
+        z_y = z[at_target].to(acc)  # (M,); read before the graph may overwrite z
         y = torch.where(counted, target, -1)
     try:
         sums = compiled_graph(v)(z, y, k if w is None else w, k, None if v.inplace else grad)
@@ -181,7 +187,7 @@ def cross_entropy_rows(
         return rows + b * s * lse.square() if v.z_loss else rows
 
     # Class indices: Σt and Σtz' from the gathered z'_y (and the graph's Σz' for smoothing).
-    w_y = counted.to(acc) if w is None else torch.where(counted, w[y_safe.squeeze(1)], 0.0)
+    w_y = counted.to(acc) if w is None else torch.where(counted, w[y_safe], 0.0)
     zp_y = _transform(v, z_y, opts.softcap, opts.logit_scale)
     sum_t = (1.0 - eps) * w_y
     sum_tz = sum_t * zp_y
@@ -199,9 +205,10 @@ def cross_entropy_rows(
         coef = a * sum_t + (2.0 * b * s * lse if v.z_loss else 0.0)
         g_y = torch.exp(zp_y - m) / sum_e * torch.where(counted, coef, 0.0) - a * (1.0 - eps) * w_y
         if v.smoothing:
-            g_y = g_y - a * smooth * (1.0 if w is None else w[y_safe.squeeze(1)])
+            g_y = g_y - a * smooth * (1.0 if w is None else w[y_safe])
         g_y = g_y * _chain(v, zp_y, opts.softcap, opts.logit_scale)
-        grad.scatter_(1, y_safe, g_y.unsqueeze(1).to(grad.dtype))
+        # index_put_, not scatter_: CPU scatter_ into bf16 makes a float32 copy of all of grad.
+        grad.index_put_(at_target, g_y.to(grad.dtype))
     return rows
 
 
