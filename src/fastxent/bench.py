@@ -64,7 +64,7 @@ DTYPES = {
 }
 # Shapes of a default run, and of --quick (tiny, seconds; used by the tests). A default run sweeps
 # V in the first dtype (the plot) and runs the other dtypes at the headline V only, to stay short.
-DEFAULTS = {"n": 4096, "v": [8192, 32768, 65536], "linear_n": 2048, "d": 512, "linear_v": [65536]}
+DEFAULTS = {"n": 4096, "v": [8192, 16384, 32768], "linear_n": 2048, "d": 512, "linear_v": [65536]}
 HEADLINE_V = 32768
 QUICK = {"n": 64, "v": [256, 1024], "linear_n": 64, "d": 32, "linear_v": [512]}
 DEFAULT_REPEATS, DEFAULT_WARMUP = 3, 1

@@ -1,0 +1,65 @@
+"""linear_cross_entropy's chunk size against time: fwd+bwd over three plain matmuls, interleaved.
+
+    python benchmarks/linear_chunks.py --chunks 64,96,128,256,0     # 0: the default chunk
+
+Smaller chunks hold fewer logits but rewrite d_weight (V×D) once per chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastxent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2048)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--v", type=int, default=65536)
+    parser.add_argument("--chunks", default="64,96,128,256,0")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    gen = torch.Generator().manual_seed(0)
+    h = (torch.randn(args.n, args.d, generator=gen) * 0.05).requires_grad_()
+    w = (torch.randn(args.v, args.d, generator=gen) * 0.05).requires_grad_()
+    y = torch.randint(0, args.v, (args.n,), generator=gen)
+    z, dh, dw = torch.empty(args.n, args.v), torch.empty(args.n, args.d), torch.empty_like(w)
+
+    def matmuls() -> None:  # the floor: logits, d_hidden, d_weight
+        torch.mm(h.detach(), w.detach().T, out=z)
+        torch.mm(z, w.detach(), out=dh)
+        torch.mm(z.T, h.detach(), out=dw)
+
+    def fused(chunk: int | None):
+        def step() -> None:
+            h.grad = w.grad = None
+            fastxent.linear_cross_entropy(h, w, y, chunk_size=chunk).backward()
+
+        return step
+
+    steps = {"3 matmuls": matmuls}
+    for chunk in (int(c) or None for c in args.chunks.split(",")):
+        steps[f"chunk {chunk or 'default'}"] = fused(chunk)
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    floor = statistics.median(times["3 matmuls"])
+    print(f"N={args.n} D={args.d} V={args.v} float32, {args.rounds} rounds")
+    for name, runs in times.items():
+        median = statistics.median(runs)
+        print(f"  {name:16s} median {median * 1e3:8.1f} ms   × floor {median / floor:5.3f}")
+
+
+if __name__ == "__main__":
+    main()
