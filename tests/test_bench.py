@@ -133,6 +133,19 @@ def test_peak_memory_sees_a_known_allocation():
     assert size - (1 << 20) <= extra < size + (16 << 20)  # RSS counts pages, not bytes
 
 
+def test_peak_memory_counts_a_reused_fastxent_gradient():
+    """A warm step leaves fastxent's gradient buffer kept for reuse; it must still be counted."""
+    import fastxent
+
+    z = torch.randn(2048, 8192).requires_grad_()  # a 64 MiB gradient, above the temporaries
+    y = torch.randint(0, 8192, (2048,))
+    runner = bench.Runner(lambda: fastxent.cross_entropy(z, y, backend="torch"), [z])
+    runner.step()
+    runner.clear()
+    extra = bench.peak_extra_bytes(runner, torch.device("cpu"))
+    assert extra >= (64 << 20) - (1 << 20)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

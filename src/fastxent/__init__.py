@@ -1,5 +1,6 @@
 """fastxent: softmax cross-entropy with its analytic gradient in one pass, lean on memory."""
 
+from fastxent._autograd import empty_cache
 from fastxent.distributed import vocab_parallel_cross_entropy
 from fastxent.functional import BACKENDS, cross_entropy, linear_cross_entropy
 from fastxent.modules import CrossEntropyLoss, LinearCrossEntropyLoss
@@ -12,6 +13,7 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "__version__",
     "cross_entropy",
+    "empty_cache",
     "linear_cross_entropy",
     "vocab_parallel_cross_entropy",
 ]

@@ -83,6 +83,40 @@ def reduction_scales(
     return inverse(total_weight), inverse(n)
 
 
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_spare: torch.UntypedStorage | None = None  # the last CPU gradient buffer, for reuse
+REUSE_MIN_BYTES = 1 << 20
+
+
+def gradient_buffer_like(z: Tensor) -> Tensor:
+    """An uninitialised buffer like ``z`` for the gradient; on CPU, the last one when it is free.
+
+    A fresh N×V buffer costs a page fault per 4 KiB page at first touch (glibc returns large
+    blocks to the system when they are freed), about as long as the kernel itself. So the CPU
+    buffer's storage is kept after the step, and handed out again for a gradient of the same size
+    once nothing else holds it: no tensor, view or .grad on it (its use count is 1, ours). The
+    CUDA caching allocator already does this for GPU memory. :func:`empty_cache` releases it.
+    """
+    global _spare
+    nbytes = z.numel() * z.element_size()
+    if z.device.type != "cpu" or not z.is_contiguous() or nbytes < REUSE_MIN_BYTES:
+        return torch.empty_like(z)
+    if _storage_use_count is None:
+        return torch.empty_like(z)
+    spare = _spare
+    if spare is not None and spare.nbytes() == nbytes and _storage_use_count(spare._cdata) == 1:
+        return torch.empty(0, dtype=z.dtype).set_(spare, 0, z.shape, z.stride())
+    buffer = torch.empty_like(z)
+    _spare = buffer.untyped_storage()
+    return buffer
+
+
+def empty_cache() -> None:
+    """Release the CPU gradient buffer fastxent keeps for reuse (it is freed once unused)."""
+    global _spare
+    _spare = None
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """loss = reduce(kernel rows); the gradient is made in forward and scaled in backward."""
 
@@ -97,7 +131,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     ) -> Tensor:
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = z if opts.inplace_backward else torch.empty_like(z)
+            grad = z if opts.inplace_backward else gradient_buffer_like(z)
         ce_scale, z_scale = reduction_scales(z, target, weight, opts)
         rows = kernel(z, target, weight, opts, ce_scale, z_scale, grad)  # (M,)
         ctx.opts = opts

@@ -422,10 +422,15 @@ def cpu_memory_reason() -> str | None:
 
 
 def peak_extra_bytes(runner: Runner, device: torch.device) -> int:
-    """Bytes allocated beyond what was live before one forward+backward (gradients included)."""
+    """Bytes allocated beyond what was live before one forward+backward (gradients included).
+
+    fastxent's CPU gradient buffer, kept between steps for reuse, is released first: it would
+    otherwise count as live before the step and hide the gradient's memory.
+    """
     runner.clear()
     if runner.reset is not None:
         runner.reset()
+    fastxent.empty_cache()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

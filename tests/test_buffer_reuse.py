@@ -1,0 +1,95 @@
+"""The CPU gradient buffer is reused across steps only when nothing else holds it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastxent
+from fastxent import _autograd
+
+N, V = 64, 4096  # 1 MiB of float32: the smallest gradient that is kept for reuse
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    fastxent.empty_cache()
+    yield
+    fastxent.empty_cache()
+
+
+def step(z, target, **kwargs):
+    loss = fastxent.cross_entropy(z, target, backend="torch", **kwargs)
+    loss.backward()
+    return loss
+
+
+def torch_grad(z, target):
+    x = z.detach().clone().requires_grad_()
+    F.cross_entropy(x, target).backward()
+    return x.grad
+
+
+def make(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, V, generator=g).requires_grad_(), torch.randint(0, V, (N,), generator=g)
+
+
+def test_a_dropped_gradient_is_reused():
+    z, y = make(0)
+    step(z, y)
+    first = z.grad.data_ptr()
+    z.grad = None  # the usual zero_grad(set_to_none=True)
+    step(z, y)
+    assert z.grad.data_ptr() == first
+    torch.testing.assert_close(z.grad, torch_grad(z, y))
+
+
+@pytest.mark.parametrize("keep", ["grad", "view", "numpy"])
+def test_a_gradient_still_held_is_never_overwritten(keep):
+    z, y = make(1)
+    step(z, y)
+    held = {"grad": lambda g: g, "view": lambda g: g[3:], "numpy": lambda g: g.numpy()}[keep]
+    kept = held(z.grad)
+    snapshot = torch.as_tensor(kept).clone()
+    z.grad = None
+    other, y2 = make(2)
+    step(other, y2)
+    assert torch.equal(torch.as_tensor(kept), snapshot)  # untouched by the second step
+    torch.testing.assert_close(other.grad, torch_grad(other, y2))
+
+
+def test_gradient_accumulation_is_exact():
+    """.grad is not reset: the second gradient accumulates into the first buffer, not over it."""
+    z, y = make(3)
+    step(z, y)
+    step(z, y)
+    torch.testing.assert_close(z.grad, 2 * torch_grad(z, y))
+
+
+def test_a_retained_graph_keeps_its_buffer():
+    z, y = make(4)
+    loss = fastxent.cross_entropy(z, y, backend="torch")
+    (first,) = torch.autograd.grad(loss, z, retain_graph=True)
+    first = first.clone()
+    other, y2 = make(5)
+    step(other, y2)  # must not take the buffer the retained graph still needs
+    (again,) = torch.autograd.grad(loss, z)
+    torch.testing.assert_close(again, first)
+
+
+def test_empty_cache_releases_the_buffer():
+    z, y = make(6)
+    step(z, y)
+    z.grad = None
+    assert _autograd._spare is not None
+    fastxent.empty_cache()
+    assert _autograd._spare is None
+
+
+def test_small_and_non_contiguous_gradients_are_not_kept():
+    z = torch.randn(4, 10, requires_grad=True)
+    step(z, torch.tensor([1, 2, 3, 4]))
+    zt = torch.randn(V, N).t().requires_grad_()  # (N, V), transposed: keeps its own layout
+    step(zt, torch.randint(0, V, (N,)))
+    assert _autograd._spare is None
+    assert zt.grad.stride() == zt.stride()
