@@ -409,3 +409,31 @@ def test_gpu_more_than_2_31_elements():
         torch.testing.assert_close(loss[part], want_loss, rtol=1e-5, atol=1e-4)
         _, want_grad = _torch_rows(z[part], target[part])
         torch.testing.assert_close(x.grad[part].float(), want_grad, rtol=0.0, atol=4e-3)
+
+
+@interpreter
+@pytest.mark.parametrize("shift", [False, True])
+def test_linear_cross_entropy_runs_the_triton_kernel_per_chunk(shift, small_tiles, monkeypatch):
+    """The fused linear loss on the Triton kernel (chunks that do not divide N) vs float64."""
+    from test_linear import oracle
+
+    calls = []
+    kernel = triton_backend.cross_entropy_rows
+    monkeypatch.setattr(
+        triton_backend, "cross_entropy_rows", lambda *a: calls.append(1) or kernel(*a)
+    )
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(2, 7, 16, generator=gen, requires_grad=True)
+    weight = (torch.randn(423, 16, generator=gen) * 0.3).requires_grad_()
+    bias = torch.randn(423, generator=gen, requires_grad=True)
+    target = torch.randint(0, 423, (2, 7), generator=gen)
+    target[0, 3] = -100
+    options = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0}
+    loss = fastxent.linear_cross_entropy(
+        hidden, weight, target, bias, shift=shift, chunk_size=5, backend="triton", **options
+    )
+    loss.backward()
+    assert len(calls) == 3  # 13 (or 11 after the shift) counted tokens in chunks of 5
+    want = oracle(hidden, weight, bias, target, shift=shift, **options)
+    for got, expected in zip((loss, hidden.grad, weight.grad, bias.grad), want, strict=True):
+        assert_fp32_close(got.detach().double(), expected)
