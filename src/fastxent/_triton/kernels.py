@@ -42,6 +42,20 @@ def _transform(z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl
 
 
 @triton.jit
+def _soft_targets(
+    target_row, weight_ptr, cols, mask, keep, spread,
+    HAS_SMOOTHING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+):  # fmt: skip
+    """One tile of effective probability targets t_j = w_j((1-ε) y_j + ε/V), 0 past V."""
+    t = tl.load(target_row + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTHING:
+        t = t * keep + spread
+    if HAS_WEIGHT:
+        t = t * tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    return tl.where(mask, t, 0.0)
+
+
+@triton.jit
 def cross_entropy_rows_kernel(
     z_ptr,  # (M, V) logits, unit stride along V
     z_stride,  # elements between rows of z
@@ -93,13 +107,8 @@ def cross_entropy_rows_kernel(
         d = d * tl.exp(tl.minimum(shift_old - shift, 0.0)) + tl.sum(tl.exp(zp_max - shift), axis=0)
         m = m_new
         if SOFT:
-            t = tl.load(target_ptr + row * target_stride + cols, mask=mask, other=0.0)
-            t = t.to(tl.float32)
-            if HAS_SMOOTHING:
-                t = t * keep + spread
-            if HAS_WEIGHT:
-                t = t * tl.load(weight_ptr + cols, mask=mask, other=0.0)
-            t = tl.where(mask, t, 0.0)
+            t = _soft_targets(target_ptr + row * target_stride, weight_ptr, cols, mask, keep,
+                              spread, HAS_SMOOTHING, HAS_WEIGHT)  # fmt: skip
             acc_t += t
             acc_tz += tl.where(mask, t * zp, 0.0)
         elif HAS_SMOOTHING:
@@ -155,12 +164,8 @@ def cross_entropy_rows_kernel(
             zp = _transform(x, logit_scale, softcap, HAS_SOFTCAP, HAS_SCALE)
             g = coef * tl.exp(zp - lse)
             if SOFT:
-                t = tl.load(target_ptr + row * target_stride + cols, mask=mask, other=0.0)
-                t = t.to(tl.float32)
-                if HAS_SMOOTHING:
-                    t = t * keep + spread
-                if HAS_WEIGHT:
-                    t = t * tl.load(weight_ptr + cols, mask=mask, other=0.0)
+                t = _soft_targets(target_ptr + row * target_stride, weight_ptr, cols, mask, keep,
+                                  spread, HAS_SMOOTHING, HAS_WEIGHT)  # fmt: skip
                 g -= a * t
             else:
                 g -= tl.where(cols == y, a * keep * w_y, 0.0)
