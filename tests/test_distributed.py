@@ -2,7 +2,8 @@
 
 Two process groups are spawned (2 and 3 ranks on CPU); each runs every case, writes its loss and
 gradient slice to a file, and the test process compares them with :mod:`fastxent.reference` on
-the full logits. Error cases run inside the workers with ``pytest.raises``.
+the full logits. Error cases run inside the workers with ``pytest.raises``; those detected by the
+layout all-gather pass ``validate=True``, since the layout of the group is cached by then.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results["errors"][name] = None
         except BaseException:  # pytest.raises failing raises a BaseException
             results["errors"][name] = traceback.format_exc()
+    results["collectives"] = _collectives(rank, world)
     if world == 2:
         results["ddp"] = _ddp_training(rank)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -221,22 +223,26 @@ ERROR_CASES = {
     "targets_differ": _raises_everywhere(
         ValueError,
         "target must be the same on every rank",
-        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y + r),
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y + r, validate=True),
     ),
     "rows_differ": _raises_everywhere(
         ValueError,
         "same rows",
-        lambda r, w: vocab_parallel_cross_entropy(_local(r, w, 4 + r), torch.zeros(4 + r).long()),
+        lambda r, w: vocab_parallel_cross_entropy(
+            _local(r, w, 4 + r), torch.zeros(4 + r).long(), validate=True
+        ),
     ),
     "vocab_start_overlap": _raises_everywhere(
         ValueError,
         r"must tile \[0, 1001\) without gap or overlap",
-        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y, vocab_start=0),
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y, vocab_start=0, validate=True),
     ),
     "vocab_start_on_some_ranks": _raises_everywhere(
         ValueError,
         "vocab_start must be given on every rank or on none",
-        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y, vocab_start=None if r else 0),
+        lambda r, w: vocab_parallel_cross_entropy(
+            _local(r, w), _y, vocab_start=None if r else 0, validate=True
+        ),
     ),
     "vocab_start_negative": _raises_everywhere(
         ValueError,
@@ -268,6 +274,45 @@ ERROR_CASES = {
         lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y, reduction="avg"),
     ),
 }
+
+
+def count_collectives(call) -> dict[str, int]:
+    """How many ``all_gather`` and ``all_reduce`` calls ``call()`` makes (torch.distributed's)."""
+    counts = {"all_gather": 0, "all_reduce": 0}
+
+    def counted(name: str):
+        original = getattr(dist, name)
+
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in counts:
+            patch.setattr(dist, name, counted(name))
+        call()
+    return counts
+
+
+def _collectives(rank: int, world: int) -> dict[str, dict[str, int]]:
+    """Collectives of forward + backward ("mean") on a fresh group: first call, later, validate."""
+    group = dist.new_group(list(range(world)))  # a layout key no earlier call has used
+    y = torch.tensor([0, 5, 1000, 7, -100])
+
+    def call(**kwargs):
+        local = _local(rank, world, rows=5).requires_grad_()
+        vocab_parallel_cross_entropy(
+            local, y, group=group, label_smoothing=0.1, **kwargs
+        ).backward()
+
+    return {
+        "first": count_collectives(call),
+        "second": count_collectives(call),
+        "validate": count_collectives(lambda: call(validate=True)),
+        "after_validate": count_collectives(call),
+    }
 
 
 def _ddp_training(rank: int) -> dict:
@@ -388,6 +433,19 @@ def test_vocab_parallel_errors(spawned, world, name):
     """Each bad call raises the expected error on every rank (and no rank hangs)."""
     for rank, result in enumerate(spawned[world]):
         assert result["errors"][name] is None, f"rank {rank}:\n{result['errors'][name]}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel_collectives(spawned, world):
+    """The layout all-gather happens on the first call for a layout and with validate=True only;
+    otherwise forward + backward is one MAX and one SUM all-reduce."""
+    for result in spawned[world]:
+        assert result["collectives"] == {
+            "first": {"all_gather": 1, "all_reduce": 2},
+            "second": {"all_gather": 0, "all_reduce": 2},
+            "validate": {"all_gather": 1, "all_reduce": 2},
+            "after_validate": {"all_gather": 0, "all_reduce": 2},
+        }
 
 
 def test_vocab_parallel_needs_process_group():

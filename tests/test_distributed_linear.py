@@ -4,7 +4,8 @@ Two process groups are spawned (2 and 3 ranks on CPU, uneven slices of V = 1001,
 world 3 holding a single class); each rank holds its rows of the weight and bias, runs every case
 and writes its loss and gradients to a file. The test process compares them with the oracle of
 ``test_linear`` (the float64 logits by F.linear, then :mod:`fastxent.reference`): the loss and
-∂h on every rank, ∂W and ∂b as the rank's slice. Error cases run inside the workers.
+∂h on every rank, ∂W and ∂b as the rank's slice. Error cases run inside the workers; those
+detected by the layout all-gather pass ``validate=True``, since the layout is cached by then.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastxent
-from test_distributed import SHARDS, WORLDS, _raises_everywhere
+from test_distributed import SHARDS, WORLDS, _raises_everywhere, count_collectives
 from test_linear import oracle
 
 pytestmark = pytest.mark.distributed
@@ -134,6 +135,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             results["errors"][name] = None
         except BaseException:  # pytest.raises failing raises a BaseException
             results["errors"][name] = traceback.format_exc()
+    results["collectives"] = _collectives(rank, world)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -207,22 +209,24 @@ ERROR_CASES = {
     "targets_differ": _raises_everywhere(
         ValueError,
         "target must be the same on every rank",
-        lambda r, w: _call(*_inputs(r, w)[:2], _y + r),
+        lambda r, w: _call(*_inputs(r, w)[:2], _y + r, validate=True),
     ),
     "rows_differ": _raises_everywhere(
         ValueError,
         r"same rows \(sequence parallelism is not supported\)",
-        lambda r, w: _call(*_inputs(r, w, rows=4 + r)[:2], torch.zeros(4 + r).long()),
+        lambda r, w: _call(
+            *_inputs(r, w, rows=4 + r)[:2], torch.zeros(4 + r).long(), validate=True
+        ),
     ),
     "chunk_size_differs": _raises_everywhere(
         ValueError,
         r"chunk_size \(0 = None\) must be the same on every rank of the group; got \[2, 3",
-        lambda r, w: _call(*_inputs(r, w)[:2], _y, chunk_size=2 + r),
+        lambda r, w: _call(*_inputs(r, w)[:2], _y, chunk_size=2 + r, validate=True),
     ),
     "hidden_grad_differs": _raises_everywhere(
         ValueError,
         r"hidden\.requires_grad must be the same on every rank of the group; got \[1, 0",
-        lambda r, w: _call(*_inputs(r, w, grad=r == 0)[:2], _y),
+        lambda r, w: _call(*_inputs(r, w, grad=r == 0)[:2], _y, validate=True),
     ),
     "other_backend": _raises_everywhere(
         ValueError,
@@ -235,6 +239,25 @@ ERROR_CASES = {
         lambda r, w: _call(*_inputs(r, w)[:2], _y, reduction="avg"),
     ),
 }
+
+
+def _collectives(rank: int, world: int) -> dict[str, dict[str, int]]:
+    """Collectives of forward + backward ("mean", 7 rows in 3 chunks) on a fresh group."""
+    group = dist.new_group(list(range(world)))  # a layout key no earlier call has used
+    y = torch.tensor([0, 5, 1000, 7, 400, 999, 1])
+
+    def call(**kwargs):
+        hidden, weight, bias = _inputs(rank, world, rows=7, grad=True)
+        fastxent.linear_cross_entropy(
+            hidden, weight, y, bias, chunk_size=3, process_group=group, **kwargs
+        ).backward()
+
+    return {
+        "first": count_collectives(call),
+        "second": count_collectives(call),
+        "validate": count_collectives(lambda: call(validate=True)),
+        "after_validate": count_collectives(call),
+    }
 
 
 # --------------------------------------------------------------------------- test process
@@ -320,6 +343,19 @@ def test_vocab_parallel_linear_errors(spawned, world, name):
     """Each bad call raises the expected error on every rank (and no rank hangs)."""
     for rank, result in enumerate(spawned[world]):
         assert result["errors"][name] is None, f"rank {rank}:\n{result['errors'][name]}"
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel_linear_collectives(spawned, world):
+    """The layout all-gather happens on the first call for a layout and with validate=True only;
+    otherwise one MAX and one SUM all-reduce per token chunk (3) and the one of ∂h."""
+    for result in spawned[world]:
+        assert result["collectives"] == {
+            "first": {"all_gather": 1, "all_reduce": 2 * 3 + 1},
+            "second": {"all_gather": 0, "all_reduce": 2 * 3 + 1},
+            "validate": {"all_gather": 1, "all_reduce": 2 * 3 + 1},
+            "after_validate": {"all_gather": 0, "all_reduce": 2 * 3 + 1},
+        }
 
 
 def test_process_group_needs_initialised_distributed():

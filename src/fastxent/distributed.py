@@ -35,15 +35,26 @@ slice of the single-process gradient (the local vocabulary size would give a dif
 every rank). Softcap and logit scale act elementwise on the local logits; the z-loss uses the
 global ``lse``.
 
-Communication per call, all inside forward (backward only scales the kept gradient, as in
+Communication, all inside forward (backward only scales the kept gradient, as in
 :class:`fastxent._autograd.CrossEntropyFunction`, which this module reuses unchanged):
 
-* one ``all_gather`` of six int64 per rank: rows, local vocabulary size, ``vocab_start`` and
-  three checksums of the targets, to derive or check the shard layout and the targets (eight
-  for the fused projection, which also checks ``chunk_size`` and ``hidden.requires_grad``);
-* one MAX ``all_reduce`` of an ``(N,)`` tensor in the accumulation dtype: the row max;
-* one SUM ``all_reduce`` of an ``(N, 2)`` tensor (``(N, 3)`` with label smoothing) in the
+* the first call for a layout key ``(group, V_r, vocab_start)`` also makes one ``all_gather`` of
+  six int64 per rank: rows, local vocabulary size, ``vocab_start`` and three checksums of the
+  targets, to derive and check the shard layout and the targets (eight for the fused projection,
+  which also checks ``chunk_size`` and ``hidden.requires_grad``). The layout ``(vocab_start,
+  sizes of all ranks)`` is then cached for that key and later calls skip the all-gather and its
+  checks (and their host sync);
+* every call makes one MAX ``all_reduce`` of an ``(N,)`` tensor in the accumulation dtype: the
+  row max;
+* and one SUM ``all_reduce`` of an ``(N, 2)`` tensor (``(N, 3)`` with label smoothing) in the
   accumulation dtype: ``S_r e^{m_r - m}``, ``z'_y``, smoothing sum.
+
+``validate=True`` makes the all-gather and every check of the first call on every call: use it to
+debug inputs that may differ between ranks (row counts, targets, options), which without it are
+not compared after the first call and can hang NCCL or give wrong results. Cache hits are per
+rank and not compared either: when the slices of a group change, the key must change on every
+rank (or every rank passes ``validate=True`` for that call); if it changes on some ranks only,
+those all-gather while the others all-reduce.
 
 Supported: class-index targets of shape ``local_logits.shape[:-1]`` (classes on the LAST dim,
 so ``(N, V_r)`` and ``(B, T, V_r)`` both work), uneven and arbitrarily ordered slices (given by
@@ -61,11 +72,12 @@ chunks with this row kernel (one MAX and one SUM all-reduce per chunk) and does 
 all-reduce itself, once, at the end of forward; slices follow rank order there.
 
 Errors that depend on one rank only (shard layout, row count, mismatched targets) are detected
-after the all-gather, so every rank raises the same exception instead of one rank hanging. The
-target check compares checksums (it catches any realistic mismatch, it is not a proof); the
-scalar options (``ignore_index``, ``reduction``, smoothing, ...) and ``weight`` must be the same on
-every rank and are not compared. Validation reads small results on the host (the layout and the
-target range), as :func:`fastxent.cross_entropy` does for the target range.
+after the all-gather, so every rank raises the same exception instead of one rank hanging; that
+is on the first call for a layout and on every call with ``validate=True``. The target check
+compares checksums (it catches any realistic mismatch, it is not a proof); the scalar options
+(``ignore_index``, ``reduction``, smoothing, ...) and ``weight`` must be the same on every rank and
+are not compared. Validation reads small results on the host (the layout and the target range),
+as :func:`fastxent.cross_entropy` does for the target range.
 """
 
 from __future__ import annotations
@@ -103,6 +115,7 @@ def vocab_parallel_cross_entropy(
     softcap: float | None = None,
     logit_scale: float = 1.0,
     inplace_backward: bool = False,
+    validate: bool = False,
 ) -> Tensor:
     r"""Cross-entropy over a vocabulary split across the ranks of ``group``.
 
@@ -117,8 +130,10 @@ def vocab_parallel_cross_entropy(
         \frac{\partial \ell}{\partial z'_i} = o_i \sum_j t_j - t_i + 2 s\,\mathrm{lse}\,o_i
 
     with ``t = (1-ε) w_y e_y + (ε/V) w`` over the global vocabulary of ``V`` classes. Forward
-    makes one MAX and one SUM all-reduce of per-row statistics (and a tiny all-gather of the
-    shard layout); backward communicates nothing.
+    makes one MAX and one SUM all-reduce of per-row statistics; backward communicates nothing.
+    The first call for a layout key ``(group, V_r, vocab_start)`` also makes a tiny all-gather
+    that derives and checks the shard layout, the row count and the targets on every rank, and
+    caches the layout; later calls with the same key skip it (see :mod:`fastxent.distributed`).
 
     Shapes: ``local_logits`` is ``(N, V_r)`` or ``(..., V_r)`` with classes on the LAST dim (for
     ``(B, T, V_r)`` the leading dims are flattened into rows); ``target`` is
@@ -127,7 +142,8 @@ def vocab_parallel_cross_entropy(
 
     Args:
         local_logits: this rank's logits, any floating dtype (bf16/fp16 accumulate in float32).
-        target: global class indices, identical on every rank (checked).
+        target: global class indices, identical on every rank (checked on the first call for a
+            layout, and on every call with ``validate=True``).
         group: the tensor-parallel process group; None for the default group.
         vocab_start: the first global class of this rank's slice. None on every rank: slices
             follow rank order (prefix sums of the slice sizes). Given on every rank: the slices
@@ -137,6 +153,9 @@ def vocab_parallel_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale: as in
             :func:`fastxent.cross_entropy`, with ``V`` the global vocabulary size.
         inplace_backward: write this rank's gradient into ``local_logits`` during forward.
+        validate: make the all-gather and its checks (layout, row count, targets) on every call,
+            not only on the first call for a layout; for debugging inputs that may differ
+            between ranks, which otherwise can hang NCCL. The same on every rank.
 
     Returns:
         The loss, the same on every rank: a scalar for "mean"/"sum", float32 (float64 for
@@ -190,7 +209,7 @@ def vocab_parallel_cross_entropy(
 
     z = local_logits.reshape(-1, local_logits.shape[-1])  # (N, V_r)
     y = target.reshape(-1).long()  # (N,)
-    vocab_start, sizes = _shard_layout(y, z.shape[1], vocab_start, group, z.device)
+    vocab_start, sizes = _shard_layout(y, z.shape[1], vocab_start, group, z.device, validate)
     vocab_size = sum(sizes)
     check_weight(weight, vocab_size)
     check_index_targets(y, vocab_size, ignore_index)
@@ -228,6 +247,7 @@ def vocab_parallel_linear_cross_entropy(
     chunk_size: int | None = None,
     filter_eps: float | None = None,
     backend: str = "auto",
+    validate: bool = False,
 ) -> Tensor:
     r"""``fastxent.linear_cross_entropy(..., process_group=group)``: the vocab-parallel path.
 
@@ -249,6 +269,12 @@ def vocab_parallel_linear_cross_entropy(
     the chunks in backward with the same collectives plus that all-reduce: every rank must run
     backward, with the same ``grad_output``. ``filter_eps`` acts on each rank's local gradient
     (the dropped contributions are those of its own vocab blocks). Class-index targets only.
+
+    The first call for a layout key ``(group, V_r)`` also makes the all-gather of
+    :mod:`fastxent.distributed`, which checks the layout, the row count, the targets,
+    ``chunk_size`` and ``hidden.requires_grad`` on every rank and caches the layout; later calls
+    skip it, so each forward makes 2 all-reduces per token chunk plus the one of ∂h.
+    ``validate=True`` makes the all-gather and its checks on every call.
     """
     from fastxent._linear import (
         LinearCrossEntropyFunction,
@@ -283,6 +309,7 @@ def vocab_parallel_linear_cross_entropy(
         None,
         group,
         hidden.device,
+        validate,
         agreed={
             "chunk_size (0 = None)": chunk_size or 0,
             "hidden.requires_grad": int(needs_hidden),
@@ -317,23 +344,45 @@ def vocab_parallel_linear_cross_entropy(
     )
 
 
+# (process group, local vocabulary size, vocab_start argument) -> (vocab_start, sizes of all ranks)
+_LAYOUTS: dict[tuple[dist.ProcessGroup, int, int | None], tuple[int, list[int]]] = {}
+
+
 def _shard_layout(
     y: Tensor,
     num_local: int,
     vocab_start: int | None,
     group,
     device: torch.device,
+    validate: bool,
     agreed: dict[str, int] | None = None,
 ) -> tuple[int, list[int]]:
-    """``(vocab_start, local sizes of all ranks)`` from one all-gather of a few int64 per rank.
+    """``(vocab_start, local sizes of all ranks)``, from :data:`_LAYOUTS` or one all-gather.
 
-    Each rank sends its row count ``len(y)``, slice size, ``vocab_start`` (-1 for None), three
-    checksums of its targets (Σy, Σy², Σ i·y; int64 wrap-around is the same on every rank) and the
-    values of ``agreed`` (name -> int that must be equal on every rank), so that a wrong layout,
-    different targets or a disagreement raise the same error on every rank.
+    The first call for a key ``(group, num_local, vocab_start)``, and every call with
+    ``validate``, all-gathers each rank's row count ``len(y)``, slice size, ``vocab_start`` (-1 for
+    None), three checksums of its targets (Σy, Σy², Σ i·y; int64 wrap-around is the same on every
+    rank) and the values of ``agreed`` (name -> int that must be equal on every rank), so that a
+    wrong layout, different targets or a disagreement raise the same error on every rank. A
+    layout that passes is cached for its key; other calls return it without communicating.
     """
+    key = (dist.group.WORLD if group is None else group, num_local, vocab_start)
+    if not validate and key in _LAYOUTS:
+        return _LAYOUTS[key]
+    _LAYOUTS[key] = layout = _gather_layout(y, num_local, vocab_start, group, device, agreed or {})
+    return layout
+
+
+def _gather_layout(
+    y: Tensor,
+    num_local: int,
+    vocab_start: int | None,
+    group,
+    device: torch.device,
+    agreed: dict[str, int],
+) -> tuple[int, list[int]]:
+    """The all-gather and checks of :func:`_shard_layout`."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    agreed = agreed or {}
     num_rows = y.numel()
     y = y.to(device)
     i = torch.arange(1, num_rows + 1, device=device)

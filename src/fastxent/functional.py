@@ -196,6 +196,7 @@ def linear_cross_entropy(
     filter_eps: float | None = None,
     backend: str = "auto",
     process_group: torch.distributed.ProcessGroup | None = None,
+    validate: bool = False,
 ) -> Tensor:
     r"""Cross-entropy of the logits ``z = h Wᵀ + b``, without materialising the N×V logits.
 
@@ -249,6 +250,9 @@ def linear_cross_entropy(
             rank's own vocab blocks. Not supported: probability targets, sequence parallelism
             (hidden split along tokens), backends other than "auto"/"torch". See
             :mod:`fastxent.distributed` and ``examples/vocab_parallel_linear.py``.
+        validate: with ``process_group``, all-gather and check the shard layout, row count,
+            targets and options on every call, not only on the first call for a layout (for
+            debugging inputs that differ between ranks, which otherwise can hang NCCL).
 
     Returns:
         The loss: a scalar for "mean"/"sum", float32 for fp32/bf16/fp16 and float64 for float64.
@@ -277,7 +281,7 @@ def linear_cross_entropy(
             hidden, weight, target, bias, group=process_group, class_weight=class_weight,
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
             z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, shift=shift,
-            chunk_size=chunk_size, filter_eps=filter_eps, backend=backend,
+            chunk_size=chunk_size, filter_eps=filter_eps, backend=backend, validate=validate,
         )  # fmt: skip
     from fastxent._linear import (
         LinearCrossEntropyFunction,
