@@ -139,7 +139,8 @@ def make_case(case: Case, world: int):
 # --------------------------------------------------------------------------- worker processes
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def run_worker(rank, world, init_file, out_dir, cases, run_case, error_cases, extra) -> None:
+    """One rank of a gloo group: every case, every error check, then ``extra`` -> rank{r}.pt."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -149,20 +150,29 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         timeout=timedelta(seconds=30),
     )
     results: dict = {"cases": {}, "errors": {}}
-    for case in CASES:
-        results["cases"][case.name] = _run_case(case, rank, world)
-    for name, check in ERROR_CASES.items():
+    for case in cases:
+        results["cases"][case.name] = run_case(case, rank, world)
+    for name, check in error_cases.items():
         try:
             check(rank, world)
             results["errors"][name] = None
         except BaseException:  # pytest.raises failing raises a BaseException
             results["errors"][name] = traceback.format_exc()
-    results["collectives"] = _collectives(rank, world)
-    if world == 2:
-        results["ddp"] = _ddp_training(rank)
+    results.update(extra(rank, world))
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    run_worker(rank, world, init_file, out_dir, CASES, _run_case, ERROR_CASES, _extra)
+
+
+def _extra(rank: int, world: int) -> dict:
+    extra = {"collectives": _collectives(rank, world)}
+    if world == 2:
+        extra["ddp"] = _ddp_training(rank)
+    return extra
 
 
 def _run_case(case: Case, rank: int, world: int) -> dict:
@@ -354,15 +364,13 @@ def _ddp_training(rank: int) -> dict:
 # --------------------------------------------------------------------------- test process
 
 
-@pytest.fixture(scope="module")
-def spawned(tmp_path_factory) -> dict[int, list[dict]]:
-    """World size -> per-rank results. Both process groups start at once and run every case."""
-    base = tmp_path_factory.mktemp("dist")
+def spawn_groups(base: Path, worker) -> dict[int, list[dict]]:
+    """World size -> per-rank results of ``worker``; every group of WORLDS starts at once."""
     contexts = {}
     for world in WORLDS:
         (base / str(world)).mkdir()
         contexts[world] = mp.spawn(
-            _worker,
+            worker,
             args=(world, str(base / str(world) / "init"), str(base / str(world))),
             nprocs=world,
             join=False,
@@ -376,6 +384,12 @@ def spawned(tmp_path_factory) -> dict[int, list[dict]]:
         ]
         for world in WORLDS
     }
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory) -> dict[int, list[dict]]:
+    """World size -> per-rank results. Both process groups start at once and run every case."""
+    return spawn_groups(tmp_path_factory.mktemp("dist"), _worker)
 
 
 def _reference(case: Case, world: int):

@@ -10,19 +10,22 @@ detected by the layout all-gather pass ``validate=True``, since the layout is ca
 
 from __future__ import annotations
 
-import traceback
 import zlib
 from dataclasses import dataclass, field
-from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastxent
-from test_distributed import SHARDS, WORLDS, _raises_everywhere, count_collectives
+from test_distributed import (
+    SHARDS,
+    WORLDS,
+    _raises_everywhere,
+    count_collectives,
+    run_worker,
+    spawn_groups,
+)
 from test_linear import oracle
 
 pytestmark = pytest.mark.distributed
@@ -118,27 +121,10 @@ def make_case(case: Case, world: int):
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=30),
-    )
-    results: dict = {"cases": {}, "errors": {}}
-    for case in CASES:
-        results["cases"][case.name] = _run_case(case, rank, world)
-    for name, check in ERROR_CASES.items():
-        try:
-            check(rank, world)
-            results["errors"][name] = None
-        except BaseException:  # pytest.raises failing raises a BaseException
-            results["errors"][name] = traceback.format_exc()
-    results["collectives"] = _collectives(rank, world)
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    def extra(rank: int, world: int) -> dict:
+        return {"collectives": _collectives(rank, world)}
+
+    run_worker(rank, world, init_file, out_dir, CASES, _run_case, ERROR_CASES, extra)
 
 
 def _run_case(case: Case, rank: int, world: int) -> dict:
@@ -266,25 +252,7 @@ def _collectives(rank: int, world: int) -> dict[str, dict[str, int]]:
 @pytest.fixture(scope="module")
 def spawned(tmp_path_factory) -> dict[int, list[dict]]:
     """World size -> per-rank results. Both process groups start at once and run every case."""
-    base = tmp_path_factory.mktemp("dist_linear")
-    contexts = {}
-    for world in WORLDS:
-        (base / str(world)).mkdir()
-        contexts[world] = mp.spawn(
-            _worker,
-            args=(world, str(base / str(world) / "init"), str(base / str(world))),
-            nprocs=world,
-            join=False,
-        )
-    for context in contexts.values():
-        while not context.join():  # raises if a worker raised
-            pass
-    return {
-        world: [
-            torch.load(base / str(world) / f"rank{r}.pt", weights_only=False) for r in range(world)
-        ]
-        for world in WORLDS
-    }
+    return spawn_groups(tmp_path_factory.mktemp("dist_linear"), _worker)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
