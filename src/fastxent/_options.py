@@ -32,6 +32,32 @@ class CrossEntropyOptions:
     logit_scale: float = 1.0
     inplace_backward: bool = False
 
+    @classmethod
+    def of(
+        cls,
+        num_classes: int,
+        soft: bool,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        z_loss: float,
+        softcap: float | None,
+        logit_scale: float,
+        inplace_backward: bool = False,
+    ) -> CrossEntropyOptions:
+        """The options of a call, its numbers as Python floats (whatever numeric type came)."""
+        return cls(
+            num_classes=num_classes,
+            soft=soft,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=float(label_smoothing),
+            z_loss=float(z_loss),
+            softcap=None if softcap is None else float(softcap),
+            logit_scale=float(logit_scale),
+            inplace_backward=inplace_backward,
+        )
+
     @property
     def has_transform(self) -> bool:
         """True when the logits are transformed (softcap or logit scale) before the softmax."""

@@ -213,16 +213,16 @@ def vocab_parallel_cross_entropy(
     vocab_size = sum(sizes)
     check_weight(weight, vocab_size)
     check_index_targets(y, vocab_size, ignore_index)
-    opts = CrossEntropyOptions(
-        num_classes=vocab_size,
-        soft=False,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-        logit_scale=float(logit_scale),
-        inplace_backward=inplace_backward,
+    opts = CrossEntropyOptions.of(
+        vocab_size,
+        False,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        logit_scale,
+        inplace_backward,
     )
     kernel = functools.partial(vocab_parallel_rows, vocab_start=vocab_start, group=group)
     loss = CrossEntropyFunction.apply(z, y, weight, opts, kernel)
@@ -319,15 +319,15 @@ def vocab_parallel_linear_cross_entropy(
     check_weight(class_weight, vocab_size, "class_weight")
     check_index_targets(target[..., 1:] if shift else target, vocab_size, ignore_index)
     opts = LinearOptions(
-        ce=CrossEntropyOptions(
-            num_classes=vocab_size,
-            soft=False,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=float(label_smoothing),
-            z_loss=float(z_loss),
-            softcap=None if softcap is None else float(softcap),
-            logit_scale=float(logit_scale),
+        ce=CrossEntropyOptions.of(
+            vocab_size,
+            False,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            z_loss,
+            softcap,
+            logit_scale,
         ),
         # The same on every rank: a rank with fewer chunks would leave the others' all-reduces.
         chunk_size=chunk_size or default_chunk_size(max(sizes), hidden.dtype),

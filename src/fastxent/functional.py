@@ -159,16 +159,16 @@ def cross_entropy(
             "inplace_backward=False."
         )
     _, kernel = resolve_backend(backend, input.device)
-    opts = CrossEntropyOptions(
-        num_classes=num_classes,
-        soft=soft,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-        logit_scale=float(logit_scale),
-        inplace_backward=inplace_backward,
+    opts = CrossEntropyOptions.of(
+        num_classes,
+        soft,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap,
+        logit_scale,
+        inplace_backward,
     )
     z = _rows(input, class_dim)  # (M, C)
     t = _rows(target, class_dim) if soft else target.reshape(-1).long()  # (M, C) or (M,)
@@ -305,15 +305,15 @@ def linear_cross_entropy(
     check_chunking(chunk_size, filter_eps)
     _, kernel = resolve_backend(backend, hidden.device)
     opts = LinearOptions(
-        ce=CrossEntropyOptions(
-            num_classes=num_classes,
-            soft=soft,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=float(label_smoothing),
-            z_loss=float(z_loss),
-            softcap=None if softcap is None else float(softcap),
-            logit_scale=float(logit_scale),
+        ce=CrossEntropyOptions.of(
+            num_classes,
+            soft,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            z_loss,
+            softcap,
+            logit_scale,
         ),
         chunk_size=chunk_size or default_chunk_size(num_classes, hidden.dtype),
         shift=shift,
