@@ -58,11 +58,6 @@ class CrossEntropyOptions:
             inplace_backward=inplace_backward,
         )
 
-    @property
-    def has_transform(self) -> bool:
-        """True when the logits are transformed (softcap or logit scale) before the softmax."""
-        return self.softcap is not None or self.logit_scale != 1.0
-
 
 def check_scalars(
     reduction: str,
