@@ -153,6 +153,7 @@ def test_peak_memory_counts_a_reused_fastxent_gradient():
         (["--dtypes", "int8"], "unknown dtype 'int8'"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--warmup", "0"], "--warmup must be >= 1"),
+        (["--budget", "-1"], "--budget must be >= 0"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
     ],
 )
@@ -160,6 +161,26 @@ def test_bad_flags_are_refused_with_a_message(argv, message, capsys, tmp_path):
     assert bench.run(parse([*argv, "--out", str(tmp_path)])) == 2
     assert message in capsys.readouterr().out
     assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("first_run_s", "runs"), [(1.0, 5), (2.0, 5), (2.1, 4), (4.0, 2), (11.0, 1), (99.0, 1)]
+)
+def test_budget_cuts_the_runs_of_slow_methods_to_what_fits(first_run_s, runs):
+    assert bench.Timing(5, 1, 10.0).runs_within_budget(first_run_s) == runs
+    assert bench.Timing(5, 1, 0.0).runs_within_budget(first_run_s) == 5  # 0: no budget
+
+
+def test_run_over_budget_times_once_and_says_so(tmp_path):
+    argv = ["--quick", "--no-linear", "--methods", "fastxent-torch,eager", "--no-memory"]
+    code = bench.run(parse([*argv, "--repeats", "3", "--budget", "1e-9", "--out", str(tmp_path)]))
+    assert code == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = [row for case in report["cases"] for row in case["rows"] if not row["skipped"]]
+    assert {row["name"] for row in rows} == {"fastxent-torch", "eager", "floor"}
+    for row in rows:
+        assert len(row["times_s"]) == 1, row
+        assert "timed 1 of 3 runs" in row["note"], row
 
 
 @pytest.mark.parametrize("text", ["8,x", "0,8", ""])

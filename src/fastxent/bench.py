@@ -10,10 +10,13 @@ Two kinds of case:
 For each (case, method) the suite reports
 
 * the forward+backward time: the median of ``repeats`` runs after ``warmup`` runs, with the
-  methods interleaved (one run of each in turn, the order rotating) so drift hits all alike;
+  methods interleaved (one run of each in turn, the order rotating) so drift hits all alike; a
+  method whose first timed run is longer than ``budget / repeats`` seconds gets only the runs
+  that fit in ``budget`` (at least one), so a slow peer does not dominate the suite's time;
 * the peak extra memory: bytes allocated beyond the inputs during one forward+backward, the
   gradients included. On CPU each method runs in its own subprocess, and the peak resident set
-  size is reset (``/proc/self/clear_refs``) after warm-up so compilation does not count; on CUDA
+  size is reset (``/proc/self/clear_refs``) after warm-up so compilation does not count, and two
+  such processes run at a time (nothing is timed then); on CUDA
   it is ``torch.cuda.max_memory_allocated`` minus what was allocated before the step;
 * the max relative error of the loss and of the gradients against float64 PyTorch on the same
   data: ``|loss - ref| / |ref|`` and ``max|g - g_ref| / max|g_ref|``;
@@ -31,6 +34,7 @@ against the vocabulary size) in the output directory; the terminal shows a table
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import gc
@@ -69,6 +73,8 @@ HEADLINE_V = 32768
 QUICK = {"n": 64, "v": [256, 1024], "linear_n": 64, "d": 32, "linear_v": [512]}
 DEFAULT_REPEATS, DEFAULT_WARMUP = 3, 1
 QUICK_REPEATS = 3
+DEFAULT_BUDGET_S = 10.0  # timed seconds per method and case before its runs are cut (0: no cut)
+MEMORY_PROCESSES = 2  # memory subprocesses at a time (peak RSS is per process; nothing is timed)
 # Largest relative error (loss and gradient) a fastxent row may show before the run fails.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 # Bytes of the tensor copied to measure the memory bandwidth (large enough to leave the caches).
@@ -475,8 +481,11 @@ def memory_worker() -> None:
         print(json.dumps(result), flush=True)
 
 
-def measure_memory_in_subprocess(name: str, cases: list[Case], warmup: int) -> list[int | str]:
-    """Peak extra bytes of method ``name`` on each case (or why not), in a fresh process.
+def measure_memory_in_subprocess(
+    name: str, cases: list[Case], warmup: int, threads: int
+) -> list[int | str]:
+    """Peak extra bytes of method ``name`` on each case (or why not), in a fresh process that
+    uses ``threads`` torch threads.
 
     A fixed mmap threshold makes glibc hand every freed block above 64 KiB back to the system, so
     memory freed by one case is not silently reused by the next.
@@ -484,7 +493,7 @@ def measure_memory_in_subprocess(name: str, cases: list[Case], warmup: int) -> l
     spec = {
         "method": name,
         "device": "cpu",
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "warmup": warmup,
         "cases": [asdict(c) for c in cases],
     }
@@ -557,12 +566,27 @@ def _floor(case: Case, inputs: dict[str, Tensor], device: torch.device, quick: b
     return matmuls, 1.0, "floor: 3 matmuls", (h.numel() + w.numel()) * dtype.itemsize
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How each method is timed: ``warmup`` untimed runs, then up to ``repeats`` timed ones,
+    fewer when they would take more than ``budget_s`` seconds (0: no limit)."""
+
+    repeats: int
+    warmup: int
+    budget_s: float
+
+    def runs_within_budget(self, first_run_s: float) -> int:
+        """Timed runs for a method whose first timed run took ``first_run_s`` seconds."""
+        if self.budget_s <= 0 or first_run_s * self.repeats <= self.budget_s:
+            return self.repeats
+        return max(1, int(self.budget_s // first_run_s))
+
+
 def run_case(
     case: Case,
     candidates: list[Method],
     device: torch.device,
-    repeats: int,
-    warmup: int,
+    timing: Timing,
     quick: bool,
     advance: Callable[[], None],
 ) -> tuple[list[Row], dict]:
@@ -586,7 +610,7 @@ def run_case(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 runner = m.build(inputs, device)
-                for _ in range(warmup):  # the last warm-up run's output is checked
+                for _ in range(timing.warmup):  # the last warm-up run's output is checked
                     runner.clear()
                     if runner.reset is not None:
                         runner.reset()
@@ -613,20 +637,33 @@ def run_case(
     floor = Row("floor", floor_label, peak_extra_bytes=floor_bytes)
     floor.note = "memory: the gradients themselves"
     rows.append(floor)
-    timed = [*runners, "floor"]
-    for r in range(repeats):
-        k = r % len(timed)
-        for name in timed[k:] + timed[:k]:  # interleaved, the order rotating each round
-            if name == "floor":
-                _sync(device)
-                start = time.perf_counter()
-                floor_step()
-                _sync(device)
-                floor.times_s.append(floor_scale * (time.perf_counter() - start))
-            else:
-                row = next(row for row in rows if row.name == name)
-                row.times_s.append(time_step(runners[name], device))
+    timed = {row.name: row for row in rows if row.name in runners or row is floor}
+    order = list(timed)
+    runs = dict.fromkeys(order, timing.repeats)  # cut after the first round if over budget
+    for r in range(timing.repeats):
+        k = r % len(order)
+        for name in order[k:] + order[:k]:  # interleaved, the order rotating each round
+            if r < runs[name]:
+                if name == "floor":
+                    _sync(device)
+                    start = time.perf_counter()
+                    floor_step()
+                    _sync(device)
+                    elapsed = time.perf_counter() - start
+                    timed[name].times_s.append(floor_scale * elapsed)
+                else:
+                    elapsed = time_step(runners[name], device)
+                    timed[name].times_s.append(elapsed)
+                if r == 0:
+                    runs[name] = timing.runs_within_budget(elapsed)
             advance()
+    for name, count in runs.items():
+        if count < timing.repeats:
+            cut = (
+                f"timed {count} of {timing.repeats} runs: {timing.repeats} would exceed the "
+                f"{timing.budget_s:g} s budget (--budget)"
+            )
+            timed[name].note = "; ".join(filter(None, [timed[name].note, cut]))
     del runners
     extra = {}
     if case.kind == "cross_entropy" and floor.times_s:
@@ -819,6 +856,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_WARMUP,
         help="untimed runs first (compilation); the last is checked against float64",
     )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help="seconds of timed runs per method and case: a slower method gets fewer runs, at "
+        f"least one ({DEFAULT_BUDGET_S:g}; 0: always --repeats)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: seconds")
     parser.add_argument(
@@ -832,6 +876,8 @@ def _check(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    if args.budget < 0:
+        return f"--budget must be >= 0 seconds, got {args.budget:g}"
     if args.warmup < 1:
         return f"--warmup must be >= 1 (its last run is the one checked), got {args.warmup}"
     for dtype in [*args.dtypes, *args.linear_dtypes]:
@@ -880,6 +926,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = torch.device(args.device)
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    timing = Timing(repeats, args.warmup, args.budget)
     cases = cases_of(args)
     chosen = [m for m in methods() if _selected(m.name, args.methods)]
     per_case = {k: [m for m in chosen if m.kind == k] for k in KINDS}
@@ -908,8 +955,7 @@ def run(args: argparse.Namespace) -> int:
                 case,
                 per_case[case.kind],
                 device,
-                repeats,
-                args.warmup,
+                timing,
                 args.quick,
                 lambda: progress.advance(task),
             )
@@ -940,6 +986,7 @@ def run(args: argparse.Namespace) -> int:
         "settings": {
             "repeats": repeats,
             "warmup": args.warmup,
+            "budget_s": args.budget,
             "quick": args.quick,
             "flags": {
                 k: str(v) if isinstance(v, Path) else v
@@ -964,7 +1011,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _cpu_memory(results: list[dict], reason: str | None, warmup: int, progress) -> None:
-    """Fill in peak memory on CPU: one subprocess per method, over every case it ran on."""
+    """Fill in peak memory on CPU: one subprocess per method, over every case it ran on,
+    ``MEMORY_PROCESSES`` at a time, the torch threads shared out between them."""
     by_method: dict[tuple[str, str], list[tuple[Case, Row]]] = {}
     for result in results:
         for row in result["rows"]:
@@ -977,16 +1025,30 @@ def _cpu_memory(results: list[dict], reason: str | None, warmup: int, progress) 
             by_method.setdefault(key, []).append((result["case"], row))
     if not by_method:
         return
-    task = progress.add_task("memory", total=len(by_method))
-    for (name, kind), pairs in by_method.items():
-        progress.update(task, description=f"memory {kind} {name} (own process)")
-        measured = measure_memory_in_subprocess(name, [case for case, _ in pairs], warmup)
+    task = progress.add_task(
+        f"memory: each method in its own process, {MEMORY_PROCESSES} at a time",
+        total=len(by_method),
+    )
+    threads = max(1, torch.get_num_threads() // MEMORY_PROCESSES)
+
+    def measure(name: str, pairs: list[tuple[Case, Row]]) -> None:
+        cases = [case for case, _ in pairs]
+        measured = measure_memory_in_subprocess(name, cases, warmup, threads)
         for (_, row), value in zip(pairs, measured, strict=True):
             if isinstance(value, int):
                 row.peak_extra_bytes = value
             else:
                 row.memory_skipped = value
         progress.advance(task)
+
+    def cost(item) -> float:  # the slowest methods first, for the shortest schedule
+        return -sum(row.median_s or 0.0 for _, row in item[1])
+
+    with concurrent.futures.ThreadPoolExecutor(MEMORY_PROCESSES) as pool:
+        todo = sorted(by_method.items(), key=cost)
+        jobs = [pool.submit(measure, name, pairs) for (name, _), pairs in todo]
+        for job in jobs:
+            job.result()
 
 
 def _fastxent_failures(case: Case, row: Row) -> list[str]:
