@@ -122,7 +122,8 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
         elif v.smoothing:  # the uniform part; the one-hot part is added outside, at M entries
             u = torch.where(counted, a * eps / num_classes, 0.0)
             g = g - (u * w if v.weighted else u)
-        g = g * _chain(v, zp, cap, alpha)
+        if v.softcap or v.scaled:
+            g = g * _chain(v, zp, cap, alpha)
         (z if v.inplace else grad).copy_(g)
     return tuple(out)
 
