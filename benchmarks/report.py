@@ -34,8 +34,9 @@ def render(report: dict) -> str:
         lines += [
             title,
             "",
-            "| method | median ms | × fastxent | peak extra MiB | loss rel err | grad rel err |",
-            "|---|--:|--:|--:|--:|--:|",
+            "| method | median ms | × fastxent | first call s | peak extra MiB | loss rel err "
+            "| grad rel err |",
+            "|---|--:|--:|--:|--:|--:|--:|",
         ]
         for row in case["rows"]:
             note = row["skipped"] or row["memory_skipped"] or row["note"]
@@ -48,7 +49,7 @@ def render(report: dict) -> str:
             median = row["median_s"]
             lines.append(
                 f"| {name} | {fmt(None if median is None else 1e3 * median, '.1f')} "
-                f"| {fmt(row['ratio'], '.2f')} "
+                f"| {fmt(row['ratio'], '.2f')} | {fmt(row.get('first_call_s'), '.2f')} "
                 f"| {fmt(None if memory is None else memory / 2**20, '.0f')} "
                 f"| {fmt(row['loss_rel_err'], '.1e')} | {fmt(row['grad_rel_err'], '.1e')} |"
             )

@@ -71,6 +71,7 @@ def test_quick_run_rows_have_figures_or_a_reason(quick_run):
             assert row["ratio"] is not None and row["ratio"] > 0
             if row["name"] != "floor":
                 assert row["peak_extra_bytes"] is not None or row["memory_skipped"]
+                assert row["first_call_s"] is not None and row["first_call_s"] > 0
         baseline = next(row for row in case["rows"] if row["name"] == case["baseline"])
         assert baseline["ratio"] == 1.0
     liger = [row for case in report["cases"] for row in case["rows"] if row["name"] == "liger"]

@@ -13,6 +13,8 @@ For each (case, method) the suite reports
   methods interleaved (one run of each in turn, the order rotating) so drift hits all alike; a
   peer whose first timed run is longer than ``budget / repeats`` seconds gets only the runs
   that fit in ``budget`` (at least one), so a slow peer does not dominate the suite's time;
+* the first call: the time of the first warm-up run, compilation included (in the first case a
+  method runs, also torch.compile's one-time start-up in this process);
 * the peak extra memory: bytes allocated beyond the inputs during one forward+backward, the
   gradients included. On CPU each method runs in its own subprocess, and the peak resident set
   size is reset (``/proc/self/clear_refs``) after warm-up so compilation does not count, and two
@@ -529,6 +531,7 @@ class Row:
     is_fastxent: bool = False
     skipped: str | None = None
     note: str | None = None
+    first_call_s: float | None = None  # the first warm-up run: compilation included
     times_s: list[float] = field(default_factory=list)
     median_s: float | None = None
     ratio: float | None = None
@@ -610,11 +613,15 @@ def run_case(
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 runner = m.build(inputs, device)
-                for _ in range(timing.warmup):  # the last warm-up run's output is checked
+                for i in range(timing.warmup):  # the last warm-up run's output is checked
                     runner.clear()
                     if runner.reset is not None:
                         runner.reset()
+                    start = time.perf_counter()
                     loss, grads = runner.step()
+                    _sync(device)
+                    if i == 0:
+                        row.first_call_s = time.perf_counter() - start
                     advance()
             said = [w for w in caught if not issubclass(w.category, _QUIET_WARNINGS)]
             if said:
@@ -729,7 +736,7 @@ def print_table(results: list[dict], console) -> None:
         case = Case(**result["case"])
         table = Table(title=case.label, title_justify="left", min_width=72)
         table.add_column("method")
-        for header in ("ms", "× fastxent", "peak MiB", "loss err", "grad err"):
+        for header in ("ms", "× fastxent", "1st call s", "peak MiB", "loss err", "grad err"):
             table.add_column(header, justify="right")
         for row in result["rows"]:
             note = row["skipped"] or row["memory_skipped"] or row["note"]
@@ -743,6 +750,7 @@ def print_table(results: list[dict], console) -> None:
                 row["name"] + mark,
                 _fmt(None if row["median_s"] is None else 1e3 * row["median_s"], ".1f"),
                 _fmt(row["ratio"], ".2f"),
+                _fmt(row["first_call_s"], ".2f"),
                 _fmt(None if memory is None else memory / MIB, ".0f"),
                 _fmt(row["loss_rel_err"], ".1e"),
                 _fmt(row["grad_rel_err"], ".1e"),
