@@ -735,7 +735,7 @@ def print_table(results: list[dict], console) -> None:
     for result in results:
         case = Case(**result["case"])
         table = Table(title=case.label, title_justify="left", min_width=72)
-        table.add_column("method")
+        table.add_column("method", no_wrap=True)
         for header in ("ms", "× fastxent", "1st call s", "peak MiB", "loss err", "grad err"):
             table.add_column(header, justify="right")
         for row in result["rows"]:
@@ -930,6 +930,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
+    if not console.is_terminal:  # a log or a pipe: wide enough for the table, not rich's 80
+        console = Console(width=120)
     problem = _check(args)
     if problem is not None:
         console.print(f"fastxent bench: {problem}.", style="red")
