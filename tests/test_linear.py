@@ -313,10 +313,17 @@ def test_module_form():
 
 
 def test_default_chunk_size_follows_the_budget():
-    """chunk_size=None keeps one chunk of logits within CHUNK_BYTES."""
-    assert default_chunk_size(65536, torch.float32) * 65536 * 4 == CHUNK_BYTES
-    assert default_chunk_size(65536, torch.bfloat16) == 2 * default_chunk_size(65536, torch.float32)
-    assert default_chunk_size(10**9, torch.float32) == 1
+    """chunk_size=None: one chunk of logits within max(CHUNK_BYTES, half of ∂W's accumulator)."""
+    # The CPU goal case: 64 MB and half of the float32 ∂W (128 MiB) agree on 256 rows.
+    assert default_chunk_size(65536, 512, torch.float32) * 65536 * 4 == CHUNK_BYTES
+    assert default_chunk_size(65536, 512, torch.float32) == 256
+    # Small D: the byte budget decides, and bf16 logits fit twice the rows.
+    assert default_chunk_size(65536, 64, torch.bfloat16) == 2 * CHUNK_BYTES // (65536 * 4)
+    assert default_chunk_size(10**9, 1, torch.float32) == 1
+    # Large V (Gemma-2-2B, bf16, float32 ∂W): 64 MB would be 131 rows, ∂W allows D = 2304.
+    rows = default_chunk_size(256000, 2304, torch.bfloat16)
+    assert rows == 2304
+    assert rows * 256000 * 2 == 256000 * 2304 * 4 // 2  # logits = half the float32 ∂W
 
 
 def _call(**overrides):

@@ -19,8 +19,9 @@ With "mean"/"sum" the three gradients are complete after forward and backward on
 afterwards: forward computes the losses only, and backward recomputes each chunk's logits with
 the rows of the gradient multiplied by ``grad_output``.
 
-Memory beyond the inputs and the gradients themselves: one chunk of logits (at most
-``CHUNK_BYTES``), the row kernel's temporaries, and an (n, D) block.
+Memory beyond the inputs and the gradients themselves: one chunk of logits (by default at most
+64 MB or half of ∂W, whichever is more: :func:`default_chunk_size`), the row kernel's
+temporaries, and an (n, D) block.
 
 With the vocabulary split across ranks (:mod:`fastxent.distributed`) the same walk runs on every
 rank with the vocab-parallel row kernel and the local ``W_r``, ``b_r``: ∂W_r and ∂b_r are then
@@ -41,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from fastxent._autograd import Kernel, accumulation_dtype, reduction_scales
 from fastxent._options import CrossEntropyOptions, check_target_kind
 
-CHUNK_BYTES = 64 << 20  # logits of one chunk of tokens: at most 64 MB (256 rows at V = 65536 fp32)
+CHUNK_BYTES = 64 << 20  # logits of one chunk: 64 MB, or half of ∂W's accumulator if that is more
 FILTER_BLOCK = 128  # vocabulary entries per block for filter_eps (a multiple of GPU tile widths)
 WEIGHT_BLOCK = 8192  # vocab rows per half-precision ∂W product before its float32 accumulation
 
@@ -63,10 +64,22 @@ class LinearOptions:
     reduce_hidden_grad: Callable[[Tensor], object] | None = None
 
 
-def default_chunk_size(num_classes: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk so that one chunk of logits stays within ``CHUNK_BYTES`` (at least 1)."""
+def default_chunk_size(num_classes: int, dim: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk: one chunk of logits within ``max(CHUNK_BYTES, bytes(∂W) / 2)``.
+
+    Every chunk reads and writes all of ∂W's accumulator (V×D, float32 for half-precision
+    weights) once, while its three matmuls do ``6·n·V·D`` FLOPs: the share of that traffic falls
+    as ``1/n`` whatever V and D are, and is large when ``n`` is small against the machine's
+    FLOPs per byte (~15 on a 2-core CPU, ~160 in bf16 on an H100/H200). A fixed byte budget
+    gives few rows at large V (64 MB is 131 bf16 rows at V = 256000); so chunks may also hold
+    as many logits as half of ∂W, memory of the same order as the gradient that has to exist:
+    ``D · acc_itemsize / (2 · itemsize)`` rows (D rows for bf16 with float32 accumulation).
+    """
     item = torch.empty((), dtype=dtype).element_size()
-    return max(1, CHUNK_BYTES // (item * max(1, num_classes)))
+    acc_item = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
+    by_budget = CHUNK_BYTES // (item * max(1, num_classes))
+    by_weight_grad = dim * acc_item // (2 * item)
+    return max(1, by_budget, by_weight_grad)
 
 
 def check_inputs(

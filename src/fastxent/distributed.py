@@ -330,7 +330,7 @@ def vocab_parallel_linear_cross_entropy(
             logit_scale,
         ),
         # The same on every rank: a rank with fewer chunks would leave the others' all-reduces.
-        chunk_size=chunk_size or default_chunk_size(max(sizes), hidden.dtype),
+        chunk_size=chunk_size or default_chunk_size(max(sizes), hidden.shape[-1], hidden.dtype),
         shift=shift,
         filter_eps=None if filter_eps is None else float(filter_eps),
         reduce_hidden_grad=functools.partial(dist.all_reduce, group=group),

@@ -315,7 +315,7 @@ def linear_cross_entropy(
             softcap,
             logit_scale,
         ),
-        chunk_size=chunk_size or default_chunk_size(num_classes, hidden.dtype),
+        chunk_size=chunk_size or default_chunk_size(num_classes, hidden.shape[-1], hidden.dtype),
         shift=shift,
         filter_eps=None if filter_eps is None else float(filter_eps),
     )
