@@ -1,8 +1,10 @@
 """linear_cross_entropy's chunk size against time: fwd+bwd over three plain matmuls, interleaved.
 
     python benchmarks/linear_chunks.py --chunks 64,96,128,256,0     # 0: the default chunk
+    python benchmarks/linear_chunks.py --chunks 0 --vocab-blocks 512,1024
 
-Smaller chunks hold fewer logits but rewrite d_weight (V×D) once per chunk.
+Smaller chunks hold fewer logits but rewrite d_weight (V×D) once per chunk. ``--vocab-blocks``
+adds the vocabulary walk (``vocab_block=B``: four matmuls, d_weight written once).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--v", type=int, default=65536)
     parser.add_argument("--chunks", default="64,96,128,256,0")
+    parser.add_argument("--vocab-blocks", default="", help="vocab_block values, comma-separated")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
@@ -36,16 +39,18 @@ def main() -> None:
         torch.mm(z, w.detach(), out=dh)
         torch.mm(z.T, h.detach(), out=dw)
 
-    def fused(chunk: int | None):
+    def fused(**walk):
         def step() -> None:
             h.grad = w.grad = None
-            fastxent.linear_cross_entropy(h, w, y, chunk_size=chunk).backward()
+            fastxent.linear_cross_entropy(h, w, y, **walk).backward()
 
         return step
 
     steps = {"3 matmuls": matmuls}
-    for chunk in (int(c) or None for c in args.chunks.split(",")):
-        steps[f"chunk {chunk or 'default'}"] = fused(chunk)
+    for chunk in (int(c) or None for c in args.chunks.split(",") if c):
+        steps[f"chunk {chunk or 'default'}"] = fused(chunk_size=chunk)
+    for block in (int(b) for b in args.vocab_blocks.split(",") if b):
+        steps[f"vocab block {block}"] = fused(vocab_block=block)
     for step in steps.values():
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -58,7 +63,7 @@ def main() -> None:
     print(f"N={args.n} D={args.d} V={args.v} float32, {args.rounds} rounds")
     for name, runs in times.items():
         median = statistics.median(runs)
-        print(f"  {name:16s} median {median * 1e3:8.1f} ms   × floor {median / floor:5.3f}")
+        print(f"  {name:18s} median {median * 1e3:8.1f} ms   × floor {median / floor:5.3f}")
 
 
 if __name__ == "__main__":

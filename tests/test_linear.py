@@ -268,6 +268,72 @@ def test_low_precision_within_baseline_error(dtype, reduction):
         assert err <= ref_err + tol, f"{name}: error {err:.2e} > baseline {ref_err:.2e} + {tol}"
 
 
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_vocab_walk_matches_oracle(options, reduction, soft):
+    """vocab_block: every option and reduction, blocks that do not divide V (423 = 8·50 + 23)."""
+    if soft and "ignore_index" in options:
+        pytest.skip("ignore_index applies to class-index targets only")
+    hidden, weight, bias, target = make_case((13,), soft=soft, seed=2)
+    if not soft and "ignore_index" in options:
+        target[target == -100] = options["ignore_index"]
+    kwargs = {"reduction": reduction, **resolve(options, weight.shape[0])}
+    go = torch.rand(13, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.7)
+    got = ours(hidden, weight, bias, target, grad_output=go, vocab_block=50, **kwargs)
+    assert_matches(got, oracle(hidden, weight, bias, target, grad_output=go, **kwargs))
+
+
+@pytest.mark.parametrize("vocab_block", [1, 7, 423, 10_000])
+@pytest.mark.parametrize(("tokens", "num_classes"), [((1,), 423), ((9,), 1), ((3, 4), 37)])
+def test_vocab_walk_shapes_shift_and_partial_grads(tokens, num_classes, vocab_block):
+    """(N, D) and (B, T, D), V = 1, one block or many, shift, and only some inputs needing grad."""
+    hidden, weight, b, target = make_case(tokens, num_classes=num_classes, seed=3)
+    for kwargs in ({"label_smoothing": 0.1}, {"shift": True, "z_loss": 1e-3}):
+        got = ours(hidden, weight, b, target, vocab_block=vocab_block, **kwargs)
+        assert_matches(got, oracle(hidden, weight, b, target, **kwargs))
+    got = ours(hidden, weight, b, target, vocab_block=vocab_block, needs=(False, True, False))
+    assert got[1] is None and got[3] is None
+    assert_matches(got, oracle(hidden, weight, b, target))
+
+
+def test_vocab_walk_all_ignored_gives_zero_loss_and_gradient():
+    hidden, weight, bias, target = make_case((2, 3), num_classes=30, seed=5)
+    target.fill_(-100)
+    loss, dh, dw, db = ours(hidden, weight, bias, target, vocab_block=8)
+    assert float(loss) == 0.0
+    assert not dh.any() and not dw.any() and not db.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_vocab_walk_low_precision_within_baseline_error(dtype):
+    """As the token walk's test: err <= PyTorch's own error in that dtype + tol; ∂W comes out in
+    the weight's dtype from one matmul over all tokens (no float32 copy)."""
+    hidden, weight, bias, target = make_case((4, 16), dim=32, num_classes=523, seed=11, dtype=dtype)
+    kwargs = {"label_smoothing": 0.1}
+    want = oracle(hidden, weight, bias, target, **kwargs)
+    got = ours(hidden, weight, bias, target, vocab_block=100, **kwargs)
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    base = F.cross_entropy(F.linear(*leaves).flatten(0, 1), target.flatten(), **kwargs)
+    base.backward()
+    baseline = (base.detach(), *(x.grad for x in leaves))
+    tol = {torch.bfloat16: 1e-2, torch.float32: 1e-5}[dtype]
+    for name, g, b, w in zip(("loss", "dh", "dW", "db"), got, baseline, want, strict=True):
+        assert g.dtype == (torch.float32 if name == "loss" else dtype), name
+        scale = w.abs().max()
+        err = (g.double() - w).abs().max() / scale
+        ref_err = (b.double() - w).abs().max() / scale
+        assert err <= ref_err + tol, f"{name}: error {err:.2e} > baseline {ref_err:.2e} + {tol}"
+
+
+def test_vocab_walk_refuses_a_process_group():
+    hidden, weight, bias, target = make_case((2, 4), num_classes=20, seed=14)
+    with pytest.raises(ValueError, match="vocab_block is for one device"):
+        fastxent.linear_cross_entropy(
+            hidden, weight, target, bias, vocab_block=4, process_group=object()
+        )
+
+
 def peaked_case(tokens=64, dim=64, num_classes=2048, sharpness=40.0, seed=12):
     """Hidden states correlated with their target's weight row: a peaked (trained-like) softmax."""
     g = torch.Generator().manual_seed(seed)
@@ -371,6 +437,9 @@ def _call(**overrides):
         ({"chunk_size": 0}, ValueError, "chunk_size must be None or an int"),
         ({"chunk_size": 2.5}, ValueError, "chunk_size must be None or an int"),
         ({"filter_eps": -1e-3}, ValueError, "filter_eps must be None"),
+        ({"vocab_block": 0}, ValueError, "vocab_block must be None or an int"),
+        ({"vocab_block": 4, "chunk_size": 2}, ValueError, "cannot be combined with chunk_size"),
+        ({"vocab_block": 4, "filter_eps": 0.0}, ValueError, "cannot be combined"),
         ({"backend": "cuda-magic"}, ValueError, "unknown backend"),
     ],
 )

@@ -55,6 +55,8 @@ class LinearOptions:
     ``chunk_size``: tokens per chunk. ``filter_eps``: skip vocab blocks with ``|g| < eps``.
     ``reduce_hidden_grad``: completes ∂h in place when each rank computed a partial sum of it
     (a SUM all-reduce over the tensor-parallel group); None on a single device.
+    ``vocab_block``: None walks token chunks (:func:`chunked_pass`); an int walks blocks of that
+    many classes over all tokens (:func:`vocab_pass`).
     """
 
     ce: CrossEntropyOptions
@@ -62,6 +64,7 @@ class LinearOptions:
     shift: bool = False
     filter_eps: float | None = None
     reduce_hidden_grad: Callable[[Tensor], object] | None = None
+    vocab_block: int | None = None  # walk the vocabulary in blocks instead (see vocab_pass)
 
 
 def default_chunk_size(num_classes: int, dim: int, dtype: torch.dtype) -> int:
@@ -134,12 +137,21 @@ def check_inputs(
     return check_target_kind(target, tokens, (*tokens, num_classes), context)
 
 
-def check_chunking(chunk_size: int | None, filter_eps: float | None) -> None:
-    """chunk_size: None or an int >= 1; filter_eps: None or a finite number >= 0."""
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}.")
+def check_chunking(
+    chunk_size: int | None, filter_eps: float | None, vocab_block: int | None = None
+) -> None:
+    """chunk_size, vocab_block: None or an int >= 1; filter_eps: None or a finite number >= 0;
+    vocab_block excludes the other two (they describe the token walk)."""
+    for name, value in (("chunk_size", chunk_size), ("vocab_block", vocab_block)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be None or an int >= 1, got {value!r}.")
+    if vocab_block is not None and (chunk_size is not None or filter_eps is not None):
+        raise ValueError(
+            "vocab_block walks the vocabulary over all tokens at once; it cannot be combined "
+            "with chunk_size or filter_eps, which apply to the token walk (leave them None)."
+        )
     if filter_eps is not None and not (math.isfinite(filter_eps) and filter_eps >= 0.0):
         raise ValueError(f"filter_eps must be None (off) or a number >= 0, got {filter_eps}.")
 
@@ -312,6 +324,159 @@ def _sparse_update(
         dw.index_add_(0, cols, torch.mm(gk.t(), h).to(dw.dtype))  # (K, D)
 
 
+def vocab_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    opts: LinearOptions,
+    kernel: Kernel,
+    needs: tuple[bool, bool, bool],
+    grad_rows: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    r""":func:`chunked_pass`'s results by walking blocks of ``B = opts.vocab_block`` classes.
+
+    All K counted tokens go through each block ``W_b`` (B, D) at once, twice: the first walk
+    gathers each row's log-sum-exp online, the second recomputes ``z_b = h W_bᵀ + b_b`` (K, B)
+    and turns it into ``g_b = ∂ℓ/∂z_b``:
+
+    .. math::
+
+        m \leftarrow \max(m, \max_{j \in b} z'_j), \quad
+        S \leftarrow S e^{m_{old} - m} + \textstyle\sum_{j \in b} e^{z'_j - m}, \quad
+        \mathrm{lse} = m + \log S
+
+        g_b = \big(e^{z'_b - \mathrm{lse}} (a \textstyle\sum t + 2 b s\, \mathrm{lse})
+            - a\, t_b\big) \cdot dz'/dz, \qquad
+        \partial\ell/\partial W_b = g_b^\top h, \qquad
+        \partial\ell/\partial h \mathrel{+}= g_b W_b
+
+    Four matmuls instead of three, but ∂W_b is written once, by one matmul over all K tokens
+    (for bf16/fp16 its float32 accumulation happens inside that matmul, so there is no float32
+    copy of ∂W), and nothing larger than a few (K, B) blocks is held beside the gradients.
+    ``kernel`` is unused: the block math needs the row's lse before the row is complete.
+    """
+    from fastxent._torch.kernel import transform
+
+    ce = opts.ce
+    num_classes, dim = weight.shape
+    device = hidden.device
+    h2 = hidden.reshape(-1, dim)  # (B·T, D)
+    t2 = target.reshape(-1, num_classes) if ce.soft else target.reshape(-1)
+    toks = _Tokens(hidden, target, opts)
+    acc = accumulation_dtype(hidden.dtype)
+    rows_like = torch.empty((toks.num_rows, 0), dtype=hidden.dtype, device=device)
+    a, b = reduction_scales(rows_like, t2 if toks.y is None else toks.y, class_weight, ce)
+    a, b = a.to(acc), b.to(acc)
+    tok, rows = toks.chunk(0, toks.num_counted)
+    h = _take(h2, tok)  # (K, D): counted tokens only
+    y = _take(t2, tok, toks.shift) if ce.soft else _take(toks.y, rows)  # (K, V) | (K,)
+    num_tokens = h.shape[0]
+    w = None if class_weight is None else class_weight.to(device=device, dtype=acc)
+    eps, s = ce.label_smoothing, ce.z_loss
+    blocks = [
+        slice(v, min(v + opts.vocab_block, num_classes))
+        for v in range(0, num_classes, opts.vocab_block)
+    ]
+
+    def logits(block: slice) -> tuple[Tensor, Tensor | None]:  # z'_b (K, B) and dz'/dz
+        wb = weight[block].t()  # (D, B)
+        zb = torch.mm(h, wb) if bias is None else torch.addmm(bias[block], h, wb)
+        return transform(zb.to(acc), ce)
+
+    def targets(block: slice) -> Tensor:  # soft targets' t_b (K, B), smoothed and weighted
+        tb = y[:, block].to(acc)
+        if eps:
+            tb = tb * (1.0 - eps) + eps / num_classes
+        return tb if w is None else tb * w[block]
+
+    # Walk 1: lse, and Σt z' (the target logit, the smoothing sum, or soft Σ t z').
+    m = torch.full((num_tokens,), -math.inf, dtype=acc, device=device)
+    m_safe = torch.zeros_like(m)
+    sum_e = torch.zeros_like(m)
+    sum_t = torch.zeros_like(m)
+    sum_tz = torch.zeros_like(m)
+    for block in blocks:
+        zp, _ = logits(block)  # (K, B)
+        if ce.soft:
+            tb = targets(block)
+            sum_t += tb.sum(dim=1)
+            sum_tz += (tb * zp).sum(dim=1)
+        else:
+            inside = (y >= block.start) & (y < block.stop)
+            col = (y - block.start).clamp(0, zp.shape[1] - 1).unsqueeze(1)
+            z_y = torch.where(inside, zp.gather(1, col).squeeze(1), 0.0)
+            sum_tz += (1.0 - eps) * (1.0 if w is None else w[y]) * z_y
+            if eps:
+                sum_tz += (eps / num_classes) * (zp.sum(dim=1) if w is None else zp @ w[block])
+        m_new = torch.maximum(m, zp.amax(dim=1))
+        m_new_safe = torch.where(torch.isfinite(m_new), m_new, 0.0)  # ±inf rows: keep exp finite
+        e = zp.sub_(m_new_safe[:, None]).exp_()  # in place: z'_b is not needed any more
+        sum_e = sum_e * torch.exp(m_safe - m_new_safe) + e.sum(dim=1)
+        m, m_safe = m_new, m_new_safe
+    lse = m_safe + sum_e.log()  # (K,)
+    if not ce.soft:
+        w_y = torch.ones_like(lse) if w is None else w[y]
+        sum_t = (1.0 - eps) * w_y + (eps / num_classes) * (num_classes if w is None else w.sum())
+
+    losses = torch.zeros(toks.num_rows, dtype=acc, device=device)  # (M,); ignored rows stay 0
+    losses[rows] = a * (lse * sum_t - sum_tz) + b * s * lse.square()
+    need_h, need_w, need_b = needs
+    if not (need_h or need_w or need_b):
+        return losses, None, None, None
+
+    # Walk 2: g_b = o (a Σt + 2 b s lse) - a t_b, times dz'/dz (and the rows' grad_output).
+    coef = a * sum_t + 2.0 * b * s * lse  # (K,)
+    row_scale = None if grad_rows is None else _take(grad_rows, rows).to(acc)  # (K,)
+    dh = torch.zeros_like(h2) if need_h else None  # (B·T, D); untouched rows stay zero
+    # ∂h of the K tokens (K, D): accumulated in place in dh when it can, else beside it.
+    in_place = need_h and isinstance(tok, slice) and dh.dtype == acc
+    dh_used = dh[tok] if in_place else None
+    if need_h and not in_place:
+        dh_used = torch.zeros((num_tokens, dim), dtype=acc, device=device)
+    dw = torch.empty_like(weight) if need_w else None  # each block written once
+    db = torch.empty(num_classes, dtype=acc, device=device) if need_b else None
+    for block in blocks:
+        zp, chain = logits(block)
+        g = zp.sub_(lse[:, None]).exp_().mul_(coef[:, None])  # (K, B), in place of z'_b
+        if ce.soft:
+            g.sub_(a * targets(block))
+        else:
+            inside = (y >= block.start) & (y < block.stop)
+            col = (y - block.start).clamp(0, g.shape[1] - 1).unsqueeze(1)
+            one_hot = torch.where(inside, -a * (1.0 - eps) * w_y, 0.0)  # (K,)
+            g.scatter_add_(1, col, one_hot.unsqueeze(1))
+            if eps:
+                g.sub_(a * eps / num_classes * (1.0 if w is None else w[block]))
+        if chain is not None:
+            g.mul_(chain)
+        elif ce.logit_scale != 1.0:
+            g.mul_(ce.logit_scale)
+        if row_scale is not None:
+            g.mul_(row_scale[:, None])
+        if need_b:
+            db[block] = g.sum(dim=0)
+        g = g.to(hidden.dtype)  # the matmuls run in the inputs' dtype
+        if need_h and dh_used.dtype == g.dtype:
+            dh_used.addmm_(g, weight[block])  # (K, D)
+        elif need_h:
+            dh_used += torch.mm(g, weight[block])  # half precision, accumulated in float32
+        if need_w:
+            torch.mm(g.t(), h, out=dw[block])  # (B, D), over all K tokens at once
+    if need_h and not in_place:
+        if isinstance(tok, slice):
+            dh[tok] = dh_used
+        else:
+            dh.index_copy_(0, tok, dh_used.to(dh.dtype))
+    return losses, dh, dw, db
+
+
+def walk_of(opts: LinearOptions):
+    """The walk over tokens and classes that ``opts`` asks for."""
+    return chunked_pass if opts.vocab_block is None else vocab_pass
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """loss = reduce(row kernel(h Wᵀ + b)), chunk by chunk; gradients for h, W, b."""
 
@@ -331,12 +496,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.hidden_shape = hidden.shape
         if opts.ce.reduction == "none":
             # ∂W sums rows, so grad_output must be known first: backward recomputes the chunks.
-            losses, *_ = chunked_pass(
+            losses, *_ = walk_of(opts)(
                 hidden, weight, bias, target, class_weight, opts, kernel, (False,) * 3
             )
             ctx.save_for_backward(hidden, weight, bias, target, class_weight)
             return losses.reshape(loss_shape(hidden, opts.shift))
-        losses, dh, dw, db = chunked_pass(
+        losses, dh, dw, db = walk_of(opts)(
             hidden, weight, bias, target, class_weight, opts, kernel, needs
         )
         if dh is not None and opts.reduce_hidden_grad is not None:
@@ -354,7 +519,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         opts = ctx.opts
         if opts.ce.reduction == "none":
             hidden, weight, bias, target, class_weight = ctx.saved_tensors
-            _, dh, dw, db = chunked_pass(
+            _, dh, dw, db = walk_of(opts)(
                 hidden, weight, bias, target, class_weight, opts, ctx.kernel, ctx.needs,
                 grad_rows=grad_loss.reshape(-1),
             )  # fmt: skip

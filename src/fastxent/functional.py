@@ -194,6 +194,7 @@ def linear_cross_entropy(
     shift: bool = False,
     chunk_size: int | None = None,
     filter_eps: float | None = None,
+    vocab_block: int | None = None,
     backend: str = "auto",
     process_group: torch.distributed.ProcessGroup | None = None,
     validate: bool = False,
@@ -240,6 +241,13 @@ def linear_cross_entropy(
         filter_eps: None (exact, the default) or ``eps >= 0``: within a chunk, skip the ∂h and ∂W
             matmul contributions of vocab blocks where ``|g| < eps`` for every row. Pays off on
             peaked (trained) distributions; the loss and ∂b stay exact.
+        vocab_block: None (the token walk above) or a number of classes B: walk the vocabulary
+            in blocks of B classes over all tokens at once instead. The logits of a block are
+            computed twice (the log-sum-exp first, then the gradient): four matmuls instead of
+            three, but ∂W is written once per block, so the memory beside the gradients is a
+            few (N, B) blocks and bf16/fp16 ∂W needs no float32 copy. For when memory matters
+            more than time; not with ``chunk_size``, ``filter_eps`` or ``process_group``. The
+            backend's row kernel is not used (the block math is portable PyTorch).
         backend: ``"auto"`` or one of :data:`BACKENDS`; supplies the row kernel.
         process_group: None (one device), or the tensor-parallel ``torch.distributed`` group over
             which the vocabulary is split (Megatron-style): rank r passes its rows
@@ -279,6 +287,12 @@ def linear_cross_entropy(
     if process_group is not None:
         from fastxent.distributed import vocab_parallel_linear_cross_entropy
 
+        if vocab_block is not None:
+            raise ValueError(
+                "vocab_block is for one device; with process_group the vocabulary is already "
+                "split across ranks (leave vocab_block None)."
+            )
+
         return vocab_parallel_linear_cross_entropy(
             hidden, weight, target, bias, group=process_group, class_weight=class_weight,
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
@@ -304,7 +318,7 @@ def linear_cross_entropy(
         )
     if not soft:
         check_index_targets(target[..., 1:] if shift else target, num_classes, ignore_index)
-    check_chunking(chunk_size, filter_eps)
+    check_chunking(chunk_size, filter_eps, vocab_block)
     _, kernel = resolve_backend(backend, hidden.device)
     opts = LinearOptions(
         ce=CrossEntropyOptions.of(
@@ -320,6 +334,7 @@ def linear_cross_entropy(
         chunk_size=chunk_size or default_chunk_size(num_classes, hidden.shape[-1], hidden.dtype),
         shift=shift,
         filter_eps=None if filter_eps is None else float(filter_eps),
+        vocab_block=vocab_block,
     )
     if not torch.is_grad_enabled():  # no graph: the Function must not compute gradients
         hidden, weight = hidden.detach(), weight.detach()

@@ -89,6 +89,7 @@ class LinearCrossEntropyLoss(nn.Module):
         shift: bool = False,
         chunk_size: int | None = None,
         filter_eps: float | None = None,
+        vocab_block: int | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -103,6 +104,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.shift = shift
         self.chunk_size = chunk_size
         self.filter_eps = filter_eps
+        self.vocab_block = vocab_block
         self.backend = backend
 
     def forward(
@@ -123,6 +125,7 @@ class LinearCrossEntropyLoss(nn.Module):
             shift=self.shift,
             chunk_size=self.chunk_size,
             filter_eps=self.filter_eps,
+            vocab_block=self.vocab_block,
             backend=self.backend,
         )
 
@@ -131,5 +134,6 @@ class LinearCrossEntropyLoss(nn.Module):
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
             f"softcap={self.softcap}, logit_scale={self.logit_scale}, shift={self.shift}, "
-            f"chunk_size={self.chunk_size}, filter_eps={self.filter_eps}, backend={self.backend!r}"
+            f"chunk_size={self.chunk_size}, filter_eps={self.filter_eps}, "
+            f"vocab_block={self.vocab_block}, backend={self.backend!r}"
         )
