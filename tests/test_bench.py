@@ -18,7 +18,7 @@ pytest.importorskip("matplotlib")
 from fastxent import bench
 
 # Methods without torch.compile, so the quick run takes seconds; "liger" is skipped on CPU.
-QUICK_METHODS = "fastxent-torch,fastxent-linear,eager,chunked,liger"
+QUICK_METHODS = "fastxent-torch,fastxent-linear,fastxent-vocab,eager,chunked,liger"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -199,7 +199,8 @@ def test_methods_flag_selects_backends_by_prefix():
     args = parse(["--quick", "--methods", "fastxent", "--no-linear"])
     assert {c.kind for c in bench.cases_of(args)} == {"cross_entropy"}
     chosen = [m.name for m in bench.methods() if bench._selected(m.name, args.methods)]
-    assert chosen == [*(f"fastxent-{b}" for b in bench.functional.BACKENDS), "fastxent-linear"]
+    backends = [f"fastxent-{b}" for b in bench.functional.BACKENDS]
+    assert chosen == [*backends, "fastxent-linear", "fastxent-vocab"]
 
 
 def test_default_cases_sweep_v_in_float32_and_run_bf16_at_the_headline_shape():

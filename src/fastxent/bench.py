@@ -77,6 +77,7 @@ DEFAULT_REPEATS, DEFAULT_WARMUP = 3, 1
 QUICK_REPEATS = 3
 DEFAULT_BUDGET_S = 10.0  # timed seconds per method and case before its runs are cut (0: no cut)
 MEMORY_PROCESSES = 2  # memory subprocesses at a time (peak RSS is per process; nothing is timed)
+VOCAB_BLOCK = 512  # classes per block of the linear vocabulary walk, the least-memory row
 # Largest relative error (loss and gradient) a fastxent row may show before the run fails.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 # Bytes of the tensor copied to measure the memory bandwidth (large enough to leave the caches).
@@ -230,6 +231,12 @@ def _fastxent_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
     return Runner(lambda: fastxent.linear_cross_entropy(h, w, y), [h, w])
 
 
+def _fastxent_vocab_walk(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+    h, w, y = inputs["h"], inputs["w"], inputs["y"]
+    block = VOCAB_BLOCK
+    return Runner(lambda: fastxent.linear_cross_entropy(h, w, y, vocab_block=block), [h, w])
+
+
 def _eager_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
     h, w, y = inputs["h"], inputs["w"], inputs["y"]
     return Runner(lambda: F.cross_entropy(F.linear(h, w), y), [h, w])
@@ -284,6 +291,14 @@ def methods() -> list[Method]:
             "fastxent.linear_cross_entropy",
             _fastxent_linear_why_not,
             _fastxent_linear,
+            True,
+        ),
+        Method(
+            "fastxent-vocab",
+            "linear",
+            f"fastxent.linear_cross_entropy(vocab_block={VOCAB_BLOCK})",
+            _fastxent_linear_why_not,
+            _fastxent_vocab_walk,
             True,
         ),
         Method("eager", "linear", "torch F.linear + F.cross_entropy", _can_run, _eager_linear),
