@@ -197,6 +197,22 @@ class _Tokens:
         return tok, rows
 
 
+def _walk_inputs(
+    hidden: Tensor, weight: Tensor, target: Tensor, class_weight: Tensor | None, opts: LinearOptions
+) -> tuple[Tensor, Tensor, _Tokens, Tensor, Tensor]:
+    """What both walks start from: hidden as (B·T, D) (a view when contiguous), the targets as
+    (B·T,) or (B·T, V), the loss rows, and the reduction's scales over all targets."""
+    num_classes, dim = weight.shape
+    h2 = hidden.reshape(-1, dim)
+    t2 = target.reshape(-1, num_classes) if opts.ce.soft else target.reshape(-1)
+    toks = _Tokens(hidden, target, opts)
+    # reduction_scales reads only the row count, dtype and device of the logits.
+    rows_like = torch.empty((toks.num_rows, 0), dtype=hidden.dtype, device=hidden.device)
+    y_all = t2 if toks.y is None else toks.y
+    ce_scale, z_scale = reduction_scales(rows_like, y_all, class_weight, opts.ce)
+    return h2, t2, toks, ce_scale, z_scale
+
+
 def _take(x: Tensor, index: slice | Tensor, offset: int = 0) -> Tensor:
     if isinstance(index, slice):
         return x[index.start + offset : index.stop + offset]
@@ -218,15 +234,9 @@ def chunked_pass(
 
     ``grad_rows`` (M,) multiplies each row's gradient ("none" with a per-row grad_output).
     """
-    num_classes, dim = weight.shape
-    h2 = hidden.reshape(-1, dim)  # (B·T, D); a view when hidden is contiguous
-    t2 = target.reshape(-1, num_classes) if opts.ce.soft else target.reshape(-1)
-    toks = _Tokens(hidden, target, opts)
+    num_classes = weight.shape[0]
+    h2, t2, toks, ce_scale, z_scale = _walk_inputs(hidden, weight, target, class_weight, opts)
     acc = accumulation_dtype(hidden.dtype)
-    # reduction_scales reads only the row count, dtype and device of the logits.
-    rows_like = torch.empty((toks.num_rows, 0), dtype=hidden.dtype, device=hidden.device)
-    y_all = t2 if toks.y is None else toks.y
-    ce_scale, z_scale = reduction_scales(rows_like, y_all, class_weight, opts.ce)
 
     losses = torch.zeros(toks.num_rows, dtype=acc, device=hidden.device)  # (M,)
     need_h, need_w, need_b = needs
@@ -362,12 +372,8 @@ def vocab_pass(
     ce = opts.ce
     num_classes, dim = weight.shape
     device = hidden.device
-    h2 = hidden.reshape(-1, dim)  # (B·T, D)
-    t2 = target.reshape(-1, num_classes) if ce.soft else target.reshape(-1)
-    toks = _Tokens(hidden, target, opts)
+    h2, t2, toks, a, b = _walk_inputs(hidden, weight, target, class_weight, opts)
     acc = accumulation_dtype(hidden.dtype)
-    rows_like = torch.empty((toks.num_rows, 0), dtype=hidden.dtype, device=device)
-    a, b = reduction_scales(rows_like, t2 if toks.y is None else toks.y, class_weight, ce)
     a, b = a.to(acc), b.to(acc)
     tok, rows = toks.chunk(0, toks.num_counted)
     h = _take(h2, tok)  # (K, D): counted tokens only
