@@ -346,6 +346,12 @@ def test_module_form():
                   z_loss=1e-3, shift=True)  # fmt: skip
     torch.testing.assert_close(loss.detach(), want[0], **F64)
     torch.testing.assert_close(h.grad, want[1], **F64)
+    vocab = fastxent.LinearCrossEntropyLoss(label_smoothing=0.1, vocab_block=7, backend=BACKEND)
+    assert "vocab_block=7" in repr(vocab)
+    h.grad = None
+    vocab(h, weight, target, bias).backward()
+    want = oracle(hidden, weight, bias, target, label_smoothing=0.1)
+    torch.testing.assert_close(h.grad, want[1], **F64)
 
 
 def test_default_chunk_size_follows_the_budget():
