@@ -397,6 +397,15 @@ def vocab_pass(
             tb = tb * (1.0 - eps) + eps / num_classes
         return tb if w is None else tb * w[block]
 
+    def target_column(block: slice) -> tuple[Tensor, Tensor]:  # y inside the block?, its column
+        inside = (y >= block.start) & (y < block.stop)  # (K,)
+        col = (y - block.start).clamp(0, block.stop - block.start - 1).unsqueeze(1)  # (K, 1)
+        return inside, col
+
+    w_y = None  # (K,) class weight of each row's target (index targets)
+    if not ce.soft:
+        w_y = torch.ones(num_tokens, dtype=acc, device=device) if w is None else w[y]
+
     # Walk 1: lse, and Σt z' (the target logit, the smoothing sum, or soft Σ t z').
     m = torch.full((num_tokens,), -math.inf, dtype=acc, device=device)
     m_safe = torch.zeros_like(m)
@@ -410,10 +419,9 @@ def vocab_pass(
             sum_t += tb.sum(dim=1)
             sum_tz += (tb * zp).sum(dim=1)
         else:
-            inside = (y >= block.start) & (y < block.stop)
-            col = (y - block.start).clamp(0, zp.shape[1] - 1).unsqueeze(1)
+            inside, col = target_column(block)
             z_y = torch.where(inside, zp.gather(1, col).squeeze(1), 0.0)
-            sum_tz += (1.0 - eps) * (1.0 if w is None else w[y]) * z_y
+            sum_tz += (1.0 - eps) * w_y * z_y
             if eps:
                 sum_tz += (eps / num_classes) * (zp.sum(dim=1) if w is None else zp @ w[block])
         m_new = torch.maximum(m, zp.amax(dim=1))
@@ -423,7 +431,6 @@ def vocab_pass(
         m, m_safe = m_new, m_new_safe
     lse = m_safe + sum_e.log()  # (K,)
     if not ce.soft:
-        w_y = torch.ones_like(lse) if w is None else w[y]
         sum_t = (1.0 - eps) * w_y + (eps / num_classes) * (num_classes if w is None else w.sum())
 
     losses = torch.zeros(toks.num_rows, dtype=acc, device=device)  # (M,); ignored rows stay 0
@@ -449,8 +456,7 @@ def vocab_pass(
         if ce.soft:
             g.sub_(a * targets(block))
         else:
-            inside = (y >= block.start) & (y < block.stop)
-            col = (y - block.start).clamp(0, g.shape[1] - 1).unsqueeze(1)
+            inside, col = target_column(block)
             one_hot = torch.where(inside, -a * (1.0 - eps) * w_y, 0.0)  # (K,)
             g.scatter_add_(1, col, one_hot.unsqueeze(1))
             if eps:

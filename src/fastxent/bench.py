@@ -75,7 +75,7 @@ HEADLINE_V = 32768
 QUICK = {"n": 64, "v": [256, 1024], "linear_n": 64, "d": 32, "linear_v": [512]}
 DEFAULT_REPEATS, DEFAULT_WARMUP = 3, 1
 QUICK_REPEATS = 3
-DEFAULT_BUDGET_S = 10.0  # timed seconds per method and case before its runs are cut (0: no cut)
+DEFAULT_BUDGET_S = 10.0  # timed seconds per peer and case before its runs are cut (0: no cut)
 MEMORY_PROCESSES = 2  # memory subprocesses at a time (peak RSS is per process; nothing is timed)
 VOCAB_BLOCK = 512  # classes per block of the linear vocabulary walk, the least-memory row
 # Largest relative error (loss and gradient) a fastxent row may show before the run fails.
@@ -233,8 +233,7 @@ def _fastxent_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
 
 def _fastxent_vocab_walk(inputs: dict[str, Tensor], device: torch.device) -> Runner:
     h, w, y = inputs["h"], inputs["w"], inputs["y"]
-    block = VOCAB_BLOCK
-    return Runner(lambda: fastxent.linear_cross_entropy(h, w, y, vocab_block=block), [h, w])
+    return Runner(lambda: fastxent.linear_cross_entropy(h, w, y, vocab_block=VOCAB_BLOCK), [h, w])
 
 
 def _eager_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
@@ -885,8 +884,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--budget",
         type=float,
         default=DEFAULT_BUDGET_S,
-        help="seconds of timed runs per method and case: a slower method gets fewer runs, at "
-        f"least one ({DEFAULT_BUDGET_S:g}; 0: always --repeats)",
+        help="seconds of timed runs per peer and case: a slower peer gets fewer runs, at least "
+        f"one; fastxent and the floor always get --repeats ({DEFAULT_BUDGET_S:g}; 0: no cut)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: seconds")
