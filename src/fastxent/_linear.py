@@ -78,8 +78,8 @@ def default_chunk_size(num_classes: int, dim: int, dtype: torch.dtype) -> int:
     as many logits as half of ∂W, memory of the same order as the gradient that has to exist:
     ``D · acc_itemsize / (2 · itemsize)`` rows (D rows for bf16 with float32 accumulation).
     """
-    item = torch.empty((), dtype=dtype).element_size()
-    acc_item = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
+    item = dtype.itemsize
+    acc_item = accumulation_dtype(dtype).itemsize
     by_budget = CHUNK_BYTES // (item * max(1, num_classes))
     by_weight_grad = dim * acc_item // (2 * item)
     return max(1, by_budget, by_weight_grad)
