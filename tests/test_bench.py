@@ -204,9 +204,17 @@ def test_methods_flag_selects_backends_by_prefix():
 
 
 def test_default_cases_sweep_v_in_float32_and_run_bf16_at_the_headline_shape():
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    labels = [case.label for case in bench.cases_of(parser.parse_args([]))]
+    labels = [case.label for case in bench.cases_of(parse([]))]
+    assert labels == [
+        "cross_entropy N=4096 V=8192 float32",
+        "cross_entropy N=4096 V=32768 float32",
+        "cross_entropy N=4096 V=32768 bfloat16",
+        "linear N=1024 V=32768 D=512 float32",
+    ]
+
+
+def test_full_cases_are_the_shapes_the_goals_are_stated_at():
+    labels = [case.label for case in bench.cases_of(parse(["--full"]))]
     assert labels == [
         "cross_entropy N=4096 V=8192 float32",
         "cross_entropy N=4096 V=16384 float32",
@@ -214,3 +222,11 @@ def test_default_cases_sweep_v_in_float32_and_run_bf16_at_the_headline_shape():
         "cross_entropy N=4096 V=32768 bfloat16",
         "linear N=2048 V=65536 D=512 float32",
     ]
+    # A shape flag still wins over the preset.
+    assert bench.cases_of(parse(["--full", "--linear-n", "64"]))[-1].n == 64
+
+
+def test_full_and_quick_are_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--full", "--quick"])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -68,11 +68,14 @@ DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
-# Shapes of a default run, and of --quick (tiny, seconds; used by the tests). A default run sweeps
-# V in the first dtype (the plot) and runs the other dtypes at the headline V only, to stay short.
-DEFAULTS = {"n": 4096, "v": [8192, 16384, 32768], "linear_n": 2048, "d": 512, "linear_v": [65536]}
-HEADLINE_V = 32768
+# Shapes of the three presets. The default run is short (about a minute on 2 cores with a warm
+# compile cache): it sweeps V in the first dtype (the plot) and runs the other dtypes at the
+# headline V only. --full has the shapes the performance goals are stated at (the linear one
+# is 4x the default's work). --quick is tiny (seconds; used by the tests).
+DEFAULTS = {"n": 4096, "v": [8192, 32768], "linear_n": 1024, "d": 512, "linear_v": [32768]}
+FULL = {"n": 4096, "v": [8192, 16384, 32768], "linear_n": 2048, "d": 512, "linear_v": [65536]}
 QUICK = {"n": 64, "v": [256, 1024], "linear_n": 64, "d": 32, "linear_v": [512]}
+HEADLINE_V = 32768
 DEFAULT_REPEATS, DEFAULT_WARMUP = 3, 1
 QUICK_REPEATS = 3
 DEFAULT_BUDGET_S = 10.0  # timed seconds per peer and case before its runs are cut (0: no cut)
@@ -82,7 +85,8 @@ VOCAB_BLOCK = 512  # classes per block of the linear vocabulary walk, the least-
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 # Bytes of the tensor copied to measure the memory bandwidth (large enough to leave the caches).
 BANDWIDTH_BYTES, QUICK_BANDWIDTH_BYTES = 256 << 20, 16 << 20
-REFERENCE_ROWS = 256  # rows per float64 reference chunk, so the reference never holds N×V float64
+REFERENCE_ROWS = 32  # rows per float64 reference chunk: never N×V in float64, and cache-sized
+LINEAR_REFERENCE_ROWS = 256  # the linear reference's chunk: each one adds into a V×D dW
 MIB = float(1 << 20)
 # Library deprecation chatter is not about the measured call; other warnings go in the notes.
 _QUIET_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
@@ -106,16 +110,24 @@ class Case:
 
 
 def make_inputs(case: Case, device: torch.device) -> dict[str, Tensor]:
-    """Random inputs of ``case``, the same for every method and process (seeded on the CPU)."""
+    """Random inputs of ``case``, the same for every method and process (seeded on the CPU).
+
+    Drawn in place into one float32 buffer each (no temporaries: these are the largest
+    allocations of a memory subprocess, where each page is a fault).
+    """
     gen = torch.Generator().manual_seed(case.seed)
     dtype = DTYPES[case.dtype]
     y = torch.randint(0, case.v, (case.n,), generator=gen).to(device)  # (N,)
     if case.kind == "cross_entropy":
-        z = (2.0 * torch.randn(case.n, case.v, generator=gen)).to(device, dtype)  # (N, V)
-        return {"z": z.requires_grad_(), "y": y}
-    h = torch.randn(case.n, case.d, generator=gen).to(device, dtype)  # (N, D)
-    w = (torch.randn(case.v, case.d, generator=gen) / math.sqrt(case.d)).to(device, dtype)  # (V, D)
-    return {"h": h.requires_grad_(), "w": w.requires_grad_(), "y": y}
+        z = torch.empty(case.n, case.v).normal_(0.0, 2.0, generator=gen)  # (N, V)
+        return {"z": z.to(device, dtype).requires_grad_(), "y": y}
+    h = torch.empty(case.n, case.d).normal_(generator=gen)  # (N, D)
+    w = torch.empty(case.v, case.d).normal_(0.0, 1.0 / math.sqrt(case.d), generator=gen)  # (V, D)
+    return {
+        "h": h.to(device, dtype).requires_grad_(),
+        "w": w.to(device, dtype).requires_grad_(),
+        "y": y,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,31 +359,56 @@ def _rel(diff: float, ref: float) -> float:
     return diff / ref if ref > 0 else diff
 
 
-def ce_reference(z: Tensor, y: Tensor) -> tuple[float, Tensor]:
-    """Loss of ``F.cross_entropy`` in float64 and each row's log-sum-exp, in row chunks."""
-    total, lse = 0.0, []
-    for r in range(0, z.shape[0], REFERENCE_ROWS):
-        zc = z[r : r + REFERENCE_ROWS].detach().double()  # (rows, V)
-        total += F.cross_entropy(zc, y[r : r + REFERENCE_ROWS], reduction="sum").item()
-        lse.append(torch.logsumexp(zc, dim=1))
-    return total / z.shape[0], torch.cat(lse)
+@dataclass(frozen=True)
+class CrossEntropyReference:
+    """Float64 facts of one cross_entropy case: the mean loss, each row's log-sum-exp, and
+    ``max|N ∂loss/∂z|``, the scale the gradient error is relative to."""
+
+    loss: float
+    lse: Tensor  # (N,) float64
+    largest_scaled_grad: float
+
+
+def _scaled_ref_grad(z: Tensor, y: Tensor, lse: Tensor, r: int) -> Tensor:
+    """``N ∂loss/∂z = o - e_y`` of rows ``r : r + REFERENCE_ROWS`` in float64, a new tensor."""
+    g = z[r : r + REFERENCE_ROWS].detach().to(torch.float64, copy=True)  # (rows, V), never z
+    g.sub_(lse[r : r + REFERENCE_ROWS, None]).exp_()
+    g[torch.arange(g.shape[0], device=g.device), y[r : r + REFERENCE_ROWS]] -= 1.0
+    return g
+
+
+def ce_reference(z: Tensor, y: Tensor) -> CrossEntropyReference:
+    """The float64 loss ``mean_r (lse_r - z_{r,y_r})`` and its facts, in row chunks (never the
+    whole N×V in float64)."""
+    n = z.shape[0]
+    rows = torch.arange(n, device=z.device)
+    lse = torch.cat(
+        [
+            torch.logsumexp(z[r : r + REFERENCE_ROWS].detach().double(), dim=1)
+            for r in range(0, n, REFERENCE_ROWS)
+        ]
+    )  # (N,)
+    loss = (lse - z.detach()[rows, y].double()).mean().item()
+    largest = max(
+        _scaled_ref_grad(z, y, lse, r).abs_().max().item() for r in range(0, n, REFERENCE_ROWS)
+    )
+    return CrossEntropyReference(loss, lse, largest)
 
 
 def ce_errors(
-    z: Tensor, y: Tensor, reference: tuple[float, Tensor], loss: Tensor, grad: Tensor
+    z: Tensor, y: Tensor, reference: CrossEntropyReference, loss: Tensor, grad: Tensor
 ) -> tuple[float, float]:
-    """Relative errors of a loss and its gradient: ``∂loss/∂z = (o - e_y) / N`` in float64."""
-    ref_loss, lse = reference
+    """Relative errors of a mean loss and its gradient ``∂loss/∂z = (o - e_y) / N``, the
+    gradient compared as ``N·grad`` against float64 ``o - e_y``."""
     n = z.shape[0]
-    worst, largest = 0.0, 0.0
+    worst = 0.0
     for r in range(0, n, REFERENCE_ROWS):
-        zc = z[r : r + REFERENCE_ROWS].detach().double()  # (rows, V)
-        g_ref = torch.exp(zc - lse[r : r + REFERENCE_ROWS, None])
-        g_ref[torch.arange(zc.shape[0], device=z.device), y[r : r + REFERENCE_ROWS]] -= 1.0
-        g_ref /= n
-        worst = max(worst, (grad[r : r + REFERENCE_ROWS].double() - g_ref).abs().max().item())
-        largest = max(largest, g_ref.abs().max().item())
-    return _rel(abs(loss.double().item() - ref_loss), abs(ref_loss)), _rel(worst, largest)
+        diff = _scaled_ref_grad(z, y, reference.lse, r).sub_(grad[r : r + REFERENCE_ROWS], alpha=n)
+        worst = max(worst, diff.abs_().max().item())
+    return (
+        _rel(abs(loss.double().item() - reference.loss), abs(reference.loss)),
+        _rel(worst, reference.largest_scaled_grad),
+    )
 
 
 def linear_reference(h: Tensor, w: Tensor, y: Tensor) -> tuple[float, Tensor, Tensor]:
@@ -379,9 +416,9 @@ def linear_reference(h: Tensor, w: Tensor, y: Tensor) -> tuple[float, Tensor, Te
     n = h.shape[0]
     w64 = w.detach().double().requires_grad_()
     dh, total = [], 0.0
-    for r in range(0, n, REFERENCE_ROWS):
-        hc = h[r : r + REFERENCE_ROWS].detach().double().requires_grad_()  # (rows, D)
-        loss = F.cross_entropy(hc @ w64.T, y[r : r + REFERENCE_ROWS], reduction="sum") / n
+    for r in range(0, n, LINEAR_REFERENCE_ROWS):
+        hc = h[r : r + LINEAR_REFERENCE_ROWS].detach().double().requires_grad_()  # (rows, D)
+        loss = F.cross_entropy(hc @ w64.T, y[r : r + LINEAR_REFERENCE_ROWS], reduction="sum") / n
         loss.backward()
         total += loss.item()
         dh.append(hc.grad)
@@ -471,6 +508,13 @@ def peak_extra_bytes(runner: Runner, device: torch.device) -> int:
     return max(extra, 0)
 
 
+def _reset_compiled_code() -> None:
+    """Forget what torch.compile traced for the last case (nothing to do, and no second of
+    importing dynamo, in a process that has not compiled)."""
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+
+
 def memory_worker() -> None:
     """Subprocess entry: measure one method's peak memory on each case given as JSON on stdin.
 
@@ -482,7 +526,7 @@ def memory_worker() -> None:
     for fields in spec["cases"]:
         case = Case(**fields)
         try:
-            torch._dynamo.reset()
+            _reset_compiled_code()
             inputs = make_inputs(case, device)
             runner = _method(spec["method"], case.kind).build(inputs, device)
             with warnings.catch_warnings():
@@ -608,7 +652,7 @@ def run_case(
     advance: Callable[[], None],
 ) -> tuple[list[Row], dict]:
     """Warm up, check errors, then time every runnable method, interleaved; memory on CUDA."""
-    torch._dynamo.reset()
+    _reset_compiled_code()
     inputs = make_inputs(case, device)
     if case.kind == "cross_entropy":
         reference = ce_reference(inputs["z"], inputs["y"])
@@ -843,7 +887,7 @@ def _names(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``fastxent bench`` flags to ``parser``."""
     d = DEFAULTS
-    shapes = parser.add_argument_group("shapes (defaults; --quick: tiny ones)")
+    shapes = parser.add_argument_group("shapes (defaults; --full and --quick change them)")
     shapes.add_argument("--n", type=int, help=f"rows of the cross_entropy cases ({d['n']})")
     shapes.add_argument(
         "--v", type=_ints, help=f"vocabulary sizes, comma-separated ({','.join(map(str, d['v']))})"
@@ -888,7 +932,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"one; fastxent and the floor always get --repeats ({DEFAULT_BUDGET_S:g}; 0: no cut)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: seconds")
+    preset = parser.add_mutually_exclusive_group()
+    preset.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the shapes the goals are stated at: V={','.join(map(str, FULL['v']))}, linear "
+        f"N={FULL['linear_n']} D={FULL['d']} V={FULL['linear_v'][0]} (minutes)",
+    )
+    preset.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: seconds")
     parser.add_argument(
         "--out", type=Path, default=Path("bench-results"), help="output directory (bench-results)"
     )
@@ -920,7 +971,7 @@ def _check(args: argparse.Namespace) -> str | None:
 
 def cases_of(args: argparse.Namespace) -> list[Case]:
     """The cases the flags ask for, in run order."""
-    shapes = QUICK if args.quick else DEFAULTS
+    shapes = QUICK if args.quick else FULL if args.full else DEFAULTS
     n = args.n or shapes["n"]
     sweep = args.v or shapes["v"]
     cases = [
