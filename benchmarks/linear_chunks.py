@@ -2,9 +2,12 @@
 
     python benchmarks/linear_chunks.py --chunks 64,96,128,256,0     # 0: the default chunk
     python benchmarks/linear_chunks.py --chunks 0 --vocab-blocks 512,1024
+    python benchmarks/linear_chunks.py --chunks 256,1024 --bare
 
 Smaller chunks hold fewer logits but rewrite d_weight (V×D) once per chunk. ``--vocab-blocks``
-adds the vocabulary walk (``vocab_block=B``: four matmuls, d_weight written once).
+adds the vocabulary walk (``vocab_block=B``: four matmuls, d_weight written once). ``--bare``
+adds, per chunk size, the token walk's three matmuls alone (no loss kernel, buffers allocated
+once): what chunking costs the matmuls themselves.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ def main() -> None:
     parser.add_argument("--v", type=int, default=65536)
     parser.add_argument("--chunks", default="64,96,128,256,0")
     parser.add_argument("--vocab-blocks", default="", help="vocab_block values, comma-separated")
+    parser.add_argument("--bare", action="store_true", help="also time the chunked matmuls alone")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
@@ -46,9 +50,24 @@ def main() -> None:
 
         return step
 
+    def bare(rows: int):
+        zc, dw_acc = torch.empty(rows, args.v), torch.zeros_like(w)
+
+        def step() -> None:  # per chunk: z_c = h_c Wᵀ, dh_c = z_c W, dW += z_cᵀ h_c
+            dw_acc.zero_()
+            for start in range(0, args.n, rows):
+                hc, zz = h.detach()[start : start + rows], zc[: min(rows, args.n - start)]
+                torch.mm(hc, w.detach().T, out=zz)
+                torch.mm(zz, w.detach(), out=dh[start : start + rows])
+                dw_acc.addmm_(zz.T, hc)
+
+        return step
+
     steps = {"3 matmuls": matmuls}
     for chunk in (int(c) or None for c in args.chunks.split(",") if c):
         steps[f"chunk {chunk or 'default'}"] = fused(chunk_size=chunk)
+        if args.bare and chunk:
+            steps[f"  matmuls only {chunk}"] = bare(chunk)
     for block in (int(b) for b in args.vocab_blocks.split(",") if b):
         steps[f"vocab block {block}"] = fused(vocab_block=block)
     for step in steps.values():
