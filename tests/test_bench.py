@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -230,3 +231,55 @@ def test_full_and_quick_are_exclusive(capsys):
     with pytest.raises(SystemExit):
         parse(["--full", "--quick"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def _result(case: bench.Case, rows: dict[str, tuple[float, int | None]]) -> dict:
+    """A finished case as ``run`` leaves it: rows of (median seconds, peak bytes)."""
+    return {
+        "case": asdict(case),
+        "rows": [
+            {"name": name, "median_s": t, "peak_extra_bytes": m} for name, (t, m) in rows.items()
+        ],
+    }
+
+
+def test_goal_checks_compute_each_ratio_from_the_rows():
+    mib = 1 << 20
+    results = [
+        _result(bench.Case("cross_entropy", 64, 256, "float32"), {"eager": (1.0, 1)}),  # no goal
+        _result(
+            bench.GOAL_CE,
+            {"fastxent-compiled": (0.1, 513 * mib), "eager": (0.6, 1536 * mib), "floor": (0.08, 0)},
+        ),
+        _result(bench.GOAL_CE_HALF, {"fastxent-compiled": (0.12, 256 * mib)}),
+        _result(
+            bench.GOAL_LINEAR,
+            {
+                "fastxent-linear": (2.0, 200 * mib),
+                "eager": (2.4, 1500 * mib),
+                "chunked": (8.0, 300 * mib),
+                "floor": (1.6, 132 * mib),
+            },  # no fastxent-vocab row: its goals are left out, not failed
+        ),
+    ]
+    goals = {(g.case, g.goal): g for g in bench.goal_checks(results)}
+    ce, half, linear = (c.label for c in (bench.GOAL_CE, bench.GOAL_CE_HALF, bench.GOAL_LINEAR))
+    expected = {
+        (ce, "× faster than torch eager"): (6.0, True),
+        (ce, "× the bandwidth floor's time"): (1.25, True),
+        (ce, "peak memory ÷ one N×V buffer (1% for per-row vectors)"): (513 / 512, True),
+        (half, "× the float32 time (bf16 at least as fast)"): (1.2, False),
+        (linear, "token walk: × three matmuls' time"): (1.25, False),
+        (linear, "token walk: × less peak memory than eager"): (7.5, False),
+        (linear, "token walk: × faster than torch chunked"): (4.0, True),
+        (linear, "token walk: × less peak memory than torch chunked"): (1.5, True),
+    }
+    assert set(goals) == set(expected)
+    for key, (value, met) in expected.items():
+        assert goals[key].value == pytest.approx(value), key
+        assert goals[key].met is met, key
+
+
+def test_quick_run_states_no_goals(quick_run):
+    _, out = quick_run
+    assert json.loads((out / "bench.json").read_text())["goals"] == []

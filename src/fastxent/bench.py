@@ -30,7 +30,8 @@ timed in the same run; for ``linear`` the three plain matmuls ``z = h Wᵀ``, ``
 ``dW = gᵀ h`` of the same sizes, timed in the same run.
 
 Results go to ``bench.json`` (raw numbers and the machine) and ``bench.png`` (time and memory
-against the vocabulary size) in the output directory; the terminal shows a table.
+against the vocabulary size) in the output directory; the terminal shows a table per case and,
+on CPU, the performance goals whose cases ran, each with its measured value (``goal_checks``).
 """
 
 from __future__ import annotations
@@ -819,6 +820,128 @@ def print_table(results: list[dict], console) -> None:
         console.print(f"({i}) {note}", highlight=False, markup=False)
 
 
+# The CPU performance goals, at the shapes they are stated for (a 2-core machine). Each is
+# checked when its case is in the run (the headline cases always are; the linear one with --full).
+GOAL_CE = Case("cross_entropy", 4096, HEADLINE_V, "float32")
+GOAL_CE_HALF = Case("cross_entropy", 4096, HEADLINE_V, "bfloat16")
+GOAL_LINEAR = Case("linear", 2048, 65536, "float32", 512)
+ONE_BUFFER_SLACK = 1.01  # "one N×V buffer": plus 1% for per-row vectors (N·V·4 is 512 MiB)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One stated goal and what this run measured: met when ``value`` is on the right side of
+    ``target`` (``at_most``: value <= target, else value >= target)."""
+
+    case: str
+    goal: str
+    value: float
+    target: float
+    at_most: bool
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.target if self.at_most else self.value >= self.target
+
+
+def _rows_of(results: list[dict], case: Case) -> dict[str, dict] | None:
+    """The rows (by method name) of ``case`` in the finished ``results``, or None."""
+    for result in results:
+        if Case(**result["case"]) == case:
+            return {row["name"]: row for row in result["rows"]}
+    return None
+
+
+def goal_checks(results: list[dict]) -> list[Goal]:
+    """The CPU goals whose cases (and rows) are in ``results``, each with its measured value."""
+    goals: list[Goal] = []
+
+    def add(case: Case, goal: str, value: float | None, target: float, at_most: bool) -> None:
+        if value is not None:
+            goals.append(Goal(case.label, goal, value, target, at_most))
+
+    def ratio(a: dict | None, b: dict | None, key: str = "median_s") -> float | None:
+        if a is None or b is None or not a.get(key) or not b.get(key):
+            return None
+        return a[key] / b[key]
+
+    ce = _rows_of(results, GOAL_CE)
+    if ce is not None:
+        fx = ce.get("fastxent-compiled")
+        add(GOAL_CE, "× faster than torch eager", ratio(ce.get("eager"), fx), 5.0, False)
+        add(GOAL_CE, "× the bandwidth floor's time", ratio(fx, ce.get("floor")), 1.5, True)
+        one_buffer = GOAL_CE.n * GOAL_CE.v * DTYPES[GOAL_CE.dtype].itemsize
+        memory = None if fx is None or not fx["peak_extra_bytes"] else fx["peak_extra_bytes"]
+        add(
+            GOAL_CE,
+            "peak memory ÷ one N×V buffer (1% for per-row vectors)",
+            None if memory is None else memory / one_buffer,
+            ONE_BUFFER_SLACK,
+            True,
+        )
+    half = _rows_of(results, GOAL_CE_HALF)
+    if ce is not None and half is not None:
+        add(
+            GOAL_CE_HALF,
+            "× the float32 time (bf16 at least as fast)",
+            ratio(half.get("fastxent-compiled"), ce.get("fastxent-compiled")),
+            1.0,
+            True,
+        )
+    linear = _rows_of(results, GOAL_LINEAR)
+    if linear is not None:
+        eager, chunked = linear.get("eager"), linear.get("chunked")
+        for name, walk in (("fastxent-linear", "token walk"), ("fastxent-vocab", "vocab walk")):
+            fx = linear.get(name)
+            add(
+                GOAL_LINEAR,
+                f"{walk}: × three matmuls' time",
+                ratio(fx, linear.get("floor")),
+                1.1,
+                True,
+            )
+            add(
+                GOAL_LINEAR,
+                f"{walk}: × less peak memory than eager",
+                ratio(eager, fx, "peak_extra_bytes"),
+                10.0,
+                False,
+            )
+            add(GOAL_LINEAR, f"{walk}: × faster than torch chunked", ratio(chunked, fx), 1.0, False)
+            add(
+                GOAL_LINEAR,
+                f"{walk}: × less peak memory than torch chunked",
+                ratio(chunked, fx, "peak_extra_bytes"),
+                1.0,
+                False,
+            )
+    return goals
+
+
+def print_goals(goals: list[Goal], console) -> None:
+    """The goal checks as one table (nothing when no goal case ran)."""
+    from rich.table import Table
+
+    if not goals:
+        return
+    table = Table(title="goals (CPU, at their stated shapes; this run)", title_justify="left")
+    for header, justify in (("case", "left"), ("goal", "left"), ("measured", "right")):
+        table.add_column(header, justify=justify)
+    table.add_column("target", justify="right")
+    table.add_column("met", justify="center")
+    for g in goals:
+        sign = "≤" if g.at_most else "≥"
+        table.add_row(
+            g.case,
+            g.goal,
+            f"{g.value:.2f}",
+            f"{sign} {g.target:g}",
+            "yes" if g.met else "no",
+            style=None if g.met else "yellow",
+        )
+    console.print(table)
+
+
 def plot(results: list[dict], path: Path) -> None:
     """Time and peak memory against V, one line per (method, dtype), one row per kind."""
     import matplotlib
@@ -1076,11 +1199,14 @@ def run(args: argparse.Namespace) -> int:
         },
         "cases": results,
     }
+    goals = goal_checks(results) if device.type == "cpu" else []
+    report["goals"] = [{**asdict(g), "met": g.met} for g in goals]
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / "bench.json", args.out / "bench.png"
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     plot(results, png_path)
     print_table(results, console)
+    print_goals(goals, console)
     console.print(f"raw numbers: {json_path}   plot: {png_path}")
     for failure in failures:
         console.print(f"FAILED {failure}", style="red")
