@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test bench lint format check clean
+.PHONY: test bench lint format check clean test-triton-gpu-image
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,5 +29,15 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# The Triton tests (interpreter, and ahead-of-time cubin builds for sm_90/sm_80) against the
+# triton of the GPU machine's image (3.6.0). Its interpreter predates NumPy 2.3's stricter
+# array-to-int conversion, hence the NumPy bound; on a GPU no interpreter runs.
+GPU_IMAGE_VENV := .venv-triton-3.6
+test-triton-gpu-image:
+	test -x $(GPU_IMAGE_VENV)/bin/python || $(PY) -m venv $(GPU_IMAGE_VENV)
+	$(GPU_IMAGE_VENV)/bin/pip install -q -c constraints.txt torch "numpy<2.3" pytest "triton==3.6.0"
+	PYTHONPATH=src $(GPU_IMAGE_VENV)/bin/python -m pytest -p no:cacheprovider \
+		tests/test_triton.py tests/test_triton_compile.py
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(GPU_IMAGE_VENV) build *.egg-info src/*.egg-info .pytest_cache

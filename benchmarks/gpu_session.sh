@@ -6,7 +6,7 @@
 # 1. the GPU tests (`pytest -m gpu`: compiled Triton kernels at realistic sizes, N×V > 2^31),
 # 2. benchmarks/gpu.py at Llama-3-8B and Gemma-2-2B shapes (correctness at full size, time,
 #    memory, floors, peers),
-# 3. `fastxent bench --device cuda` on the suite's default shapes.
+# 3. `fastxent bench --device cuda --full` (the suite's largest preset: seconds on a GPU).
 #
 # fastxent runs from src/ (no install). Peers that the machine lacks (Liger-Kernel, Cut
 # Cross-Entropy) are installed from wheels in .whl/ when that folder exists; without them their
@@ -37,5 +37,5 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember the first 
 step machine sh -c "nvidia-smi; $PYTHON -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'"
 step gpu-tests "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
 step gpu-bench "$PYTHON" benchmarks/gpu.py --out "$OUT/gpu.json"
-step suite "$PYTHON" -m fastxent.cli bench --device cuda --out "$OUT/suite"
+step suite "$PYTHON" -m fastxent.cli bench --device cuda --full --out "$OUT/suite"
 exit "$status"
