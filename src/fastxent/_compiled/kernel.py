@@ -51,6 +51,7 @@ class Variant:
     scaled: bool
     grad: bool  # write the gradient
     inplace: bool  # ... into z itself
+    recompute_exp: bool  # the gradient pass recomputes e^{z'-m} instead of reading a row buffer
 
     @staticmethod
     def of(z: Tensor, target: Tensor, weight: Tensor | None, opts, grad: Tensor | None):
@@ -66,6 +67,11 @@ class Variant:
             scaled=opts.logit_scale != 1.0,
             grad=grad is not None,
             inplace=grad is not None and grad is z,
+            # Writing into z, inductor cannot keep e beside the store. For float32 the row
+            # buffer's round trip is slower than a second exp (recomputing took 5-13% less time
+            # at N = 4096, V = 8192-131072, in all but one of ten runs, that one equal); for
+            # bf16 the buffer is faster (2-18%): benchmarks/row_buffer.py.
+            recompute_exp=grad is z or z.dtype == torch.float32,
         )
 
 
@@ -116,10 +122,7 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
             coef = coef + 2.0 * b * s * (m + sum_e.log())
         if not v.soft:
             coef = torch.where(counted, coef, 0.0)
-        if v.inplace or v.dtype == torch.float32:
-            # Recompute e: writing into z, inductor cannot keep it beside the store; for float32
-            # the row buffer's round trip is slower than the exp (5-14% of the kernel, measured
-            # at N = 4096, V = 8192-131072), for bf16 it is faster (7-18%), so half keeps it.
+        if v.recompute_exp:  # see Variant.of
             e = torch.exp(zp - m)
         g = e * (coef / sum_e)  # (M, V)
         if v.soft:
