@@ -1,0 +1,57 @@
+"""The CPU scripts under benchmarks/ that back figures in BENCHMARKS.md run, on tiny shapes.
+
+They are run by hand, so nothing else notices when a change breaks them. Their timings are not
+checked (none can be, in a test); what is checked is that they finish and that the filter
+script's own account of skipped blocks agrees with what the library does.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastxent
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import linear_chunks  # noqa: E402
+import linear_filter  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("script", "flags"),
+    [
+        (linear_chunks, ["--n", "64", "--d", "16", "--v", "512", "--chunks", "16,0", "--bare"]),
+        (linear_filter, ["--n", "64", "--d", "16", "--v", "512", "--probs", "1e-2"]),
+    ],
+    ids=["linear_chunks", "linear_filter"],
+)
+def test_script_runs_on_tiny_shapes(script, flags, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [script.__file__, *flags, "--rounds", "1"])
+    script.main()  # in this process: torch.compile's start-up is paid once per test session
+    assert "× " in capsys.readouterr().out
+
+
+def test_filter_script_counts_the_blocks_the_library_skips():
+    """All blocks kept: the filtered gradients are the exact ones; some skipped: they differ."""
+    gen = torch.Generator().manual_seed(0)
+    h, w, y = linear_filter.peaked_inputs(64, 64, 2048, 1.1, 20.0, gen)
+    exact = _grads(h, w, y, None)
+    for prob in (1e-12, 1e-3):
+        eps = prob / h.shape[0]
+        kept = linear_filter.kept_fraction(h, w, y, eps, chunk=64)
+        filtered = _grads(h, w, y, eps)
+        same = all(torch.equal(a, b) for a, b in zip(filtered, exact, strict=True))
+        # The library falls back to the dense (exact) update when half the blocks or more stay.
+        assert same == (kept >= 0.5), (prob, kept)
+    assert linear_filter.kept_fraction(h, w, y, 1e-3 / 64, chunk=64) < 0.5  # both cases ran
+
+
+def _grads(h, w, y, eps):
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    fastxent.linear_cross_entropy(hr, wr, y, filter_eps=eps, chunk_size=64).backward()
+    return hr.grad, wr.grad
