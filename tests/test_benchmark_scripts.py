@@ -20,6 +20,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import linear_chunks  # noqa: E402
 import linear_filter  # noqa: E402
+import row_buffer  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -27,8 +28,9 @@ import linear_filter  # noqa: E402
     [
         (linear_chunks, ["--n", "64", "--d", "16", "--v", "512", "--chunks", "16,0", "--bare"]),
         (linear_filter, ["--n", "64", "--d", "16", "--v", "512", "--probs", "1e-2"]),
+        (row_buffer, ["--n", "64", "--v", "512", "--dtype", "float32"]),
     ],
-    ids=["linear_chunks", "linear_filter"],
+    ids=["linear_chunks", "linear_filter", "row_buffer"],
 )
 def test_script_runs_on_tiny_shapes(script, flags, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script.__file__, *flags, "--rounds", "1"])
