@@ -140,7 +140,8 @@ class Runner:
     """One method bound to one case's inputs.
 
     ``step`` runs forward and backward and returns the loss and the gradients; ``clear`` drops
-    the gradients (outside the timed region); ``reset`` restores anything the method overwrote.
+    the gradients (outside the timed region); ``reset`` restores anything the method overwrote;
+    ``prepare`` does both, before every step.
     """
 
     forward: Callable[[], Tensor]
@@ -150,6 +151,11 @@ class Runner:
     def clear(self) -> None:
         for x in self.grads_of:
             x.grad = None
+
+    def prepare(self) -> None:
+        self.clear()
+        if self.reset is not None:
+            self.reset()
 
     def step(self) -> tuple[Tensor, list[Tensor | None]]:
         loss = self.forward()
@@ -447,18 +453,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(runner: Runner, device: torch.device) -> float:
-    """Seconds of one forward+backward; clearing and resetting happen outside the clock."""
-    runner.clear()
-    if runner.reset is not None:
-        runner.reset()
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Seconds of ``fn()``, the device synchronised on both sides, and what it returned."""
     _sync(device)
     start = time.perf_counter()
-    out = runner.step()
+    out = fn()
     _sync(device)
-    elapsed = time.perf_counter() - start
-    del out
-    return elapsed
+    return time.perf_counter() - start, out
+
+
+def time_step(runner: Runner, device: torch.device) -> float:
+    """Seconds of one forward+backward; clearing and resetting happen outside the clock."""
+    runner.prepare()
+    return timed(runner.step, device)[0]
 
 
 def _status_kib(key: str) -> int:
@@ -487,9 +494,7 @@ def peak_extra_bytes(runner: Runner, device: torch.device) -> int:
     fastxent's CPU gradient buffer, kept between steps for reuse, is released first: it would
     otherwise count as live before the step and hide the gradient's memory.
     """
-    runner.clear()
-    if runner.reset is not None:
-        runner.reset()
+    runner.prepare()
     fastxent.empty_cache()
     gc.collect()
     if device.type == "cuda":
@@ -533,7 +538,7 @@ def memory_worker() -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for _ in range(spec["warmup"]):
-                    runner.clear()
+                    runner.prepare()
                     runner.step()
                 result = {"bytes": peak_extra_bytes(runner, device)}
             del runner, inputs
@@ -673,14 +678,10 @@ def run_case(
                 warnings.simplefilter("always")
                 runner = m.build(inputs, device)
                 for i in range(timing.warmup):  # the last warm-up run's output is checked
-                    runner.clear()
-                    if runner.reset is not None:
-                        runner.reset()
-                    start = time.perf_counter()
-                    loss, grads = runner.step()
-                    _sync(device)
+                    runner.prepare()
+                    elapsed, (loss, grads) = timed(runner.step, device)
                     if i == 0:
-                        row.first_call_s = time.perf_counter() - start
+                        row.first_call_s = elapsed
                     advance()
             said = [w for w in caught if not issubclass(w.category, _QUIET_WARNINGS)]
             if said:
@@ -703,8 +704,8 @@ def run_case(
     floor = Row("floor", floor_label, peak_extra_bytes=floor_bytes)
     floor.note = "memory: the gradients themselves"
     rows.append(floor)
-    timed = {row.name: row for row in rows if row.name in runners or row is floor}
-    order = list(timed)
+    by_name = {row.name: row for row in rows if row.name in runners or row is floor}
+    order = list(by_name)
     # A peer is cut after the first round if over budget; fastxent and the floor, which the
     # ratios are taken against, always get every run.
     runs = dict.fromkeys(order, timing.repeats)
@@ -713,16 +714,12 @@ def run_case(
         for name in order[k:] + order[:k]:  # interleaved, the order rotating each round
             if r < runs[name]:
                 if name == "floor":
-                    _sync(device)
-                    start = time.perf_counter()
-                    floor_step()
-                    _sync(device)
-                    elapsed = time.perf_counter() - start
-                    timed[name].times_s.append(floor_scale * elapsed)
+                    elapsed = timed(floor_step, device)[0]
+                    by_name[name].times_s.append(floor_scale * elapsed)
                 else:
                     elapsed = time_step(runners[name], device)
-                    timed[name].times_s.append(elapsed)
-                if r == 0 and not (timed[name].is_fastxent or name == "floor"):
+                    by_name[name].times_s.append(elapsed)
+                if r == 0 and not (by_name[name].is_fastxent or name == "floor"):
                     runs[name] = timing.runs_within_budget(elapsed)  # peers only
             advance()
     for name, count in runs.items():
@@ -731,7 +728,7 @@ def run_case(
                 f"timed {count} of {timing.repeats} runs: {timing.repeats} would exceed the "
                 f"{timing.budget_s:g} s budget (--budget)"
             )
-            timed[name].note = "; ".join(filter(None, [timed[name].note, cut]))
+            by_name[name].note = "; ".join(filter(None, [by_name[name].note, cut]))
     del runners
     extra = {}
     if case.kind == "cross_entropy" and floor.times_s:
@@ -748,8 +745,8 @@ def _baseline(rows: list[Row], device: torch.device) -> Row | None:
     auto = "fastxent"
     with contextlib.suppress(RuntimeError):
         auto = "fastxent-" + functional.resolve_backend("auto", device)[0]
-    timed = [row for row in rows if row.is_fastxent and row.median_s]
-    return next((row for row in timed if row.name == auto), timed[0] if timed else None)
+    ran = [row for row in rows if row.is_fastxent and row.median_s]
+    return next((row for row in ran if row.name == auto), ran[0] if ran else None)
 
 
 # ---------------------------------------------------------------------------------------------
