@@ -296,15 +296,21 @@ def _dense_update(
         dw[block].add_(torch.mm(g[:, block].t(), h))  # (Vb, D) in half precision, then float32
 
 
+def kept_blocks(g: Tensor, eps: float) -> Tensor:
+    """Which ``FILTER_BLOCK``-class blocks of a chunk's gradient g (n, V) have some |g| >= eps:
+    (ceil(V / FILTER_BLOCK),) booleans."""
+    col_max = torch.maximum(g.amax(0), g.amin(0).neg())  # (V,) max_r |g_rj|
+    pad = (-g.shape[1]) % FILTER_BLOCK
+    if pad:
+        col_max = torch.nn.functional.pad(col_max, (0, pad))
+    return col_max.view(-1, FILTER_BLOCK).amax(1) >= eps
+
+
 def _kept_columns(g: Tensor, eps: float) -> Tensor | None:
     """Vocab columns of blocks where some |g| >= eps; None (dense, exact) when at least half
     the blocks are kept, since gathering that many columns costs more than it saves."""
     num_classes = g.shape[1]
-    col_max = torch.maximum(g.amax(0), g.amin(0).neg())  # (V,) max_r |g_rj|
-    pad = (-num_classes) % FILTER_BLOCK
-    if pad:
-        col_max = torch.nn.functional.pad(col_max, (0, pad))
-    keep = col_max.view(-1, FILTER_BLOCK).amax(1) >= eps  # (V / block,)
+    keep = kept_blocks(g, eps)  # (V / block,)
     if 2 * int(keep.sum()) >= keep.numel():
         return None
     blocks = keep.nonzero().squeeze(1)
