@@ -68,9 +68,9 @@ class Variant:
             grad=grad is not None,
             inplace=grad is not None and grad is z,
             # Writing into z, inductor cannot keep e beside the store. For float32 the row
-            # buffer's round trip is slower than a second exp (recomputing took 5-13% less time
-            # at N = 4096, V = 8192-131072, in all but one of ten runs, that one equal); for
-            # bf16 the buffer is faster (2-18%): benchmarks/row_buffer.py.
+            # buffer's round trip is slower than a second exp (benchmarks/row_buffer.py,
+            # N = 4096, V = 8192-131072: 0.87-0.95x the time in five of six runs, one equal);
+            # for bf16 the buffer is faster (recomputing took 1.14x).
             recompute_exp=grad is z or z.dtype == torch.float32,
         )
 
