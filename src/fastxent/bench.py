@@ -524,7 +524,8 @@ def _reset_compiled_code() -> None:
 def memory_worker() -> None:
     """Subprocess entry: measure one method's peak memory on each case given as JSON on stdin.
 
-    Prints one JSON line per case: ``{"bytes": int}`` or ``{"error": str}``.
+    Prints one JSON line per case: ``{"bytes": int}`` or ``{"error": str}``. Compiled code is
+    kept from one case to the next: each case's warm-up absorbs any (re)compilation.
     """
     spec = json.loads(sys.stdin.read())
     torch.set_num_threads(spec["threads"])
@@ -532,7 +533,6 @@ def memory_worker() -> None:
     for fields in spec["cases"]:
         case = Case(**fields)
         try:
-            _reset_compiled_code()
             inputs = make_inputs(case, device)
             runner = _method(spec["method"], case.kind).build(inputs, device)
             with warnings.catch_warnings():
@@ -1211,9 +1211,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _cpu_memory(results: list[dict], reason: str | None, warmup: int, progress) -> None:
-    """Fill in peak memory on CPU: one subprocess per method, over every case it ran on,
+    """Fill in peak memory on CPU: one subprocess per method, over every case it ran on (both
+    kinds: a method that runs on both pays its imports once),
     ``MEMORY_PROCESSES`` at a time, the torch threads shared out between them."""
-    by_method: dict[tuple[str, str], list[tuple[Case, Row]]] = {}
+    by_method: dict[str, list[tuple[Case, Row]]] = {}
     for result in results:
         for row in result["rows"]:
             if row.name == "floor" or row.skipped:
@@ -1221,8 +1222,7 @@ def _cpu_memory(results: list[dict], reason: str | None, warmup: int, progress) 
             if reason is not None:
                 row.memory_skipped = reason
                 continue
-            key = (row.name, result["case"].kind)
-            by_method.setdefault(key, []).append((result["case"], row))
+            by_method.setdefault(row.name, []).append((result["case"], row))
     if not by_method:
         return
     task = progress.add_task(
@@ -1248,7 +1248,7 @@ def _cpu_memory(results: list[dict], reason: str | None, warmup: int, progress) 
 
     with concurrent.futures.ThreadPoolExecutor(MEMORY_PROCESSES) as pool:
         todo = sorted(by_method.items(), key=cost)
-        jobs = [pool.submit(measure, name, pairs) for (name, _), pairs in todo]
+        jobs = [pool.submit(measure, name, pairs) for name, pairs in todo]
         for job in jobs:
             job.result()
 
