@@ -69,7 +69,7 @@ DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
-# Shapes of the three presets. The default run is short (about two minutes on 2 cores, warm
+# Shapes of the three presets. The default run is short (1.5-2 minutes on 2 cores, warm
 # compile cache): it sweeps V in the first dtype (the plot) and runs the other dtypes at the
 # headline V only. --full has the shapes the performance goals are stated at (the linear one
 # is 4x the default's work). --quick is tiny (seconds; used by the tests).
