@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import linear_chunks  # noqa: E402
 import linear_filter  # noqa: E402
 import row_buffer  # noqa: E402
+import small_logits  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -29,8 +30,9 @@ import row_buffer  # noqa: E402
         (linear_chunks, ["--n", "64", "--d", "16", "--v", "512", "--chunks", "16,0", "--bare"]),
         (linear_filter, ["--n", "64", "--d", "16", "--v", "512", "--probs", "1e-2"]),
         (row_buffer, ["--n", "64", "--v", "512", "--dtype", "float32"]),
+        (small_logits, ["--shapes", "8x16,4x64", "--calls", "2"]),
     ],
-    ids=["linear_chunks", "linear_filter", "row_buffer"],
+    ids=["linear_chunks", "linear_filter", "row_buffer", "small_logits"],
 )
 def test_script_runs_on_tiny_shapes(script, flags, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script.__file__, *flags, "--rounds", "1"])

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastxent
-from fastxent import reference
+from fastxent import functional, reference
 from fastxent.check import torch_composed
 
 BACKEND = "torch"
@@ -304,6 +304,35 @@ def test_module_matches_torch_module():
 def test_unknown_backend_lists_choices():
     with pytest.raises(ValueError, match=r"unknown backend 'fast'.*'auto', 'torch'"):
         fastxent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="fast")
+
+
+def test_auto_takes_the_portable_kernel_for_small_cpu_logits(monkeypatch):
+    """At most AUTO_PORTABLE_MAX_LOGITS logits on CPU: "torch" (nothing compiled); above: the
+    usual order. An explicit backend is never overridden."""
+    import fastxent._compiled as compiled
+
+    cpu = torch.device("cpu")
+    limit = functional.AUTO_PORTABLE_MAX_LOGITS
+    assert functional.resolve_backend("auto", cpu, limit)[0] == "torch"
+    can_compile = functional.unavailable_reason("compiled", cpu) is None
+    above = functional.resolve_backend("auto", cpu, limit + 1)[0]
+    assert above == ("compiled" if can_compile else "torch")
+    assert functional.resolve_backend("torch", cpu, 10 * limit)[0] == "torch"
+    if not can_compile:
+        return
+    assert functional.resolve_backend("compiled", cpu, 1)[0] == "compiled"
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the compiled kernel ran")
+
+    monkeypatch.setattr(compiled, "cross_entropy_rows", not_here)
+    v = 1024
+    z = torch.randn(limit // v, v, requires_grad=True)  # exactly the limit
+    fastxent.cross_entropy(z, torch.randint(0, v, (limit // v,))).backward()
+    hidden, weight = torch.randn(2, 16, 8, requires_grad=True), torch.randn(v, 8)
+    fastxent.linear_cross_entropy(hidden, weight, torch.randint(0, v, (2, 16))).backward()
+    with pytest.raises(AssertionError, match="the compiled kernel ran"):
+        fastxent.cross_entropy(torch.randn(limit // v + 1, v), torch.zeros(limit // v + 1).long())
 
 
 @settings(max_examples=40, deadline=None)

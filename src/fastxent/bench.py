@@ -740,11 +740,12 @@ def run_case(
     return rows, extra
 
 
-def _baseline(rows: list[Row], device: torch.device) -> Row | None:
-    """The fastxent row the ratios divide by: the backend "auto" picks, else the first timed."""
+def _baseline(case: Case, rows: list[Row], device: torch.device) -> Row | None:
+    """The fastxent row the ratios divide by: the backend "auto" picks for the case's logits,
+    else the first timed."""
     auto = "fastxent"
     with contextlib.suppress(RuntimeError):
-        auto = "fastxent-" + functional.resolve_backend("auto", device)[0]
+        auto = "fastxent-" + functional.resolve_backend("auto", device, case.n * case.v)[0]
     ran = [row for row in rows if row.is_fastxent and row.median_s]
     return next((row for row in ran if row.name == auto), ran[0] if ran else None)
 
@@ -1166,7 +1167,7 @@ def run(args: argparse.Namespace) -> int:
     failures = []
     for result in results:
         case, rows = result["case"], result["rows"]
-        base = _baseline(rows, device)
+        base = _baseline(case, rows, device)
         result["baseline"] = base.name if base else None
         for row in rows:
             if base and row.median_s is not None:

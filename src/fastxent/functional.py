@@ -26,6 +26,13 @@ BACKENDS: dict[str, str] = {
 }
 # What "auto" tries, in order, for each device type; "torch" runs everywhere.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("compiled", "torch"), "cuda": ("triton", "torch")}
+# "auto" on CPU takes the portable kernel for logits of at most this many entries: there it was
+# faster per forward+backward in every run of benchmarks/small_logits.py (0.33-0.50 ms against
+# 0.47-0.63 ms for 16K-131K float32 logits), and it compiles nothing, where the compiled kernel's
+# first call in a process takes seconds. From 2^18 to 2^19 logits the portable kernel was faster
+# in some runs and twice as slow in others; from 2^20 on the compiled one wins (BENCHMARKS.md,
+# "Which backend auto picks").
+AUTO_PORTABLE_MAX_LOGITS = 1 << 17
 
 
 def _backend_module(name: str):
@@ -41,13 +48,20 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return module.unavailable_reason(device)
 
 
-def resolve_backend(backend: str, device: torch.device) -> tuple[str, Kernel]:
-    """Name and row kernel of ``backend`` on ``device``; "auto" takes the first that can run.
+def resolve_backend(
+    backend: str, device: torch.device, num_logits: int | None = None
+) -> tuple[str, Kernel]:
+    """Name and row kernel of ``backend`` on ``device``; "auto" takes the first that can run,
+    and on CPU the portable kernel for at most ``AUTO_PORTABLE_MAX_LOGITS`` logits (the size of
+    the call's logits, ``num_logits``, when known).
 
     Raises ValueError for an unknown name and RuntimeError for a backend that cannot run here.
     """
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("torch",)):
+        order = AUTO_ORDER.get(device.type, ("torch",))
+        if device.type == "cpu" and num_logits is not None:
+            order = ("torch",) if num_logits <= AUTO_PORTABLE_MAX_LOGITS else order
+        for name in order:
             if unavailable_reason(name, device) is None:
                 return name, _backend_module(name).cross_entropy_rows
         raise RuntimeError(f"no fastxent backend can run on {device}.")  # "torch" always can
@@ -116,6 +130,9 @@ def cross_entropy(
             else saved them for backward. Refused on a leaf tensor that requires grad. Each loss
             can then be back-propagated once.
         backend: ``"auto"`` or one of :data:`BACKENDS` (``"torch"``: portable, any device).
+            ``"auto"`` takes ``"compiled"`` on CPU, ``"triton"`` on CUDA, each when it can run,
+            else ``"torch"``; on CPU also ``"torch"`` for logits of at most
+            :data:`AUTO_PORTABLE_MAX_LOGITS` entries (faster there, and nothing to compile).
 
     Returns:
         The loss: a scalar for "mean"/"sum", float32 for fp32/bf16/fp16 input and float64 for
@@ -158,7 +175,7 @@ def cross_entropy(
             "parameters or data); use it on logits computed by the model, or pass "
             "inplace_backward=False."
         )
-    _, kernel = resolve_backend(backend, input.device)
+    _, kernel = resolve_backend(backend, input.device, input.numel())
     opts = CrossEntropyOptions.of(
         num_classes,
         soft,
@@ -319,7 +336,8 @@ def linear_cross_entropy(
     if not soft:
         check_index_targets(target[..., 1:] if shift else target, num_classes, ignore_index)
     check_chunking(chunk_size, filter_eps, vocab_block)
-    _, kernel = resolve_backend(backend, hidden.device)
+    tokens = hidden.shape[:-1].numel()
+    _, kernel = resolve_backend(backend, hidden.device, tokens * num_classes)
     opts = LinearOptions(
         ce=CrossEntropyOptions.of(
             num_classes,
