@@ -72,7 +72,8 @@ def ours(hidden, weight, bias, target, *, grad_output=None, needs=(True, True, T
         None if x is None else x.detach().clone().requires_grad_(need)
         for x, need in zip((hidden, weight, bias), needs, strict=True)
     ]
-    loss = fastxent.linear_cross_entropy(*leaves[:2], target, leaves[2], backend=BACKEND, **kwargs)
+    kwargs.setdefault("backend", BACKEND)
+    loss = fastxent.linear_cross_entropy(*leaves[:2], target, leaves[2], **kwargs)
     if any(x is not None and x.requires_grad for x in leaves):
         loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
     return (loss.detach(), *(None if x is None else x.grad for x in leaves))
@@ -125,6 +126,23 @@ def test_options_match_oracle(options, reduction, soft, walk):
     kwargs = {"reduction": reduction, **resolve(options, weight.shape[0])}
     go = torch.rand(13, dtype=torch.float64) + 0.5 if reduction == "none" else torch.tensor(1.7)
     got = ours(hidden, weight, bias, target, grad_output=go, **walk, **kwargs)
+    assert_matches(got, oracle(hidden, weight, bias, target, grad_output=go, **kwargs))
+
+
+@pytest.mark.skipif(
+    fastxent.functional.unavailable_reason("compiled", torch.device("cpu")) is not None,
+    reason="the compiled backend cannot run here",
+)
+@pytest.mark.parametrize("walk", WALKS, ids=["tokens", "vocab"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_compiled_row_kernel_in_both_walks(soft, walk):
+    """The walks with the compiled row kernel ("auto" on CPU above 2^17 logits), every option
+    at once, shift, and a per-token grad_output."""
+    hidden, weight, bias, target = make_case((3, 5), soft=soft, seed=4)
+    options = resolve({**OPTIONS[-1], "class_weight": "rand"}, weight.shape[0])
+    kwargs = {"reduction": "none", "shift": True, **options}
+    go = torch.rand(3, 4, dtype=torch.float64) + 0.5
+    got = ours(hidden, weight, bias, target, grad_output=go, backend="compiled", **walk, **kwargs)
     assert_matches(got, oracle(hidden, weight, bias, target, grad_output=go, **kwargs))
 
 
