@@ -34,6 +34,7 @@ tensor; "none" (one factor per row) always scales into a new tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -77,8 +78,8 @@ def reduction_scales(
             w_y = weight.to(dtype)[torch.where(counted, target, 0)]
             total_weight = torch.where(counted, w_y, 0).sum()
 
-    def inverse(x: Tensor) -> Tensor:
-        return torch.where(x != 0, 1.0 / torch.where(x != 0, x, one), 0.0)
+    def inverse(x: Tensor) -> Tensor:  # 1/x, and 0 for x = 0 (1/±0 = ±inf); NaN stays NaN
+        return torch.nan_to_num(x.reciprocal(), nan=math.nan, posinf=0.0, neginf=0.0)
 
     return inverse(total_weight), inverse(n)
 
