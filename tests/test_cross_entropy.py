@@ -190,6 +190,16 @@ def test_all_ignored_gives_zero_loss_and_zero_grad():
         z.grad = None
 
 
+def test_zero_and_nan_total_weight():
+    """Class weights summing to 0 over the counted rows: "mean" gives 0 (as all-ignored); a NaN
+    weight on a target class gives a NaN loss, never a silent number."""
+    z, target = torch.randn(3, 5), torch.tensor([0, 1, 1])
+    zero = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
+    assert fastxent.cross_entropy(z, target, weight=zero, backend=BACKEND).item() == 0.0
+    nan = torch.tensor([float("nan"), 1.0, 1.0, 1.0, 1.0])
+    assert torch.isnan(fastxent.cross_entropy(z, target, weight=nan, backend=BACKEND))
+
+
 def test_ignore_index_may_be_a_valid_class():
     z, target, _ = make_case((8, 5), soft=False, weighted=False)
     target = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
