@@ -265,7 +265,8 @@ def linear_cross_entropy(
             few (N, B) blocks and bf16/fp16 ∂W needs no float32 copy. For when memory matters
             more than time; not with ``chunk_size``, ``filter_eps`` or ``process_group``. The
             backend's row kernel is not used (the block math is portable PyTorch).
-        backend: ``"auto"`` or one of :data:`BACKENDS`; supplies the row kernel.
+        backend: ``"auto"`` or one of :data:`BACKENDS`; supplies the row kernel ("auto" as in
+            :func:`cross_entropy`, the size being tokens × V).
         process_group: None (one device), or the tensor-parallel ``torch.distributed`` group over
             which the vocabulary is split (Megatron-style): rank r passes its rows
             ``[s_r, s_r + V_r)`` of ``weight`` and ``bias`` (slices in rank order, uneven allowed)
