@@ -135,9 +135,10 @@ def test_options_match_oracle(options, reduction, soft, walk):
 )
 @pytest.mark.parametrize("walk", WALKS, ids=["tokens", "vocab"])
 @pytest.mark.parametrize("soft", [False, True])
-def test_compiled_row_kernel_in_both_walks(soft, walk):
-    """The walks with the compiled row kernel ("auto" on CPU above 2^17 logits), every option
-    at once, shift, and a per-token grad_output."""
+def test_compiled_backend_in_both_walks(soft, walk):
+    """backend="compiled" ("auto" on CPU above 2^17 logits), every option at once, shift, and a
+    per-token grad_output. The token walk runs the compiled row kernel on each chunk; the vocab
+    walk uses no row kernel (portable block math) and must accept the backend all the same."""
     hidden, weight, bias, target = make_case((3, 5), soft=soft, seed=4)
     options = resolve({**OPTIONS[-1], "class_weight": "rand"}, weight.shape[0])
     kwargs = {"reduction": "none", "shift": True, **options}

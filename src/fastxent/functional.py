@@ -59,9 +59,8 @@ def resolve_backend(
     """
     if backend == "auto":
         order = AUTO_ORDER.get(device.type, ("torch",))
-        if device.type == "cpu" and num_logits is not None:
-            order = ("torch",) if num_logits <= AUTO_PORTABLE_MAX_LOGITS else order
-        for name in order:
+        small = num_logits is not None and num_logits <= AUTO_PORTABLE_MAX_LOGITS
+        for name in ("torch",) if device.type == "cpu" and small else order:
             if unavailable_reason(name, device) is None:
                 return name, _backend_module(name).cross_entropy_rows
         raise RuntimeError(f"no fastxent backend can run on {device}.")  # "torch" always can
