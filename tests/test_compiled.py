@@ -153,10 +153,10 @@ def test_forward_without_grad_and_non_contiguous_input():
 
 
 def test_new_sizes_do_not_recompile():
-    # Inductor specialises the row sum on V <= 4096 or V > 4096: at most two graphs per variant
-    # (plus N = 1 or V = 1, which dynamo always specialises).
+    # Inductor specialises the row sum on V <= 4096 or V > 4096, and the shift's slice on V < 64:
+    # at most three graphs per variant (plus N = 1 or V = 1, which dynamo always specialises).
     gen = torch.Generator().manual_seed(5)
-    for n, v in [(8, 300), (8, 5000)]:
+    for n, v in [(8, 30), (8, 300), (8, 5000)]:
         run(torch.randn(n, v, generator=gen), torch.randint(0, v, (n,), generator=gen))
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for n, v in [(5, 100), (64, 1000), (3, 4097), (130, 17), (2, 32768), (9, 4096)]:
@@ -166,6 +166,80 @@ def test_new_sizes_do_not_recompile():
         ref_loss, ref_grad = oracle(z, y)
         assert max_err(loss, ref_loss) <= 1e-6 and max_err(grad, ref_grad) <= 1e-6
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
+# Options without softcap: a softcap bounds z' and with it how far a row's max can lie above m.
+UNCAPPED = dict(label_smoothing=0.1, z_loss=1e-3, logit_scale=1.3)
+
+
+def logits_the_shift_does_not_suit(n, v, gen, dtype):
+    """Random rows, and two the graph's shift (the max of the first SHIFT_COLUMNS logits) does
+    not suit, where Σe overflows its range: row 1 has a maximum 150 above that shift, row 3 a head
+    of -1e4 before an ordinary tail."""
+    z = torch.randn(n, v, generator=gen, dtype=torch.float64) * 3
+    z[1, v - 7] = 150.0
+    z[3, : kernel.SHIFT_COLUMNS] = -1e4
+    return z.to(dtype)
+
+
+@pytest.mark.parametrize(
+    ("soft", "inplace", "dtype", "tol"),
+    [
+        (False, False, torch.float64, 1e-12),
+        (True, False, torch.float64, 1e-12),
+        (False, True, torch.float32, 1e-6),
+    ],
+    ids=["index", "soft", "inplace"],
+)
+def test_rows_the_shift_does_not_suit_are_redone_exactly(monkeypatch, soft, inplace, dtype, tol):
+    gen = torch.Generator().manual_seed(8)
+    n, v = 6, 300
+    z = logits_the_shift_does_not_suit(n, v, gen, dtype)
+    y = torch.rand(n, v, generator=gen, dtype=dtype) if soft else index_targets(n, v, gen)
+    w = torch.rand(v, generator=gen, dtype=torch.float64) + 0.5
+    go = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    opts = dict(reduction="none", **UNCAPPED)
+    redone = []
+    portable = kernel._portable
+
+    def spy(z_rows, *args):
+        redone.append(z_rows.shape[0])
+        return portable(z_rows, *args)
+
+    monkeypatch.setattr(kernel, "_portable", spy)
+    leaf = z.detach().clone().requires_grad_()
+    logits = leaf * 1.0
+    loss = fastxent.cross_entropy(
+        logits, y, weight=w.to(dtype), backend="compiled", inplace_backward=inplace, **opts
+    )
+    loss.backward(go.to(loss.dtype))
+    assert redone == [2]  # rows 1 and 3, in one call
+    ref_loss, ref_grad = oracle(z, y, w, go, **opts)
+    assert max_err(loss.detach(), ref_loss) <= tol
+    assert max_err(leaf.grad, ref_grad) <= tol
+
+
+def test_rows_with_a_non_finite_head_or_nan():
+    # Row 1: an -inf head and a tail far below 0 (the shift falls back to 0 and Σe underflows
+    # its range: redone); row 2: an -inf head and an ordinary tail (shift 0 suits it: kept);
+    # row 3: a NaN (redone, and NaN as in the portable kernel). Targets avoid the -inf head.
+    gen = torch.Generator().manual_seed(9)
+    n, v, head = 5, 300, kernel.SHIFT_COLUMNS
+    z = torch.randn(n, v, generator=gen, dtype=torch.float64)
+    z[1:3, :head] = float("-inf")
+    z[1, head:] -= 200.0
+    z[3, 100] = float("nan")
+    y = torch.randint(head, v, (n,), generator=gen)
+    loss, grad = run(z, y, reduction="none")
+    port_loss, port_grad = run(z, y, backend="torch", reduction="none")
+    assert torch.isnan(loss[3]) and torch.isnan(port_loss[3])
+    assert torch.equal(torch.isnan(grad), torch.isnan(port_grad))
+    finite = torch.tensor([0, 1, 2, 4])  # against PyTorch (the NumPy oracle says NaN at -inf)
+    x = z[finite].clone().requires_grad_()
+    ref_loss = torch.nn.functional.cross_entropy(x, y[finite], reduction="none")
+    ref_loss.sum().backward()
+    assert max_err(loss[finite], ref_loss.detach()) <= 1e-12
+    assert max_err(grad[finite], x.grad) <= 1e-12
 
 
 def test_compile_failure_falls_back_to_portable_with_one_warning(monkeypatch):

@@ -4,13 +4,21 @@ One small graph per *variant* (dtype and which options are on) computes, for eve
 
 .. math::
 
-    m = \max_j z'_j, \quad \mathrm{lse} = m + \log \textstyle\sum_j e^{z'_j - m}, \quad
+    m = \max_{j < K} z'_j, \quad \mathrm{lse} = m + \log \textstyle\sum_j e^{z'_j - m}, \quad
     E = \mathrm{lse} \textstyle\sum_j t_j - \sum_j t_j z'_j
 
 and writes ``∂ℓ/∂z = (o (a Σt + 2 b s lse) - a t) · dz'/dz`` straight into the ``grad`` buffer
 (``grad.copy_`` of a graph input is lowered to a store). Only row *reductions* leave the graph, so
-inductor emits one parallel loop over rows holding the max, sum and gradient passes: a row of
-logits comes from memory once (the later passes find it in L2) and the gradient is written once.
+inductor emits one parallel loop over rows holding the sum and gradient passes: a row of logits
+comes from memory once (the gradient pass finds it in L2) and the gradient is written once.
+
+The shift ``m`` is the largest of the row's first ``K = SHIFT_COLUMNS`` logits, not of all of
+them: any shift gives the same lse, and this one needs no pass of its own over the row (a max pass
+read the row from memory while the exp pass then found it in L2, and the two did not overlap:
+BENCHMARKS.md, "The compiled kernel's shift"). Σe ≥ 1 when ``m`` is finite, and a row
+whose Σe leaves ``SUM_E_RANGE`` (its maximum lies ~69 or more above ``m``, a non-finite ``m`` or
+NaN) is left untouched by the graph and redone by the portable kernel, which shifts by the true
+maximum.
 ``e = exp(z' - m)`` feeds the sum and, for half-precision input, the gradient too: inductor then
 keeps it in a row-sized buffer, one exp per logit. For float32 input (and with ``inplace``, where
 inductor cannot keep it beside the store) the gradient pass recomputes it: the row buffer's
@@ -19,7 +27,7 @@ Class-index targets are never expanded: ``z'_y`` is gathered and the one-hot par
 (M entries) is written after the graph; the per-row loss is (M,)-sized eager work.
 
 Sizes are symbolic (``dynamic=True``): a new N or V reuses the kernel (inductor specialises only
-V <= 4096 against V > 4096, and dynamo N = 1 and V = 1). Option *values* (ε, s, c, α, the
+V <= 4096 against V > 4096, the shift's slice V < K, and dynamo N = 1 and V = 1). Option *values* (ε, s, c, α, the
 reduction scales) travel in a small tensor, so only the on/off pattern selects a variant.
 """
 
@@ -35,6 +43,9 @@ from torch import Tensor
 
 from fastxent._autograd import accumulation_dtype
 from fastxent._options import CrossEntropyOptions
+
+SHIFT_COLUMNS = 64  # K: the shift m is the max of each row's first K logits (in the first lines)
+SUM_E_RANGE = (2.0**-40, 2.0**100)  # rows whose Σe falls outside are redone (see shift_suits)
 
 
 @dataclass(frozen=True)
@@ -68,8 +79,9 @@ class Variant:
             grad=grad is not None,
             inplace=grad is not None and grad is z,
             # Writing into z, inductor cannot keep e beside the store. For float32 the row
-            # buffer's round trip is slower than a second exp (benchmarks/row_buffer.py,
-            # N = 4096, V = 8192-131072: 0.87-0.95x the time in five of six runs, one equal);
+            # buffer's round trip was slower than a second exp when a max pass came first
+            # (benchmarks/row_buffer.py, N = 4096, V = 8192-131072: 0.87-0.95x the time in five
+            # of six runs, one equal) and is level since the shift needs none (0.96-1.02x);
             # for bf16 the buffer is faster (recomputing took 1.14x).
             recompute_exp=grad is z or z.dtype == torch.float32,
         )
@@ -88,11 +100,11 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
     num_classes = z.shape[1]
     a, b, eps, s, cap, alpha, sum_w = (k[i] for i in range(7))
     zp = _transform(v, z.to(acc), cap, alpha)  # (M, V); accumulate wide, cast back at the store
-    m_max = zp.amax(dim=1, keepdim=True)  # (M, 1)
-    m = _finite(m_max)
+    m_head = zp[:, :SHIFT_COLUMNS].amax(dim=1, keepdim=True)  # (M, 1); a reduction may leave
+    m = _finite(m_head)  # the shift, see above; pointwise, so recomputed outside
     e = torch.exp(zp - m)  # (M, V); kept in a row buffer when the gradient pass reuses it
     sum_e = e.sum(dim=1, keepdim=True)  # (M, 1)
-    out = [m_max, sum_e]
+    out = [m_head, sum_e]
     keep = 1.0 - eps
 
     if v.soft:
@@ -124,7 +136,7 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
             coef = torch.where(counted, coef, 0.0)
         if v.recompute_exp:  # see Variant.of
             e = torch.exp(zp - m)
-        g = e * (coef / sum_e)  # (M, V)
+        g = e * (1.0 / sum_e) * coef  # (M, V); o = e/Σe first: coef/Σe alone could be subnormal
         if v.soft:
             g = g - a * t
         elif v.smoothing:  # the uniform part; the one-hot part is added outside, at M entries
@@ -132,8 +144,16 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
             g = g - (u * w if v.weighted else u)
         if v.softcap or v.scaled:
             g = g * _chain(v, zp, cap, alpha)
-        (z if v.inplace else grad).copy_(g)
+        # Rows the shift does not suit are redone outside; z keeps them intact for that.
+        kept = z if v.inplace else 0.0
+        (z if v.inplace else grad).copy_(torch.where(shift_suits(sum_e), g, kept))
     return tuple(out)
+
+
+def shift_suits(sum_e: Tensor) -> Tensor:
+    """Rows whose Σe = Σ_j e^{z'_j - m} is in [2^-40, 2^100] (False for NaN): there no e^{z'-m}
+    overflows, o = e/Σe loses nothing to subnormals, and terms that underflow weigh < 1e-10."""
+    return (sum_e >= SUM_E_RANGE[0]) & (sum_e <= SUM_E_RANGE[1])
 
 
 @functools.cache
@@ -187,13 +207,14 @@ def cross_entropy_rows(
         return _portable(z, target, weight, opts, ce_scale, z_scale, grad)
     m, sum_e, *rest = (x.squeeze(1) for x in sums)
     m = _finite(m)
+    redo = _redo_rows(z, target, weight, opts, ce_scale, z_scale, grad, sum_e)
     lse = m + sum_e.log()  # (M,)
     s, eps, num_classes = opts.z_loss, opts.label_smoothing, z.shape[1]
 
     if opts.soft:
         sum_t, sum_tz = rest
         rows = a * (lse * sum_t - sum_tz)
-        return rows + b * s * lse.square() if v.z_loss else rows
+        return redo(rows + b * s * lse.square() if v.z_loss else rows)
 
     # Class indices: Σt and Σtz' from the gathered z'_y (and the graph's Σz' for smoothing).
     w_y = counted.to(acc) if w is None else torch.where(counted, w[y_safe], 0.0)
@@ -218,7 +239,26 @@ def cross_entropy_rows(
         g_y = g_y * _chain(v, zp_y, opts.softcap, opts.logit_scale)
         # index_put_, not scatter_: CPU scatter_ into bf16 makes a float32 copy of all of grad.
         grad.index_put_(at_target, g_y.to(grad.dtype))
-    return rows
+    return redo(rows)
+
+
+def _redo_rows(z, target, weight, opts, ce_scale, z_scale, grad, sum_e):
+    """Run the portable kernel now on the rows the shift did not suit (the graph left them
+    intact in ``z``); return the function that puts their losses, and their gradient rows, in
+    place of the graph's once the caller is done writing."""
+    bad = torch.nonzero(~shift_suits(sum_e)).squeeze(1)  # (R,); a host sync, free on the CPU
+    if bad.numel() == 0:
+        return lambda rows: rows
+    z_bad = z[bad]  # a copy, taken before the caller writes the target column
+    grad_bad = None if grad is None else torch.empty_like(z_bad)
+    rows_bad = _portable(z_bad, target[bad], weight, opts, ce_scale, z_scale, grad_bad)
+
+    def put(rows: Tensor) -> Tensor:
+        if grad_bad is not None:
+            grad.index_copy_(0, bad, grad_bad)
+        return rows.index_copy(0, bad, rows_bad.to(rows.dtype))
+
+    return put
 
 
 def _option_values(opts: CrossEntropyOptions, dtype: torch.dtype) -> Tensor:
@@ -242,7 +282,7 @@ def _chain(v: Variant, zp: Tensor, cap, alpha) -> Tensor | float:
 
 
 def _finite(m: Tensor) -> Tensor:
-    """The row max, with ±inf/NaN rows shifted by 0 instead, so that exp(z' - m) stays finite."""
+    """The shift, with ±inf/NaN replaced by 0, so that exp(z' - m) stays finite where it can."""
     return torch.where(torch.isfinite(m), m, 0.0)
 
 
