@@ -204,6 +204,19 @@ def test_methods_flag_selects_backends_by_prefix():
     assert chosen == [*backends, "fastxent-linear", "fastxent-vocab"]
 
 
+@pytest.mark.parametrize("flags", [[], ["--full"], ["--methods", "chunked,fastxent"]])
+def test_default_run_shows_the_slow_linear_rows_as_skipped_and_flags_bring_them(flags):
+    cpu = torch.device("cpu")
+    why = {(m.name, m.kind): m.why_not(cpu) for m in bench.methods_of(parse(flags))}
+    left_out = [key for key, reason in why.items() if reason and "default run" in reason]
+    if flags:
+        assert left_out == []
+        assert ("chunked", "linear") in why and ("fastxent-vocab", "linear") in why
+    else:
+        assert left_out == [("fastxent-vocab", "linear"), ("chunked", "linear")]
+        assert why[("fastxent-linear", "linear")] is None and why[("eager", "linear")] is None
+
+
 def test_default_cases_sweep_v_in_float32_and_run_bf16_at_the_headline_shape():
     labels = [case.label for case in bench.cases_of(parse([]))]
     assert labels == [

@@ -27,8 +27,9 @@ Class-index targets are never expanded: ``z'_y`` is gathered and the one-hot par
 (M entries) is written after the graph; the per-row loss is (M,)-sized eager work.
 
 Sizes are symbolic (``dynamic=True``): a new N or V reuses the kernel (inductor specialises only
-V <= 4096 against V > 4096, the shift's slice V < K, and dynamo N = 1 and V = 1). Option *values* (ε, s, c, α, the
-reduction scales) travel in a small tensor, so only the on/off pattern selects a variant.
+V <= 4096 against V > 4096, the shift's slice V < K, and dynamo N = 1 and V = 1). Option
+*values* (ε, s, c, α, the reduction scales) travel in a small tensor, so only the on/off pattern
+selects a variant.
 """
 
 from __future__ import annotations
