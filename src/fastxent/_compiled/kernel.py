@@ -15,7 +15,7 @@ comes from memory once (the gradient pass finds it in L2) and the gradient is wr
 The shift ``m`` is the largest of the row's first ``K = SHIFT_COLUMNS`` logits, not of all of
 them: any shift gives the same lse, and this one needs no pass of its own over the row (a max pass
 read the row from memory while the exp pass then found it in L2, and the two did not overlap:
-BENCHMARKS.md, "The compiled kernel's shift"). Σe ≥ 1 when ``m`` is finite, and a row
+benchmarks/row_passes.py, and BENCHMARKS.md, "The compiled kernel's shift"). Σe ≥ 1 when ``m`` is finite, and a row
 whose Σe leaves ``SUM_E_RANGE`` (its maximum lies ~69 or more above ``m``, a non-finite ``m`` or
 NaN) is left untouched by the graph and redone by the portable kernel, which shifts by the true
 maximum.
