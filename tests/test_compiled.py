@@ -16,6 +16,7 @@ import torch._dynamo.utils
 import fastxent
 from fastxent import reference
 from fastxent._compiled import kernel, unavailable_reason
+from fastxent._options import CrossEntropyOptions
 
 pytestmark = pytest.mark.skipif(
     unavailable_reason(torch.device("cpu")) is not None,
@@ -24,6 +25,9 @@ pytestmark = pytest.mark.skipif(
 
 # Variant "general, index targets": every option on, values varied freely between tests.
 GENERAL = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, logit_scale=1.3)
+# Every option but softcap: the split variant (two graphs) for float32/64 index targets; also,
+# without a softcap bounding z', a row's max can lie far above the graph's shift m.
+UNCAPPED = dict(label_smoothing=0.1, z_loss=1e-3, logit_scale=1.3)
 
 
 def run(z, target, grad_output=None, backend="compiled", **kwargs):
@@ -72,13 +76,15 @@ def index_targets(n, v, gen, ignore_index=-100, ignored=()):
         (6, 1, -100, (2,), "sum"),  # V = 1
     ],
 )
-def test_index_targets_all_options_match_oracle(n, v, ignore_index, ignored, reduction):
+@pytest.mark.parametrize("options", ["general", "uncapped"])  # one graph; split in two
+def test_index_targets_all_options_match_oracle(n, v, ignore_index, ignored, reduction, options):
     gen = torch.Generator().manual_seed(n * 1000 + v)
     z = torch.randn(n, v, generator=gen, dtype=torch.float64) * 3
     y = index_targets(n, v, gen, ignore_index, ignored)
     w = torch.rand(v, generator=gen, dtype=torch.float64) + 0.5
     go = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5 if reduction == "none" else None
-    opts = dict(ignore_index=ignore_index, reduction=reduction, **GENERAL)
+    every = GENERAL if options == "general" else UNCAPPED
+    opts = dict(ignore_index=ignore_index, reduction=reduction, **every)
     loss, grad = run(z, y, go, weight=w, **opts)
     ref_loss, ref_grad = oracle(z, y, w, go, **opts)
     assert loss.dtype == torch.float64
@@ -168,10 +174,6 @@ def test_new_sizes_do_not_recompile():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
 
 
-# Options without softcap: a softcap bounds z' and with it how far a row's max can lie above m.
-UNCAPPED = dict(label_smoothing=0.1, z_loss=1e-3, logit_scale=1.3)
-
-
 def logits_the_shift_does_not_suit(n, v, gen, dtype):
     """Random rows, and two the graph's shift (the max of the first SHIFT_COLUMNS logits) does
     not suit, where Σe overflows its range: row 1 has a maximum 150 above that shift, row 3 a head
@@ -240,6 +242,23 @@ def test_rows_with_a_non_finite_head_or_nan():
     ref_loss.sum().backward()
     assert max_err(loss[finite], ref_loss.detach()) <= 1e-12
     assert max_err(grad[finite], x.grad) <= 1e-12
+
+
+def test_split_variants_are_float_index_targets_without_softcap_into_a_buffer():
+    z32 = torch.zeros(2, 10)
+    y = torch.zeros(2, dtype=torch.long)
+
+    def split(z, target=y, grad="buffer", **options):
+        kw = dict(num_classes=10, soft=target.is_floating_point(), **options)
+        opts = CrossEntropyOptions(**kw)
+        buffer = {"buffer": torch.empty_like(z), "z": z, None: None}[grad]
+        return kernel.Variant.of(z, target, None, opts, buffer).split
+
+    assert split(z32) and split(z32.double()) and split(z32, label_smoothing=0.1, z_loss=0.1)
+    assert not split(z32.bfloat16()) and not split(z32.half())
+    assert not split(z32, softcap=4.0)
+    assert not split(z32, torch.rand(2, 10))
+    assert not split(z32, grad="z") and not split(z32, grad=None)
 
 
 def test_compile_failure_falls_back_to_portable_with_one_warning(monkeypatch):

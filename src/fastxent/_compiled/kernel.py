@@ -7,22 +7,26 @@ One small graph per *variant* (dtype and which options are on) computes, for eve
     m = \max_{j < K} z'_j, \quad \mathrm{lse} = m + \log \textstyle\sum_j e^{z'_j - m}, \quad
     E = \mathrm{lse} \textstyle\sum_j t_j - \sum_j t_j z'_j
 
-and writes ``∂ℓ/∂z = (o (a Σt + 2 b s lse) - a t) · dz'/dz`` straight into the ``grad`` buffer
+and writes ``∂ℓ/∂z = (o (a Σt + 2 b s lse) - a t) · dz'/dz`` into the ``grad`` buffer
 (``grad.copy_`` of a graph input is lowered to a store). Only row *reductions* leave the graph, so
 inductor emits one parallel loop over rows holding the sum and gradient passes: a row of logits
 comes from memory once (the gradient pass finds it in L2) and the gradient is written once.
 
 The shift ``m`` is the largest of the row's first ``K = SHIFT_COLUMNS`` logits, not of all of
-them: any shift gives the same lse, and this one needs no pass of its own over the row (a max pass
-read the row from memory while the exp pass then found it in L2, and the two did not overlap:
-benchmarks/row_passes.py, and BENCHMARKS.md, "The compiled kernel's shift"). Σe ≥ 1 when ``m`` is finite, and a row
-whose Σe leaves ``SUM_E_RANGE`` (its maximum lies ~69 or more above ``m``, a non-finite ``m`` or
-NaN) is left untouched by the graph and redone by the portable kernel, which shifts by the true
-maximum.
-``e = exp(z' - m)`` feeds the sum and, for half-precision input, the gradient too: inductor then
-keeps it in a row-sized buffer, one exp per logit. For float32 input (and with ``inplace``, where
-inductor cannot keep it beside the store) the gradient pass recomputes it: the row buffer's
-store and reload cost more than the second exp there.
+them: any shift gives the same lse, and this one needs no pass of its own over the row (a max
+pass read the row from memory while the exp pass then found it in L2, and the two did not
+overlap: benchmarks/row_passes.py; BENCHMARKS.md, "The compiled kernel's shift"). Σe ≥ 1 when
+``m`` is finite, and a row whose Σe leaves ``SUM_E_RANGE`` (its maximum lies ~69 or more above
+``m``, a non-finite ``m`` or NaN) is left untouched by the graph and redone by the portable
+kernel, which shifts by the true maximum.
+
+*Split* variants (float32/64 class-index targets without softcap, gradient into its own buffer:
+the common case) write the gradient in two graphs instead: the first stores ``e = exp(z' - m)``
+into ``grad`` in the same loop that sums it, so the row's loads and the stores overlap, and
+``_scale_graph`` then scales ``grad`` in place. That moves more bytes but took 0.85-0.89x the
+time of the single graph. Otherwise ``e`` feeds the sum and, for half-precision input, the
+gradient too: inductor keeps it in a row-sized buffer, one exp per logit; for float32 (and with
+``inplace``, where inductor cannot keep it beside the store) the gradient pass recomputes it.
 Class-index targets are never expanded: ``z'_y`` is gathered and the one-hot part of the gradient
 (M entries) is written after the graph; the per-row loss is (M,)-sized eager work.
 
@@ -64,6 +68,7 @@ class Variant:
     grad: bool  # write the gradient
     inplace: bool  # ... into z itself
     recompute_exp: bool  # the gradient pass recomputes e^{z'-m} instead of reading a row buffer
+    split: bool  # the gradient is e^{z'-m} stored by the first graph, scaled by a second one
 
     @staticmethod
     def of(z: Tensor, target: Tensor, weight: Tensor | None, opts, grad: Tensor | None):
@@ -85,6 +90,17 @@ class Variant:
             # of six runs, one equal) and is level since the shift needs none (0.96-1.02x);
             # for bf16 the buffer is faster (recomputing took 1.14x).
             recompute_exp=grad is z or z.dtype == torch.float32,
+            # Two graphs, for float32/64 into a separate buffer: the first stores e while it
+            # streams z in (loads and stores overlap), the second scales in place; 0.85-0.89x the
+            # time of the single graph (benchmarks/row_passes.py). Not for half precision (e
+            # would be rounded twice, and overflows float16), nor where the scale needs more
+            # than per-row and per-class factors (soft targets, softcap), nor into z (a row to
+            # redo must stay intact).
+            split=grad is not None
+            and grad is not z
+            and not opts.soft
+            and opts.softcap is None
+            and z.dtype in (torch.float32, torch.float64),
         )
 
 
@@ -128,7 +144,9 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
             sum_t = sum_t + torch.where(counted, eps / num_classes, 0.0) * sum_w
             out.append((zp * w if v.weighted else zp).sum(dim=1, keepdim=True))
 
-    if v.grad:
+    if v.split:
+        grad.copy_(e)  # _scale_graph turns it into the gradient
+    elif v.grad:
         # ∂ℓ/∂z'_i = o_i (a Σt + 2 b s lse) - a t_i, with o_i = e^{z'_i - m} / Σe.
         coef = a * sum_t
         if v.z_loss:
@@ -157,18 +175,35 @@ def shift_suits(sum_e: Tensor) -> Tensor:
     return (sum_e >= SUM_E_RANGE[0]) & (sum_e <= SUM_E_RANGE[1])
 
 
+def _scale_graph(grad: Tensor, w: Tensor, k: Tensor, counted: Tensor, inv_sum_e, coef, v: Variant):
+    """Second graph of a ``split`` variant, in place on ``grad`` = e^{z'-m}:
+    ∂ℓ/∂z = ((e / Σe)·coef - a u)·α, with u = ε/V·w on counted rows (smoothing) and the
+    per-row (M, 1) columns ``inv_sum_e`` = 1/Σe and ``coef`` = a Σt + 2 b s lse (0 if ignored).
+    The one-hot part is added outside, at the M target entries, as for the single graph.
+    """
+    a, eps, alpha = k[0], k[2], k[5]
+    g = grad * inv_sum_e * coef  # (M, V); e/Σe first: coef/Σe alone could be subnormal
+    if v.smoothing:
+        u = torch.where(counted, a * eps / grad.shape[1], 0.0)  # (M, 1)
+        g = g - (u * w if v.weighted else u)
+    if v.scaled:
+        g = g * alpha
+    grad.copy_(g)
+
+
 @functools.cache
-def compiled_graph(v: Variant):
-    """The compiled graph of variant ``v``, built once per process.
+def compiled_graph(v: Variant, graph=_rows_graph):
+    """The compiled ``graph`` (``_rows_graph`` or ``_scale_graph``) of variant ``v``, built
+    once per process.
 
     Dynamo keys its cache (and its recompile limit) on the code object, so every variant gets a
     function with a code object of its own, ``v`` bound as its last argument's default: variants
     then never evict each other nor count toward one limit.
     """
-    name = f"_rows_graph_{len(_variants)}"
+    name = f"{graph.__name__}_{len(_variants)}"
     _variants.append(v)
-    code = _rows_graph.__code__.replace(co_name=name, co_qualname=name)
-    fn = types.FunctionType(code, _rows_graph.__globals__, name, (v,))
+    code = graph.__code__.replace(co_name=name, co_qualname=name)
+    fn = types.FunctionType(code, graph.__globals__, name, (v,))
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
@@ -233,8 +268,12 @@ def cross_entropy_rows(
     if grad is not None:
         # The graph wrote o_i·coef - a·u_i everywhere; add the one-hot part -a(1-ε)w_y at the
         # target column here (M values), recomputing that entry in the accumulation dtype.
-        coef = a * sum_t + (2.0 * b * s * lse if v.z_loss else 0.0)
-        g_y = torch.exp(zp_y - m) / sum_e * torch.where(counted, coef, 0.0) - a * (1.0 - eps) * w_y
+        coef = torch.where(counted, a * sum_t + (2.0 * b * s * lse if v.z_loss else 0.0), 0.0)
+        if v.split:
+            scale = compiled_graph(v, _scale_graph)
+            columns = (counted.unsqueeze(1), sum_e.reciprocal().unsqueeze(1), coef.unsqueeze(1))
+            scale(grad, k if w is None else w, k, *columns)
+        g_y = torch.exp(zp_y - m) / sum_e * coef - a * (1.0 - eps) * w_y
         if v.smoothing:
             g_y = g_y - a * smooth * (1.0 if w is None else w[y_safe])
         g_y = g_y * _chain(v, zp_y, opts.softcap, opts.logit_scale)
