@@ -23,6 +23,7 @@ import linear_filter  # noqa: E402
 import row_buffer  # noqa: E402
 import row_passes  # noqa: E402
 import small_logits  # noqa: E402
+import split_gradient  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -32,9 +33,17 @@ import small_logits  # noqa: E402
         (linear_filter, ["--n", "64", "--d", "16", "--v", "512", "--probs", "1e-2"]),
         (row_buffer, ["--n", "64", "--v", "512", "--dtype", "float32"]),
         (small_logits, ["--shapes", "8x16,4x64", "--calls", "2"]),
-        (row_passes, ["--n", "8", "--v", "300", "--graphs", "passes (max shift),head shift"]),
+        (row_passes, ["--n", "8", "--v", "300", "--graphs", "head shift,two graphs"]),
+        (split_gradient, ["--n", "8", "--v", "300", "--options"]),
     ],
-    ids=["linear_chunks", "linear_filter", "row_buffer", "small_logits", "row_passes"],
+    ids=[
+        "linear_chunks",
+        "linear_filter",
+        "row_buffer",
+        "small_logits",
+        "row_passes",
+        "split_gradient",
+    ],
 )
 def test_script_runs_on_tiny_shapes(script, flags, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script.__file__, *flags, "--rounds", "1"])

@@ -23,8 +23,9 @@ kernel, which shifts by the true maximum.
 *Split* variants (float32/64 class-index targets without softcap, gradient into its own buffer:
 the common case) write the gradient in two graphs instead: the first stores ``e = exp(z' - m)``
 into ``grad`` in the same loop that sums it, so the row's loads and the stores overlap, and
-``_scale_graph`` then scales ``grad`` in place. That moves more bytes but took 0.85-0.89x the
-time of the single graph. Otherwise ``e`` feeds the sum and, for half-precision input, the
+``_scale_graph`` then scales ``grad`` in place. That moves more bytes but took 0.82-0.85x the
+time of the single graph (benchmarks/split_gradient.py, N = 4096, V = 8192-131072; 0.94-0.96x
+with every option on). Otherwise ``e`` feeds the sum and, for half-precision input, the
 gradient too: inductor keeps it in a row-sized buffer, one exp per logit; for float32 (and with
 ``inplace``, where inductor cannot keep it beside the store) the gradient pass recomputes it.
 Class-index targets are never expanded: ``z'_y`` is gathered and the one-hot part of the gradient
@@ -91,8 +92,8 @@ class Variant:
             # for bf16 the buffer is faster (recomputing took 1.14x).
             recompute_exp=grad is z or z.dtype == torch.float32,
             # Two graphs, for float32/64 into a separate buffer: the first stores e while it
-            # streams z in (loads and stores overlap), the second scales in place; 0.85-0.89x the
-            # time of the single graph (benchmarks/row_passes.py). Not for half precision (e
+            # streams z in (loads and stores overlap), the second scales in place; 0.82-0.85x the
+            # time of one graph (benchmarks/split_gradient.py). Not for half precision (e
             # would be rounded twice, and overflows float16), nor where the scale needs more
             # than per-row and per-class factors (soft targets, softcap), nor into z (a row to
             # redo must stay intact).
