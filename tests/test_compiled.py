@@ -281,6 +281,27 @@ def test_compile_failure_falls_back_to_portable_with_one_warning(monkeypatch):
     assert len(kernel._failed) == 2
 
 
+def test_a_second_graph_that_fails_to_compile_falls_back_too(monkeypatch):
+    build = kernel.compiled_graph
+
+    def broken_scale(variant, graph=kernel._rows_graph):
+        if graph is kernel._scale_graph:
+            raise RuntimeError("no compiler for this one")
+        return build(variant, graph)
+
+    monkeypatch.setattr(kernel, "compiled_graph", broken_scale)
+    monkeypatch.setattr(kernel, "_failed", set())
+    monkeypatch.setattr(kernel, "_warned", False)
+    gen = torch.Generator().manual_seed(11)
+    z = torch.randn(4, 50, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 50, (4,), generator=gen)
+    ref_loss, ref_grad = oracle(z, y, **UNCAPPED)
+    with pytest.warns(RuntimeWarning, match="falling back to the portable 'torch' backend"):
+        loss, grad = run(z, y, **UNCAPPED)
+    assert max_err(loss, ref_loss) <= 1e-12 and max_err(grad, ref_grad) <= 1e-12
+    assert len(kernel._failed) == 1
+
+
 def test_unavailable_reason(monkeypatch):
     assert unavailable_reason(torch.device("cpu")) is None
     assert "CPU kernels only" in unavailable_reason(torch.device("meta"))

@@ -271,9 +271,12 @@ def cross_entropy_rows(
         # target column here (M values), recomputing that entry in the accumulation dtype.
         coef = torch.where(counted, a * sum_t + (2.0 * b * s * lse if v.z_loss else 0.0), 0.0)
         if v.split:
-            scale = compiled_graph(v, _scale_graph)
             columns = (counted.unsqueeze(1), sum_e.reciprocal().unsqueeze(1), coef.unsqueeze(1))
-            scale(grad, k if w is None else w, k, *columns)
+            try:
+                compiled_graph(v, _scale_graph)(grad, k if w is None else w, k, *columns)
+            except Exception as error:  # the second graph would not build: redo it all portably
+                _fall_back(v, error)
+                return _portable(z, target, weight, opts, ce_scale, z_scale, grad)
         g_y = torch.exp(zp_y - m) / sum_e * coef - a * (1.0 - eps) * w_y
         if v.smoothing:
             g_y = g_y - a * smooth * (1.0 if w is None else w[y_safe])
