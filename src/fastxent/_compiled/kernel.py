@@ -106,7 +106,8 @@ class Variant:
 
 
 def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None, v: Variant):
-    """The graph traced for variant ``v``: per-row reductions, and ∂ℓ/∂z into ``grad`` (or ``z``).
+    """The graph traced for variant ``v``: per-row reductions, and ∂ℓ/∂z into ``grad`` (or ``z``;
+    a ``split`` variant stores e^{z'-m} there instead, for ``_scale_graph``).
 
     ``y`` is (M,) class indices with ignored rows set to -1, or (M, V) probabilities; ``w`` is
     (V,) class weights (unused when ``v.weighted`` is False); ``k`` holds a, b, ε, s, c, α, Σw.
