@@ -204,7 +204,9 @@ def test_methods_flag_selects_backends_by_prefix():
     assert chosen == [*backends, "fastxent-linear", "fastxent-vocab"]
 
 
-@pytest.mark.parametrize("flags", [[], ["--full"], ["--methods", "chunked,fastxent"]])
+@pytest.mark.parametrize(
+    "flags", [[], ["--full"], ["--methods", "chunked,fastxent"], ["--device", "cuda"]]
+)
 def test_default_run_shows_the_slow_linear_rows_as_skipped_and_flags_bring_them(flags):
     cpu = torch.device("cpu")
     why = {(m.name, m.kind): m.why_not(cpu) for m in bench.methods_of(parse(flags))}

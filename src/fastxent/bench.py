@@ -80,8 +80,8 @@ HEADLINE_V = 32768
 DEFAULT_REPEATS, DEFAULT_WARMUP = 3, 1
 QUICK_REPEATS = 3
 DEFAULT_BUDGET_S = 10.0  # timed seconds per peer and case before its runs are cut (0: no cut)
-# Linear rows the default run leaves out (shown as skipped), so that it takes about a minute on
-# two cores: PyTorch's chunked path is the slowest peer by far, and the vocabulary walk is an
+# Linear rows the default CPU run leaves out (shown as skipped), so that it takes about a minute
+# on two cores: PyTorch's chunked path is the slowest peer by far, and the vocabulary walk is an
 # opt-in layout. --full and --methods run them.
 LEFT_OUT_BY_DEFAULT = ("chunked", "fastxent-vocab")
 MEMORY_PROCESSES = 2  # memory subprocesses at a time (peak RSS is per process; nothing is timed)
@@ -344,10 +344,10 @@ def methods() -> list[Method]:
 
 
 def methods_of(args: argparse.Namespace) -> list[Method]:
-    """The methods the flags ask for; without --methods, --full or --quick, those in
+    """The methods the flags ask for; on CPU without --methods, --full or --quick, those in
     ``LEFT_OUT_BY_DEFAULT`` come back as methods that say why they do not run."""
     chosen = [m for m in methods() if _selected(m.name, args.methods)]
-    if args.methods is not None or args.full or args.quick:
+    if args.methods is not None or args.full or args.quick or args.device != "cpu":
         return chosen
     return [_left_out(m) if m.name in LEFT_OUT_BY_DEFAULT else m for m in chosen]
 
