@@ -4,10 +4,11 @@ Runs the shipped row kernel (`cross_entropy_rows`, class-index targets, a preall
 with ``Variant.split`` as shipped and forced off, interleaved in one process, and prints how
 far apart the two gradients are (the largest difference over the largest entry). The shipped
 choice (``Variant.of``) splits float32/64 index-target variants without softcap whose gradient
-goes to its own buffer.
+goes to its own buffer, from ``SPLIT_MIN_LOGITS`` logits on; here at every size.
 
     python benchmarks/split_gradient.py --v 8192,32768 --rounds 15
     python benchmarks/split_gradient.py --options   # smoothing, z-loss, logit scale, weights
+    python benchmarks/split_gradient.py --n 512 --v 256,512,1024,2048 --rounds 41   # small
 """
 
 from __future__ import annotations
@@ -36,16 +37,20 @@ def compare(n: int, v: int, rounds: int, options: bool, gen: torch.Generator) ->
     grad = torch.empty_like(z)
     shipped_of = kernel.Variant.of
 
+    threshold = kernel.SPLIT_MIN_LOGITS
+
     def run(split: bool) -> None:
         def variant_of(*call):
             shipped = shipped_of(*call)
             return dataclasses.replace(shipped, split=shipped.split and split)
 
         kernel.Variant.of = staticmethod(variant_of)
+        kernel.SPLIT_MIN_LOGITS = 0  # at every size: this measures what the threshold is for
         try:
             kernel.cross_entropy_rows(z, y, weight, opts, a, b, grad)
         finally:
             kernel.Variant.of = staticmethod(shipped_of)
+            kernel.SPLIT_MIN_LOGITS = threshold
 
     grads = {}
     for split in (False, True):
@@ -62,8 +67,8 @@ def compare(n: int, v: int, rounds: int, options: bool, gen: torch.Generator) ->
     apart = (grads[True] - grads[False]).abs().max() / grads[False].abs().max()
     label = "every option but softcap" if options else "no options"
     print(f"N={n} V={v} float32, {label}, {rounds} rounds (gradients apart: {apart:.1e})")
-    print(f"  one graph   {one * 1e3:8.1f} ms")
-    print(f"  two graphs  {two * 1e3:8.1f} ms   × one graph {two / one:.3f}")
+    print(f"  one graph   {one * 1e3:9.3f} ms")
+    print(f"  two graphs  {two * 1e3:9.3f} ms   × one graph {two / one:.3f}")
 
 
 def main() -> None:

@@ -23,6 +23,14 @@ pytestmark = pytest.mark.skipif(
     reason=f"compiled backend unavailable: {unavailable_reason(torch.device('cpu'))}",
 )
 
+
+@pytest.fixture(autouse=True)
+def split_at_every_size(monkeypatch):
+    """The tests' logits are small; let every eligible variant take the two-graph path anyway
+    (the threshold itself is tested with the shipped value, below)."""
+    monkeypatch.setattr(kernel, "SPLIT_MIN_LOGITS", 0)
+
+
 # Variant "general, index targets": every option on, values varied freely between tests.
 GENERAL = dict(label_smoothing=0.1, z_loss=1e-3, softcap=4.0, logit_scale=1.3)
 # Every option but softcap: the split variant (two graphs) for float32/64 index targets; also,
@@ -244,12 +252,13 @@ def test_rows_with_a_non_finite_head_or_nan():
     assert max_err(grad[finite], x.grad) <= 1e-12
 
 
-def test_split_variants_are_float_index_targets_without_softcap_into_a_buffer():
+def test_split_variants_are_float_index_targets_without_softcap_into_a_buffer(monkeypatch):
+    monkeypatch.setattr(kernel, "SPLIT_MIN_LOGITS", 20)
     z32 = torch.zeros(2, 10)
     y = torch.zeros(2, dtype=torch.long)
 
     def split(z, target=y, grad="buffer", **options):
-        kw = dict(num_classes=10, soft=target.is_floating_point(), **options)
+        kw = dict(num_classes=z.shape[1], soft=target.is_floating_point(), **options)
         opts = CrossEntropyOptions(**kw)
         buffer = {"buffer": torch.empty_like(z), "z": z, None: None}[grad]
         return kernel.Variant.of(z, target, None, opts, buffer).split
@@ -259,6 +268,7 @@ def test_split_variants_are_float_index_targets_without_softcap_into_a_buffer():
     assert not split(z32, softcap=4.0)
     assert not split(z32, torch.rand(2, 10))
     assert not split(z32, grad="z") and not split(z32, grad=None)
+    assert not split(torch.zeros(2, 9), torch.zeros(2, dtype=torch.long))  # below the threshold
 
 
 @pytest.mark.parametrize("failing", ["every graph", "the scale graph"])

@@ -20,8 +20,9 @@ overlap: benchmarks/row_passes.py; BENCHMARKS.md, "The compiled kernel's shift")
 ``m``, a non-finite ``m`` or NaN) is left untouched by the graph and redone by the portable
 kernel, which shifts by the true maximum.
 
-*Split* variants (float32/64 class-index targets without softcap, gradient into its own buffer:
-the common case) write the gradient in two graphs instead: the first stores ``e = exp(z' - m)``
+*Split* variants (float32/64 class-index targets without softcap, gradient into its own buffer,
+at least ``SPLIT_MIN_LOGITS`` logits: the common large case) write the gradient in two graphs
+instead: the first stores ``e = exp(z' - m)``
 into ``grad`` in the same loop that sums it, so the row's loads and the stores overlap, and
 ``_scale_graph`` then scales ``grad`` in place. That moves more bytes but took 0.82-0.85x the
 time of the single graph (benchmarks/split_gradient.py, N = 4096, V = 8192-131072; 0.94-0.96x
@@ -52,6 +53,10 @@ from fastxent._options import CrossEntropyOptions
 
 SHIFT_COLUMNS = 64  # K: the shift m is the max of each row's first K logits (in the first lines)
 SUM_E_RANGE = (2.0**-40, 2.0**100)  # rows whose Σe falls outside are redone (see shift_suits)
+# Logits from which a split variant pays: its second graph has a fixed cost a call, and saves
+# ~15% of the single graph's time at scale (benchmarks/split_gradient.py --n 512: 1.04x the
+# single graph's time at 2^17 logits, 1.00x at 2^18, 0.94x at 2^19, 0.91x at 2^20).
+SPLIT_MIN_LOGITS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,9 @@ class Variant:
             # time of one graph (benchmarks/split_gradient.py). Not for half precision (e
             # would be rounded twice, and overflows float16), nor where the scale needs more
             # than per-row and per-class factors (soft targets, softcap), nor into z (a row to
-            # redo must stay intact).
+            # redo must stay intact), nor below SPLIT_MIN_LOGITS.
             split=grad is not None
+            and z.numel() >= SPLIT_MIN_LOGITS
             and grad is not z
             and not opts.soft
             and opts.softcap is None
