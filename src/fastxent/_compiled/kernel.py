@@ -117,8 +117,8 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
 
     ``y`` is (M,) class indices with ignored rows set to -1, or (M, V) probabilities; ``w`` is
     (V,) class weights (unused when ``v.weighted`` is False); ``k`` holds a, b, ε, s, c, α, Σw.
-    Returns ``(m, Σe, Σt, Σtz')`` as (M, 1) columns (``Σt`` and ``Σtz'`` only where they need a
-    pass over the row). Only reductions leave the graph: a per-row pointwise output would split
+    Returns the number of rows the shift does not suit, then ``(m, Σe, Σt, Σtz')`` as (M, 1)
+    columns (``Σt`` and ``Σtz'`` only where they need a pass over the row). Only reductions leave the graph: a per-row pointwise output would split
     inductor's single loop over rows into one loop per pass.
     """
     acc = k.dtype
@@ -174,7 +174,8 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
         # Rows the shift does not suit are redone outside; z keeps them intact for that.
         kept = z if v.inplace else 0.0
         (z if v.inplace else grad).copy_(torch.where(shift_suits(sum_e), g, kept))
-    return tuple(out)
+    unsuited = (~shift_suits(sum_e)).sum()  # rows to redo: one number to test, not M flags
+    return unsuited, *out
 
 
 def shift_suits(sum_e: Tensor) -> Tensor:
@@ -249,9 +250,10 @@ def cross_entropy_rows(
     except Exception as error:  # any failure to compile: run the portable kernel instead
         _fall_back(v, error)
         return _portable(z, target, weight, opts, ce_scale, z_scale, grad)
+    unsuited, *sums = sums
     m, sum_e, *rest = (x.squeeze(1) for x in sums)
     m = _finite(m)
-    redo = _redo_rows(z, target, weight, opts, ce_scale, z_scale, grad, sum_e)
+    redo = _redo_rows(z, target, weight, opts, ce_scale, z_scale, grad, sum_e, unsuited)
     lse = m + sum_e.log()  # (M,)
     s, eps, num_classes = opts.z_loss, opts.label_smoothing, z.shape[1]
 
@@ -293,13 +295,13 @@ def cross_entropy_rows(
     return redo(rows)
 
 
-def _redo_rows(z, target, weight, opts, ce_scale, z_scale, grad, sum_e):
+def _redo_rows(z, target, weight, opts, ce_scale, z_scale, grad, sum_e, unsuited):
     """Run the portable kernel now on the rows the shift did not suit (the graph left them
     intact in ``z``); return the function that puts their losses, and their gradient rows, in
     place of the graph's once the caller is done writing."""
-    bad = torch.nonzero(~shift_suits(sum_e)).squeeze(1)  # (R,); a host sync, free on the CPU
-    if bad.numel() == 0:
+    if not unsuited:  # the graph's count of such rows; reading it is free on the CPU
         return lambda rows: rows
+    bad = torch.nonzero(~shift_suits(sum_e)).squeeze(1)  # (R,)
     z_bad = z[bad]  # a copy, taken before the caller writes the target column
     grad_bad = None if grad is None else torch.empty_like(z_bad)
     rows_bad = _portable(z_bad, target[bad], weight, opts, ce_scale, z_scale, grad_bad)
