@@ -118,8 +118,9 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
     ``y`` is (M,) class indices with ignored rows set to -1, or (M, V) probabilities; ``w`` is
     (V,) class weights (unused when ``v.weighted`` is False); ``k`` holds a, b, ε, s, c, α, Σw.
     Returns the number of rows the shift does not suit, then ``(m, Σe, Σt, Σtz')`` as (M, 1)
-    columns (``Σt`` and ``Σtz'`` only where they need a pass over the row). Only reductions leave the graph: a per-row pointwise output would split
-    inductor's single loop over rows into one loop per pass.
+    columns (``Σt`` and ``Σtz'`` only where they need a pass over the row). Only reductions
+    leave the graph: a per-row pointwise output would split inductor's single loop over rows
+    into one loop per pass.
     """
     acc = k.dtype
     num_classes = z.shape[1]
