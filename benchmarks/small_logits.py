@@ -1,5 +1,7 @@
 """Small logits on CPU: the portable kernel against the compiled one, forward+backward per call.
 
+PyTorch's own ``F.cross_entropy`` is timed alongside, for the per-call cost fastxent adds.
+
 Backs ``functional.AUTO_PORTABLE_MAX_LOGITS``, the size up to which ``backend="auto"`` takes the
 portable kernel on CPU. Each shape times both backends, interleaved, after a warm-up (the
 compiled kernel's compilation is not in the figures: it is a one-time cost on top).
@@ -14,11 +16,13 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 import fastxent
 from fastxent import functional
 
 BACKENDS = ("torch", "compiled")
+EAGER = "F.cross_entropy"  # PyTorch itself, timed alongside for reference
 DEFAULT_SHAPES = "64x256,256x256,64x1024,128x1024,512x256,256x1024,128x2048,512x1024,512x2048"
 
 
@@ -30,13 +34,16 @@ def per_call_ms(n: int, v: int, calls: int, rounds: int) -> dict[str, float]:
 
     def step(backend: str) -> None:
         z.grad = None
-        fastxent.cross_entropy(z, y, backend=backend).backward()
+        if backend == EAGER:
+            F.cross_entropy(z, y).backward()
+        else:
+            fastxent.cross_entropy(z, y, backend=backend).backward()
 
-    per_call: dict[str, list[float]] = {b: [] for b in BACKENDS}
-    for backend in BACKENDS:
+    per_call: dict[str, list[float]] = {b: [] for b in (*BACKENDS, EAGER)}
+    for backend in per_call:
         step(backend)  # the compiled kernel compiles on the first shape
     for _ in range(rounds):
-        for backend in BACKENDS:
+        for backend in per_call:
             start = time.perf_counter()
             for _ in range(calls):
                 step(backend)
@@ -60,7 +67,8 @@ def main() -> None:
         print(
             f"  N={n:5d} V={v:6d} ({n * v:>8d} logits)  torch {ms['torch']:6.3f} ms  "
             f"compiled {ms['compiled']:6.3f} ms  compiled × torch "
-            f"{ms['compiled'] / ms['torch']:.2f}  auto: {auto}"
+            f"{ms['compiled'] / ms['torch']:.2f}  auto: {auto} (× eager "
+            f"{ms[auto] / ms[EAGER]:.2f}; eager {ms[EAGER]:6.3f} ms)"
         )
 
 
