@@ -27,8 +27,8 @@ BACKENDS: dict[str, str] = {
 # What "auto" tries, in order, for each device type; "torch" runs everywhere.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("compiled", "torch"), "cuda": ("triton", "torch")}
 # "auto" on CPU takes the portable kernel for logits of at most this many entries: there it was
-# faster per forward+backward in every run of benchmarks/small_logits.py (0.33-0.50 ms against
-# 0.47-0.63 ms for 16K-131K float32 logits), and it compiles nothing, where the compiled kernel's
+# faster per forward+backward in every run of benchmarks/small_logits.py (0.31-0.50 ms against
+# 0.47-0.69 ms for 16K-131K float32 logits), and it compiles nothing, where the compiled kernel's
 # first call in a process takes seconds. From 2^18 to 2^19 logits the portable kernel was faster
 # in some runs and twice as slow in others; from 2^20 on the compiled one wins (BENCHMARKS.md,
 # "Which backend auto picks").
