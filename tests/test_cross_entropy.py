@@ -311,6 +311,43 @@ def test_module_matches_torch_module():
     assert "label_smoothing=0.1" in repr(ours)
 
 
+@pytest.mark.parametrize(
+    ("size_average", "reduce", "reduction"),
+    [(None, False, "none"), (False, None, "sum"), (True, True, "mean"), (False, False, "none")],
+)
+def test_positional_arguments_in_torchs_order(size_average, reduce, reduction):
+    """Positional calls mean what they mean to PyTorch, its deprecated size_average/reduce
+    included (turned into ``reduction`` with PyTorch's warning)."""
+    z, target, weight = make_case((5, 7), soft=False, weighted=True, ignore_index=2)
+    args = (z, target, weight, size_average, 2, reduce)
+    with pytest.warns(UserWarning, match="deprecated"):
+        want = loss_and_grad(F.cross_entropy, *args)
+    with pytest.warns(UserWarning, match=f"reduction='{reduction}'"):
+        got = loss_and_grad(fastxent.cross_entropy, *args)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    plain = (z, target, weight, None, 2, None, "sum", 0.2)
+    torch.testing.assert_close(
+        loss_and_grad(fastxent.cross_entropy, *plain), loss_and_grad(F.cross_entropy, *plain)
+    )
+    with pytest.warns(UserWarning, match="deprecated"):
+        ours = fastxent.CrossEntropyLoss(weight, size_average, 2, reduce)
+        theirs = torch.nn.CrossEntropyLoss(weight, size_average, 2, reduce)
+    assert ours.reduction == theirs.reduction == reduction
+    torch.testing.assert_close(ours(z, target), theirs(z, target), rtol=1e-12, atol=1e-13)
+
+
+def test_module_passes_backend_and_inplace_backward():
+    loss_fn = fastxent.CrossEntropyLoss(inplace_backward=True, backend="torch")
+    assert "inplace_backward=True, backend='torch'" in repr(loss_fn)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    logits, target = x * 1.0, torch.tensor([0, 1, 2])
+    loss_fn(logits, target).backward()
+    torch.testing.assert_close(x.grad, loss_and_grad(F.cross_entropy, x, target)[1])
+    assert not torch.equal(logits, x)  # the gradient went into the logits' storage
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastxent.CrossEntropyLoss(backend="gpu")(x, target)
+
+
 def test_unknown_backend_lists_choices():
     with pytest.raises(ValueError, match=r"unknown backend 'fast'.*'auto', 'torch'"):
         fastxent.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="fast")

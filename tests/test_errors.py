@@ -34,6 +34,10 @@ T = torch.tensor([0, 1, 2, 3])
         ({"target": torch.rand(4, 5), "ignore_index": 3}, ValueError, "ignore_index is only"),
         ({"target": torch.rand(4, 5, requires_grad=True)}, ValueError, r"target.detach\(\)"),
         ({"backend": "cuda"}, ValueError, "unknown backend 'cuda'"),
+        ({"ignore_index": None}, TypeError, "ignore_index must be an int .* NoneType None"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int .* float 1.5"),
+        ({"ignore_index": "1"}, TypeError, "ignore_index must be an int"),
+        ({"ignore_index": True}, TypeError, "ignore_index must be an int, got True"),
     ],
 )  # fmt: skip
 def test_bad_input_raises(kwargs, error, match):
@@ -58,3 +62,20 @@ def test_ignore_index_outside_the_range_is_not_an_error():
 def test_module_validates_options_at_construction():
     with pytest.raises(ValueError, match="reduction must be one of"):
         fastxent.CrossEntropyLoss(reduction="avg")
+
+
+def test_ignore_index_accepts_numpy_and_tensor_integers():
+    import numpy as np
+
+    want = fastxent.cross_entropy(Z, T, ignore_index=1)
+    for index in (np.int64(1), torch.tensor(1)):
+        torch.testing.assert_close(fastxent.cross_entropy(Z, T, ignore_index=index), want)
+
+
+def test_linear_and_module_check_ignore_index():
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        fastxent.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), T, ignore_index=None)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        fastxent.CrossEntropyLoss(ignore_index=0.5)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        fastxent.LinearCrossEntropyLoss(ignore_index="x")

@@ -7,6 +7,8 @@ came, so that bad input never reaches a kernel and never turns into a silent wro
 from __future__ import annotations
 
 import math
+import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,36 @@ class CrossEntropyOptions:
             logit_scale=float(logit_scale),
             inplace_backward=inplace_backward,
         )
+
+
+def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
+    """PyTorch's deprecated ``size_average``/``reduce`` pair turned into ``reduction``, as PyTorch
+    does it: None for either means True; reduce=False gives "none", else size_average picks
+    "mean" or "sum". When both are None, ``reduction`` stands."""
+    if size_average is None and reduce is None:
+        return reduction
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    legacy = ("mean" if size_average else "sum") if reduce else "none"
+    warnings.warn(
+        f"size_average and reduce are deprecated (as in PyTorch); use reduction={legacy!r}.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return legacy
+
+
+def check_ignore_index(ignore_index: int) -> int:
+    """``ignore_index`` as a Python int; TypeError for anything that is not an integer."""
+    if isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}.")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(
+            f"ignore_index must be an int (a class index, -100 by default), got "
+            f"{type(ignore_index).__name__} {ignore_index!r}."
+        ) from None
 
 
 def check_scalars(

@@ -91,6 +91,7 @@ from torch import Tensor
 from fastxent._autograd import CrossEntropyFunction, accumulation_dtype
 from fastxent._options import (
     CrossEntropyOptions,
+    check_ignore_index,
     check_index_targets,
     check_logits,
     check_scalars,
@@ -180,6 +181,7 @@ def vocab_parallel_cross_entropy(
         )
     check_logits(local_logits, "local_logits")
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    ignore_index = check_ignore_index(ignore_index)
     if local_logits.dim() < 2:
         raise ValueError(
             "local_logits must have shape (N, V_local) or (..., V_local) with the classes on the "
@@ -290,6 +292,7 @@ def vocab_parallel_linear_cross_entropy(
             "process group; call torch.distributed.init_process_group (e.g. under torchrun) first."
         )
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    ignore_index = check_ignore_index(ignore_index)
     if check_inputs(hidden, local_weight, bias, target, shift):
         raise TypeError(
             "linear_cross_entropy with a process_group takes global class indices (an int64 "

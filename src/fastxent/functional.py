@@ -10,11 +10,13 @@ from torch import Tensor
 from fastxent._autograd import CrossEntropyFunction, Kernel
 from fastxent._options import (
     CrossEntropyOptions,
+    check_ignore_index,
     check_index_targets,
     check_logits,
     check_scalars,
     check_targets,
     check_weight,
+    legacy_reduction,
 )
 
 # Backend name -> module. Each module exposes ``cross_entropy_rows`` (the row kernel, see
@@ -77,7 +79,9 @@ def cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None = None,
+    size_average: bool | None = None,
     ignore_index: int = -100,
+    reduce: bool | None = None,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
@@ -116,6 +120,8 @@ def cross_entropy(
         target: class indices in ``[0, C)`` (or ``ignore_index``), or probabilities.
         weight: ``(C,)`` class weights. "mean" divides by the total weight of the counted targets
             (index targets) or by the number of rows (probability targets), as PyTorch does.
+        size_average, reduce: PyTorch's deprecated pair, accepted in their positions for
+            drop-in calls and turned into ``reduction`` as PyTorch does (with its warning).
         ignore_index: class-index target value that contributes neither loss nor gradient; any
             int, including a valid class. Only the default is accepted with probability targets.
         reduction: ``"none"``, ``"mean"`` or ``"sum"``.
@@ -126,8 +132,7 @@ def cross_entropy(
         logit_scale: ``α``, multiplies the logits before the softcap and the softmax.
         inplace_backward: write the gradient into ``input``'s storage during forward. The logits
             are overwritten: their version counter is bumped, so autograd raises if anything
-            else saved them for backward. Refused on a leaf tensor that requires grad. Each loss
-            can then be back-propagated once.
+            else saved them for backward. Refused on a leaf tensor that requires grad.
         backend: ``"auto"`` or one of :data:`BACKENDS` (``"torch"``: portable, any device).
             ``"auto"`` takes ``"compiled"`` on CPU, ``"triton"`` on CUDA, each when it can run,
             else ``"torch"``; on CPU also ``"torch"`` for logits of at most
@@ -139,7 +144,9 @@ def cross_entropy(
 
     Deviations from PyTorch (deliberate): a batch whose targets are all ignored (total weight
     zero) gives loss 0 and a zero gradient instead of NaN; the loss of half-precision input is
-    float32; each loss back-propagates once. NaN and inf logits propagate as in PyTorch.
+    float32; backward through a retained graph works until the gradient buffer is modified
+    (e.g. accumulated into as a leaf's ``.grad``), then raises rather than return a wrong
+    gradient. NaN and inf logits propagate as in PyTorch.
 
     Example:
         >>> import torch, fastxent
@@ -156,6 +163,8 @@ def cross_entropy(
         Chowdhery et al. (2022), PaLM. Softcap: Gemma 2 (2024).
     """
     check_logits(input)
+    reduction = legacy_reduction(size_average, reduce, reduction)
+    ignore_index = check_ignore_index(ignore_index)
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
@@ -301,6 +310,7 @@ def linear_cross_entropy(
         logits, gradient filtering); Hsu et al. (2024), "Liger Kernel" (fused linear
         cross-entropy).
     """
+    ignore_index = check_ignore_index(ignore_index)
     if process_group is not None:
         from fastxent.distributed import vocab_parallel_linear_cross_entropy
 

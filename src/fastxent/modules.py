@@ -5,13 +5,15 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fastxent import functional
-from fastxent._options import check_scalars
+from fastxent._options import check_ignore_index, check_scalars, legacy_reduction
 
 
 class CrossEntropyLoss(nn.Module):
     """Module form of :func:`fastxent.cross_entropy` (a drop-in for ``nn.CrossEntropyLoss``).
 
-    ``weight`` is registered as a buffer, so it follows ``.to(device)`` like PyTorch's.
+    ``weight`` is registered as a buffer, so it follows ``.to(device)`` like PyTorch's. The
+    arguments are :func:`fastxent.cross_entropy`'s, in ``nn.CrossEntropyLoss``'s order (its
+    deprecated ``size_average`` and ``reduce`` included).
 
     Example:
         >>> import torch, fastxent
@@ -22,35 +24,44 @@ class CrossEntropyLoss(nn.Module):
     def __init__(
         self,
         weight: Tensor | None = None,
+        size_average: bool | None = None,
         ignore_index: int = -100,
+        reduce: bool | None = None,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
         z_loss: float = 0.0,
         softcap: float | None = None,
         logit_scale: float = 1.0,
+        inplace_backward: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
+        reduction = legacy_reduction(size_average, reduce, reduction)
         check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
         self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
         self.logit_scale = logit_scale
+        self.inplace_backward = inplace_backward
+        self.backend = backend
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return functional.cross_entropy(
             input,
             target,
             self.weight,
-            self.ignore_index,
-            self.reduction,
-            self.label_smoothing,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
             logit_scale=self.logit_scale,
+            inplace_backward=self.inplace_backward,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -58,6 +69,8 @@ class CrossEntropyLoss(nn.Module):
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
             f"softcap={self.softcap}, logit_scale={self.logit_scale}"
+            + (", inplace_backward=True" if self.inplace_backward else "")
+            + (f", backend={self.backend!r}" if self.backend != "auto" else "")
         )
 
 
@@ -95,7 +108,7 @@ class LinearCrossEntropyLoss(nn.Module):
         super().__init__()
         check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
         self.register_buffer("class_weight", class_weight)
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
