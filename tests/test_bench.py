@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from dataclasses import asdict
 
 import pytest
@@ -298,3 +300,67 @@ def test_goal_checks_compute_each_ratio_from_the_rows():
 def test_quick_run_states_no_goals(quick_run):
     _, out = quick_run
     assert json.loads((out / "bench.json").read_text())["goals"] == []
+
+
+def test_missing_matplotlib_fails_before_any_measurement(monkeypatch, capsys, tmp_path):
+    from fastxent import cli
+
+    def measure(*args, **kwargs):
+        raise AssertionError("measured before the plot's dependency was checked")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setattr(bench, "run_case", measure)
+    monkeypatch.setattr(bench, "measure_memory_in_subprocess", measure)
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 2
+    assert "matplotlib" in (err := capsys.readouterr().err)
+    assert "pip install 'fastxent[cli]'" in err
+    assert not (tmp_path / "bench.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--methods", "--dtypes", "--linear-dtypes"])
+@pytest.mark.parametrize("text", [",", " , ", ""])
+def test_empty_name_lists_are_refused_by_argparse(flag, text, capsys, monkeypatch):
+    from fastxent import cli
+
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail(f"{flag} {text!r} was accepted"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", flag, text])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected comma-separated names, got {text!r}" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_log_gets_a_line_per_finished_row_as_it_finishes(terminal, monkeypatch, capsys, tmp_path):
+    """Not on a terminal rich draws no bar: each finished row is a plain line, printed before
+    the end (the plot, drawn last, sees them); on a terminal the bar is all there is."""
+    if terminal:
+        monkeypatch.setenv("FORCE_COLOR", "1")
+        monkeypatch.setenv("TERM", "xterm")
+    seen_by_the_plot = []
+    monkeypatch.setattr(bench, "plot", lambda *_: seen_by_the_plot.append(capsys.readouterr().out))
+    monkeypatch.setattr(bench, "cpu_memory_reason", lambda: None)  # memory "measured" below
+    monkeypatch.setattr(
+        bench, "measure_memory_in_subprocess", lambda name, cases, *_: [3 << 20] * len(cases)
+    )
+    argv = ["--quick", "--no-linear", "--methods", "fastxent-torch,eager,liger", "--v", "256"]
+    assert bench.run(parse([*argv, "--dtypes", "float32", "--out", str(tmp_path)])) == 0
+    [logged] = seen_by_the_plot
+    label = "cross_entropy N=64 V=256 float32"
+    if terminal:
+        assert f"{label} fastxent-torch:" not in logged and "MiB" not in logged, logged
+        return
+    head, ms = re.escape(label), r"\d+\.\d ms"
+    expected = [
+        rf"{head} fastxent-torch: {ms}",
+        rf"{head} eager: {ms}",
+        rf"{head} liger: skipped \(.*CUDA.*\)",
+        rf"{head} floor: {ms}",
+    ]
+    lines = [line for line in logged.splitlines() if line]  # rich ends its bar with a newline
+    assert len(lines) == len(expected) + 2, lines  # then a memory line per measured method
+    for pattern, line in zip(expected, lines, strict=False):
+        assert re.fullmatch(pattern, line), (pattern, line)
+    memory = sorted(lines[len(expected) :])  # in the order the processes finish
+    assert memory == [f"{label} {name}: peak 3 MiB" for name in ("eager", "fastxent-torch")]

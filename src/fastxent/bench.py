@@ -1023,67 +1023,105 @@ def _ints(text: str) -> list[int]:
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _listed(values: Sequence[object]) -> str:
+    return ",".join(map(str, values))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``fastxent bench`` flags to ``parser``."""
-    d = DEFAULTS
-    shapes = parser.add_argument_group("shapes (defaults; --full and --quick change them)")
-    shapes.add_argument("--n", type=int, help=f"rows of the cross_entropy cases ({d['n']})")
-    shapes.add_argument(
-        "--v", type=_ints, help=f"vocabulary sizes, comma-separated ({','.join(map(str, d['v']))})"
+    """Add the ``fastxent bench`` flags (and its description) to ``parser``."""
+    parser.description = parser.description or (
+        "Time, peak memory and error against float64 of fastxent and its peers on cross_entropy "
+        "and linear cases; writes bench.json and bench.png to --out and prints a table per case."
     )
-    shapes.add_argument("--linear-n", type=int, help=f"rows of the linear cases ({d['linear_n']})")
-    shapes.add_argument("--d", type=int, help=f"hidden size of the linear cases ({d['d']})")
+    d = DEFAULTS
+    shapes = parser.add_argument_group("shapes (--full and --quick change the defaults)")
+    shapes.add_argument(
+        "--n", type=int, help=f"rows of the cross_entropy cases (default: {d['n']})"
+    )
+    shapes.add_argument(
+        "--v", type=_ints, help=f"vocabulary sizes, comma-separated (default: {_listed(d['v'])})"
+    )
+    shapes.add_argument(
+        "--linear-n", type=int, help=f"rows of the linear cases (default: {d['linear_n']})"
+    )
+    shapes.add_argument(
+        "--d", type=int, help=f"hidden size of the linear cases (default: {d['d']})"
+    )
     shapes.add_argument(
         "--linear-v",
         type=_ints,
-        help=f"vocabulary sizes of the linear cases ({','.join(map(str, d['linear_v']))})",
+        help=f"vocabulary sizes of the linear cases (default: {_listed(d['linear_v'])})",
     )
     parser.add_argument(
         "--dtypes",
         type=_names,
         default=["float32", "bfloat16"],
-        help="dtypes of the cross_entropy cases (float32,bfloat16); without --v, dtypes after "
-        f"the first run at V={HEADLINE_V} only",
+        help=f"dtypes of the cross_entropy cases, comma-separated, from {', '.join(DTYPES)}; "
+        f"without --v or --quick, dtypes after the first run at V={HEADLINE_V} only "
+        "(default: float32,bfloat16)",
     )
     parser.add_argument(
-        "--linear-dtypes", type=_names, default=["float32"], help="dtypes of the linear cases"
+        "--linear-dtypes",
+        type=_names,
+        default=["float32"],
+        help=f"dtypes of the linear cases, from {', '.join(DTYPES)} (default: float32)",
     )
     parser.add_argument("--no-linear", action="store_true", help="skip the linear cases")
     parser.add_argument(
         "--methods",
         type=_names,
-        help="methods to run, comma-separated; 'fastxent' selects every backend "
-        f"(default: all of {','.join(method_names())})",
+        help="methods to run, comma-separated; 'fastxent' selects every backend (default: all "
+        f"of {', '.join(method_names())}; but on CPU without --full or --quick, "
+        f"{' and '.join(LEFT_OUT_BY_DEFAULT)} are shown as skipped linear rows: name them to run "
+        "them)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
-    parser.add_argument("--repeats", type=int, help=f"timed runs per method ({DEFAULT_REPEATS})")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--repeats", type=int, help=f"timed runs per method (default: {DEFAULT_REPEATS})"
+    )
     parser.add_argument(
         "--warmup",
         type=int,
         default=DEFAULT_WARMUP,
-        help="untimed runs first (compilation); the last is checked against float64",
+        help="untimed runs first (compilation); the last is checked against float64 "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--budget",
         type=float,
         default=DEFAULT_BUDGET_S,
         help="seconds of timed runs per peer and case: a slower peer gets fewer runs, at least "
-        f"one; fastxent and the floor always get --repeats ({DEFAULT_BUDGET_S:g}; 0: no cut)",
+        f"one; fastxent and the floor always get --repeats (default: {DEFAULT_BUDGET_S:g}; "
+        "0: no cut)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     preset = parser.add_mutually_exclusive_group()
     preset.add_argument(
         "--full",
         action="store_true",
-        help=f"the shapes the goals are stated at: V={','.join(map(str, FULL['v']))}, linear "
-        f"N={FULL['linear_n']} D={FULL['d']} V={FULL['linear_v'][0]} (minutes)",
+        help=f"the shapes the goals are stated at: V={_listed(FULL['v'])}, linear "
+        f"N={FULL['linear_n']} D={FULL['d']} V={_listed(FULL['linear_v'])}, nothing left out "
+        "(minutes)",
     )
-    preset.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: seconds")
+    preset.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny shapes: N={QUICK['n']} V={_listed(QUICK['v'])}, linear N={QUICK['linear_n']} "
+        f"D={QUICK['d']} V={_listed(QUICK['linear_v'])}, every dtype at every V, nothing left "
+        f"out, a {QUICK_BANDWIDTH_BYTES >> 20} MiB bandwidth copy, {QUICK_REPEATS} timed runs "
+        "(under a minute, most of it memory subprocesses: --no-memory skips them)",
+    )
     parser.add_argument(
-        "--out", type=Path, default=Path("bench-results"), help="output directory (bench-results)"
+        "--out",
+        type=Path,
+        default=Path("bench-results"),
+        help="output directory (default: %(default)s)",
     )
 
 
@@ -1136,9 +1174,17 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    importlib.import_module("matplotlib")  # the plot's: if missing, fail now, not after the run
     console = Console()
     if not console.is_terminal:  # a log or a pipe: wide enough for the table, not rich's 80
         console = Console(width=120)
+    plain = not console.is_terminal or console.is_dumb_terminal  # where rich draws no bar
+
+    def log(line: str) -> None:
+        """A line per finished row, where there is no bar (a log, a pipe): it shows progress."""
+        if plain:
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
+
     problem = _check(args)
     if problem is not None:
         console.print(f"fastxent bench: {problem}.", style="red")
@@ -1179,11 +1225,13 @@ def run(args: argparse.Namespace) -> int:
                 lambda: progress.advance(task),
             )
             results.append({"case": case, "rows": rows, **extra})
+            for row in rows:
+                log(_timing_line(case, row))
             done += steps(case)
             progress.update(task, completed=done)  # skipped methods never advanced
             gc.collect()
         if device.type == "cpu":
-            _cpu_memory(results, memory_reason, args.warmup, progress)
+            _cpu_memory(results, memory_reason, args.warmup, progress, log)
 
     failures = []
     for result in results:
@@ -1232,10 +1280,32 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _cpu_memory(results: list[dict], reason: str | None, warmup: int, progress) -> None:
+def _timing_line(case: Case, row: Row) -> str:
+    """One finished row as a plain line, for a log."""
+    if row.skipped is not None:
+        return f"{case.label} {row.name}: skipped ({row.skipped})"
+    ms = None if row.median_s is None else 1e3 * row.median_s
+    return f"{case.label} {row.name}: {_fmt(ms, '.1f')} ms"
+
+
+def _memory_line(case: Case, row: Row) -> str:
+    """One row's measured memory as a plain line, for a log."""
+    if row.peak_extra_bytes is None:
+        return f"{case.label} {row.name}: memory not measured ({row.memory_skipped})"
+    return f"{case.label} {row.name}: peak {row.peak_extra_bytes / MIB:.0f} MiB"
+
+
+def _cpu_memory(
+    results: list[dict],
+    reason: str | None,
+    warmup: int,
+    progress,
+    log: Callable[[str], None],
+) -> None:
     """Fill in peak memory on CPU: one subprocess per method, over every case it ran on (both
     kinds: a method that runs on both pays its imports once),
-    ``MEMORY_PROCESSES`` at a time, the torch threads shared out between them."""
+    ``MEMORY_PROCESSES`` at a time, the torch threads shared out between them; ``log`` gets a
+    line per row as each method finishes."""
     by_method: dict[str, list[tuple[Case, Row]]] = {}
     for result in results:
         for row in result["rows"]:
@@ -1253,7 +1323,7 @@ def _cpu_memory(results: list[dict], reason: str | None, warmup: int, progress) 
     )
     threads = max(1, torch.get_num_threads() // MEMORY_PROCESSES)
 
-    def measure(name: str, pairs: list[tuple[Case, Row]]) -> None:
+    def measure(name: str, pairs: list[tuple[Case, Row]]) -> list[tuple[Case, Row]]:
         cases = [case for case, _ in pairs]
         measured = measure_memory_in_subprocess(name, cases, warmup, threads)
         for (_, row), value in zip(pairs, measured, strict=True):
@@ -1262,6 +1332,7 @@ def _cpu_memory(results: list[dict], reason: str | None, warmup: int, progress) 
             else:
                 row.memory_skipped = value
         progress.advance(task)
+        return pairs
 
     def cost(item) -> float:  # the longest processes first, for the shortest schedule
         # Each case runs a warm-up and a step; the first call includes compilation (torch.compile
@@ -1271,8 +1342,9 @@ def _cpu_memory(results: list[dict], reason: str | None, warmup: int, progress) 
     with concurrent.futures.ThreadPoolExecutor(MEMORY_PROCESSES) as pool:
         todo = sorted(by_method.items(), key=cost)
         jobs = [pool.submit(measure, name, pairs) for name, pairs in todo]
-        for job in jobs:
-            job.result()
+        for job in concurrent.futures.as_completed(jobs):
+            for case, row in job.result():  # logged here, by one thread
+                log(_memory_line(case, row))
 
 
 def _fastxent_failures(case: Case, row: Row) -> list[str]:
