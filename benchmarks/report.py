@@ -5,6 +5,7 @@ Usage: ``python benchmarks/report.py bench-results/bench.json``
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -58,6 +59,21 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def main(argv: list[str] | None = None) -> None:
+    summary = (__doc__ or "").split("\n", 1)[0].replace("``", "")  # __doc__ is None under -OO
+    parser = argparse.ArgumentParser(description=summary)
+    parser.add_argument(
+        "path",
+        nargs="?",
+        type=Path,
+        default=Path("bench-results/bench.json"),
+        help="the bench.json that fastxent bench wrote (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if not args.path.is_file():
+        parser.error(f"no file {args.path}; `fastxent bench --out DIR` writes DIR/bench.json")
+    sys.stdout.write(render(json.loads(args.path.read_text())))
+
+
 if __name__ == "__main__":
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else "bench-results/bench.json")
-    sys.stdout.write(render(json.loads(path.read_text())))
+    main()

@@ -1,9 +1,16 @@
-"""The command line: fastxent check proves the math and prints the error table."""
+"""The command line: fastxent check proves the math and prints the error table; bad flags are
+usage errors (exit code 2, no traceback); every command and script has a --help."""
 
 import subprocess
 import sys
+from pathlib import Path
 
-from fastxent import cli
+import pytest
+import torch
+
+from fastxent import check, cli
+
+REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
 
 
 def test_check_passes_and_prints_every_step(capsys):
@@ -17,9 +24,82 @@ def test_check_passes_and_prints_every_step(capsys):
 
 
 def test_check_fails_when_tolerance_is_impossible(capsys):
-    """The table really compares: a tolerance of 0 cannot be met in floating point."""
-    assert cli.main(["check", "--tolerance", "0"]) == 1
+    """The table really compares: float64 round-off alone is far above a tolerance of 1e-300."""
+    assert cli.main(["check", "--tolerance", "1e-300"]) == 1
     assert "some checks failed" in capsys.readouterr().out
+
+
+def usage_error(argv: list[str], capsys) -> str:
+    """The message of the argparse usage error ``argv`` must raise (exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("foo", "argument --device: must be cpu, cuda or cuda:N, got 'foo'"),
+        ("meta", "argument --device: must be cpu, cuda or cuda:N, got 'meta'"),
+        ("", "argument --device: must be cpu, cuda or cuda:N, got ''"),
+    ],
+)
+def test_check_rejects_a_device_it_cannot_run_on(value, message, capsys):
+    assert message in usage_error(["check", "--device", value], capsys)
+
+
+def test_check_rejects_cuda_without_a_cuda_device(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = usage_error(["check", "--device", "cuda"], capsys)
+    assert "argument --device: 'cuda' was asked for, but torch sees no CUDA device" in err
+
+
+def test_check_rejects_a_cuda_index_past_the_last_device(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    err = usage_error(["check", "--device", "cuda:2"], capsys)
+    assert "'cuda:2' was asked for, but torch sees only 2 CUDA device(s)" in err
+    assert check.device_problem("cuda:1") is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "must be a finite number > 0, got 0.0"),
+        ("-1", "must be a finite number > 0, got -1.0"),
+        ("nan", "must be a finite number > 0, got nan"),
+        ("inf", "must be a finite number > 0, got inf"),
+        ("tight", "expected a number, got 'tight'"),
+    ],
+)
+def test_check_rejects_a_tolerance_that_is_not_positive(value, message, capsys):
+    assert f"argument --tolerance: {message}" in usage_error(
+        ["check", "--tolerance", value], capsys
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device": "foo"}, "device must be cpu, cuda or cuda:N, got 'foo'"),
+        ({"tolerance": 0.0}, "tolerance must be a finite number > 0, got 0.0"),
+    ],
+)
+def test_check_run_raises_on_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        check.run(**kwargs)
+
+
+def test_bad_device_is_a_usage_error_without_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "fastxent.cli", "check", "--device", "foo"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "fastxent check: error: argument --device" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_console_script_help():
@@ -27,3 +107,32 @@ def test_console_script_help():
         [sys.executable, "-m", "fastxent.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "check" in result.stdout and "bench" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "description"),
+    [
+        ("check", "fastxent check: verify the math symbolically, then every backend numerically."),
+        ("bench", "The benchmark suite behind fastxent bench: time, peak memory and error"),
+    ],
+)
+def test_subcommand_help_has_a_description(command, description, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    assert description in out
+    if command == "check":
+        assert "(default: cpu)" in out and "(default: 1e-10)" in out
+
+
+def test_report_script_help_and_missing_file(tmp_path):
+    help_run = subprocess.run(
+        [sys.executable, str(REPORT), "--help"], capture_output=True, text=True, check=True
+    )
+    assert "Render a fastxent bench result file as the Markdown tables" in help_run.stdout
+    missing = subprocess.run(
+        [sys.executable, str(REPORT), str(tmp_path / "bench.json")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2
+    assert "no file" in missing.stderr and "Traceback" not in missing.stderr

@@ -10,6 +10,8 @@ r"""``fastxent check``: verify the math symbolically, then every backend numeric
 
 from __future__ import annotations
 
+import argparse
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -170,8 +172,64 @@ def error_rows(device: str = "cpu") -> Iterator[tuple[str, str, float | None, fl
             yield backend, case.name, vs_ref, vs_torch, FLOAT64_NOTES.get(backend, "")
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot run the numeric checks (``cpu``, ``cuda``, ``cuda:N``), or None."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):  # not a device string torch can parse
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        return f"must be cpu, cuda or cuda:N, got {device!r}"
+    if dev.type == "cpu":
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return f"{device!r} was asked for, but torch sees no CUDA device"
+    if dev.index is not None and dev.index >= count:
+        return f"{device!r} was asked for, but torch sees only {count} CUDA device(s)"
+    return None
+
+
+def tolerance_problem(tolerance: float) -> str | None:
+    """Why ``tolerance`` is not a usable max relative error (a finite number > 0), or None."""
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        return f"must be a finite number > 0, got {tolerance!r}"
+    return None
+
+
+def device_arg(text: str) -> str:
+    """``argparse`` type of ``--device``: the device, or a usage error saying what is wrong."""
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def tolerance_arg(text: str) -> float:
+    """``argparse`` type of ``--tolerance``: a finite float > 0, or a usage error."""
+    try:
+        tolerance = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    problem = tolerance_problem(tolerance)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return tolerance
+
+
 def run(device: str = "cpu", tolerance: float = 1e-10) -> int:
-    """Print the derivation and the error table; return 0 when everything holds."""
+    """Print the derivation and the error table; return 0 when everything holds.
+
+    Raises:
+        ValueError: ``device`` is not one the checks can run on (or has no CUDA), or
+            ``tolerance`` is not a finite number > 0.
+    """
+    problem = device_problem(device)
+    if problem is not None:
+        raise ValueError(f"device {problem}")
+    problem = tolerance_problem(tolerance)
+    if problem is not None:
+        raise ValueError(f"tolerance {problem}")
     from rich.console import Console
     from rich.table import Table
 

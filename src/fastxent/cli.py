@@ -4,23 +4,45 @@ from __future__ import annotations
 
 import argparse
 import sys
+from types import ModuleType
+
+
+def summary(module: ModuleType) -> str | None:
+    """The first line of ``module``'s docstring without reST markup (None under ``python -OO``)."""
+    doc = (module.__doc__ or "").strip()
+    return doc.splitlines()[0].replace("``", "") if doc else None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastxent import bench
+    from fastxent import bench, check
 
     parser = argparse.ArgumentParser(
         prog="fastxent", description="Softmax cross-entropy: verify the math, measure the speed."
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser(
+    check_parser = commands.add_parser(
         "check",
         help="prove the gradient with SymPy and compare every backend with float64 and PyTorch",
+        description=summary(check),
     )
-    check.add_argument("--device", default="cpu", help="device for the numeric checks (cpu, cuda)")
-    check.add_argument("--tolerance", type=float, default=1e-10, help="max relative error allowed")
+    check_parser.add_argument(
+        "--device",
+        type=check.device_arg,
+        default="cpu",
+        help="device for the numeric checks: cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    check_parser.add_argument(
+        "--tolerance",
+        type=check.tolerance_arg,
+        default=1e-10,
+        help="max relative error allowed, a number > 0 (default: %(default)g)",
+    )
     bench.add_arguments(
-        commands.add_parser("bench", help="time and memory of fastxent against its peers")
+        commands.add_parser(
+            "bench",
+            help="time and memory of fastxent against its peers",
+            description=summary(bench),
+        )
     )
     return parser
 
