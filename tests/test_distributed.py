@@ -9,6 +9,8 @@ layout all-gather pass ``validate=True``, since the layout of the group is cache
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 import traceback
 import zlib
 from dataclasses import dataclass, field
@@ -481,3 +483,21 @@ def test_ddp_training_matches_torch(spawned):
             assert (ours - initial).abs().max() > 1e-3  # training moved the parameters
     for ours0, ours1 in zip(ranks[0]["ddp"]["fastxent"], ranks[1]["ddp"]["fastxent"], strict=True):
         assert torch.equal(ours0, ours1)  # DDP kept the replicas identical
+
+
+def test_layout_cache_does_not_keep_a_destroyed_group_alive(tmp_path):
+    """The shard-layout cache holds its groups weakly: after destroy_process_group() the group
+    (and gloo's worker threads with it) can be freed. Run in a fresh process (world size 1)."""
+    code = f"""
+import gc, weakref, torch, torch.distributed as dist, fastxent
+dist.init_process_group("gloo", init_method="file://{tmp_path / "init"}", rank=0, world_size=1)
+group = weakref.ref(dist.group.WORLD)
+fastxent.vocab_parallel_cross_entropy(torch.randn(3, 5), torch.tensor([0, 4, 2]))
+dist.destroy_process_group()
+gc.collect()
+print("freed" if group() is None else "alive")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "freed", done.stderr

@@ -83,6 +83,7 @@ as :func:`fastxent.cross_entropy` does for the target range.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -347,8 +348,12 @@ def vocab_parallel_linear_cross_entropy(
     )
 
 
-# (process group, local vocabulary size, vocab_start argument) -> (vocab_start, sizes of all ranks)
-_LAYOUTS: dict[tuple[dist.ProcessGroup, int, int | None], tuple[int, list[int]]] = {}
+Layout = tuple[int, list[int]]  # (vocab_start of this rank, local vocabulary sizes of all ranks)
+# process group -> {(local vocabulary size, vocab_start argument): (vocab_start, sizes of all
+# ranks)}. Weak keys: the cache must not keep a destroyed group (and its worker threads) alive.
+_LAYOUTS: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[tuple[int, int | None], Layout]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _shard_layout(
@@ -359,20 +364,21 @@ def _shard_layout(
     device: torch.device,
     validate: bool,
     agreed: dict[str, int] | None = None,
-) -> tuple[int, list[int]]:
+) -> Layout:
     """``(vocab_start, local sizes of all ranks)``, from :data:`_LAYOUTS` or one all-gather.
 
-    The first call for a key ``(group, num_local, vocab_start)``, and every call with
+    The first call for a group and ``(num_local, vocab_start)``, and every call with
     ``validate``, all-gathers each rank's row count ``len(y)``, slice size, ``vocab_start`` (-1 for
     None), three checksums of its targets (Σy, Σy², Σ i·y; int64 wrap-around is the same on every
     rank) and the values of ``agreed`` (name -> int that must be equal on every rank), so that a
     wrong layout, different targets or a disagreement raise the same error on every rank. A
     layout that passes is cached for its key; other calls return it without communicating.
     """
-    key = (dist.group.WORLD if group is None else group, num_local, vocab_start)
-    if not validate and key in _LAYOUTS:
-        return _LAYOUTS[key]
-    _LAYOUTS[key] = layout = _gather_layout(y, num_local, vocab_start, group, device, agreed or {})
+    cached = _LAYOUTS.setdefault(dist.group.WORLD if group is None else group, {})
+    key = (num_local, vocab_start)
+    if not validate and key in cached:
+        return cached[key]
+    cached[key] = layout = _gather_layout(y, num_local, vocab_start, group, device, agreed or {})
     return layout
 
 
