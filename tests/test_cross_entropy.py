@@ -1,4 +1,5 @@
-"""fastxent.cross_entropy (portable backend) against PyTorch and the float64 reference."""
+"""fastxent.cross_entropy on CPU (the portable row kernel, and the fused-ops path "auto" takes
+for small calls) against PyTorch and the float64 reference."""
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ import fastxent
 from fastxent import functional, reference
 from fastxent.check import torch_composed
 
-BACKEND = "torch"
+BACKEND = "torch"  # the row kernel
+# Both ways a CPU call is computed: the row kernel, and PyTorch's fused ops ("auto", small calls).
+PATHS = ["torch", "auto"]
 SHAPES = [(7,), (5, 7), (3, 7, 2, 4), (1, 1), (2, 423)]
 
 
@@ -38,12 +41,13 @@ def loss_and_grad(fn, z, *args, grad_output=None, **kwargs):
     return loss.detach(), z.grad
 
 
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_parity_with_torch_float64(shape, soft, weighted, reduction, label_smoothing):
+def test_parity_with_torch_float64(backend, shape, soft, weighted, reduction, label_smoothing):
     """Loss and gradient equal F.cross_entropy to 1e-12 relative, for every option torch has."""
     z, target, weight = make_case(shape, soft, weighted)
     for ignore_index in [-100] if soft else [-100, 2 % z.shape[-1 if z.dim() == 1 else 1]]:
@@ -55,13 +59,14 @@ def test_parity_with_torch_float64(shape, soft, weighted, reduction, label_smoot
             "label_smoothing": label_smoothing,
         }
         want = loss_and_grad(F.cross_entropy, z, target, weight, **kwargs)
-        got = loss_and_grad(fastxent.cross_entropy, z, target, weight, backend=BACKEND, **kwargs)
+        got = loss_and_grad(fastxent.cross_entropy, z, target, weight, backend=backend, **kwargs)
         if torch.isnan(want[0]).any():  # every target ignored: torch says NaN, we say 0
             continue
         torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize(
     "extras",
     [
@@ -73,7 +78,7 @@ def test_parity_with_torch_float64(shape, soft, weighted, reduction, label_smoot
 )
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("soft", [False, True])
-def test_extras_match_reference_and_torch(extras, reduction, soft):
+def test_extras_match_reference_and_torch(backend, extras, reduction, soft):
     """z-loss, softcap and logit scale against the reference and PyTorch composed with autograd."""
     z, target, weight = make_case((6, 11, 2), soft, weighted=True, seed=3)
     grad_output = torch.rand(6, 2, dtype=torch.float64) + 0.5 if reduction == "none" else None
@@ -83,7 +88,7 @@ def test_extras_match_reference_and_torch(extras, reduction, soft):
         z,
         target,
         weight,
-        backend=BACKEND,
+        backend=backend,
         grad_output=grad_output,
         **kwargs,
     )
@@ -101,9 +106,10 @@ def test_extras_match_reference_and_torch(extras, reduction, soft):
     np.testing.assert_allclose(got[1].numpy(), ref_grad, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("soft", [False, True])
-def test_low_precision_error_bounded_by_torch(dtype, soft):
+def test_low_precision_error_bounded_by_torch(backend, dtype, soft):
     """In fp32/bf16/fp16 our error against float64 is at most torch's own error plus a margin.
 
     Margins: the gradient is stored in the input dtype, so one rounding (half an ulp) is allowed.
@@ -113,7 +119,7 @@ def test_low_precision_error_bounded_by_torch(dtype, soft):
     ref = loss_and_grad(F.cross_entropy, z.double(), target, weight, label_smoothing=0.1)
     tgt = target.to(dtype) if soft else target
     mine = loss_and_grad(
-        fastxent.cross_entropy, z, tgt, weight.to(dtype), label_smoothing=0.1, backend=BACKEND
+        fastxent.cross_entropy, z, tgt, weight.to(dtype), label_smoothing=0.1, backend=backend
     )
     torch_ = loss_and_grad(F.cross_entropy, z, tgt, weight.to(dtype), label_smoothing=0.1)
     assert mine[0].dtype == torch.float32  # loss in float32 for fp32/bf16/fp16
@@ -127,23 +133,25 @@ def test_low_precision_error_bounded_by_torch(dtype, soft):
     assert grad_err <= torch_grad_err + tol * ref[1].abs().max().item()
 
 
-def test_float32_accumulation_for_bf16():
+@pytest.mark.parametrize("backend", PATHS)
+def test_float32_accumulation_for_bf16(backend):
     """A bf16 row whose sum-exp would lose precision in bf16 still gives a float32-exact loss."""
     z = torch.zeros(2, 50000, dtype=torch.bfloat16)
     target = torch.tensor([0, 1])
-    loss = fastxent.cross_entropy(z, target, backend=BACKEND)
+    loss = fastxent.cross_entropy(z, target, backend=backend)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, torch.tensor(np.log(50000.0), dtype=torch.float32))
 
 
-def test_non_contiguous_input():
+@pytest.mark.parametrize("backend", PATHS)
+def test_non_contiguous_input(backend):
     base = torch.randn(16, 64, dtype=torch.float64)
     z = base[:, ::2]  # stride 2 along classes
     zt = torch.randn(32, 8, dtype=torch.float64).t()  # transposed
     for logits in (z, zt):
         target = torch.randint(0, logits.shape[1], (logits.shape[0],))
         want = loss_and_grad(F.cross_entropy, logits, target)
-        got = loss_and_grad(fastxent.cross_entropy, logits, target, backend=BACKEND)
+        got = loss_and_grad(fastxent.cross_entropy, logits, target, backend=backend)
         torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-13)
         torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-13)
 
@@ -163,26 +171,28 @@ def test_many_chunks_and_grad_output():
         torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-13)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("backend", PATHS)
+def test_gradcheck_float64(backend):
     z, target, weight = make_case((4, 6), soft=False, weighted=True, seed=2)
     for kwargs in ({}, {"label_smoothing": 0.2, "z_loss": 0.1, "softcap": 3.0, "logit_scale": 0.8}):
 
         def f(x, kwargs=kwargs):
-            return fastxent.cross_entropy(x, target, weight, backend=BACKEND, **kwargs)
+            return fastxent.cross_entropy(x, target, weight, backend=backend, **kwargs)
 
         assert torch.autograd.gradcheck(f, (z.clone().requires_grad_(),))
     soft_target = torch.rand(4, 6, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda x: fastxent.cross_entropy(x, soft_target, reduction="none", backend=BACKEND),
+        lambda x: fastxent.cross_entropy(x, soft_target, reduction="none", backend=backend),
         (z.clone().requires_grad_(),),
     )
 
 
-def test_all_ignored_gives_zero_loss_and_zero_grad():
+@pytest.mark.parametrize("backend", PATHS)
+def test_all_ignored_gives_zero_loss_and_zero_grad(backend):
     z = torch.randn(3, 5, requires_grad=True)
     target = torch.full((3,), -100)
     for reduction in ("mean", "sum"):
-        loss = fastxent.cross_entropy(z, target, reduction=reduction, backend=BACKEND)
+        loss = fastxent.cross_entropy(z, target, reduction=reduction, backend=backend)
         loss.backward()
         assert loss.item() == 0.0
         assert not torch.isnan(loss)
@@ -190,33 +200,36 @@ def test_all_ignored_gives_zero_loss_and_zero_grad():
         z.grad = None
 
 
-def test_zero_and_nan_total_weight():
+@pytest.mark.parametrize("backend", PATHS)
+def test_zero_and_nan_total_weight(backend):
     """Class weights summing to 0 over the counted rows: "mean" gives 0 (as all-ignored); a NaN
     weight on a target class gives a NaN loss, never a silent number."""
     z, target = torch.randn(3, 5), torch.tensor([0, 1, 1])
     zero = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0])
-    assert fastxent.cross_entropy(z, target, weight=zero, backend=BACKEND).item() == 0.0
+    assert fastxent.cross_entropy(z, target, weight=zero, backend=backend).item() == 0.0
     nan = torch.tensor([float("nan"), 1.0, 1.0, 1.0, 1.0])
-    assert torch.isnan(fastxent.cross_entropy(z, target, weight=nan, backend=BACKEND))
+    assert torch.isnan(fastxent.cross_entropy(z, target, weight=nan, backend=backend))
 
 
-def test_ignore_index_may_be_a_valid_class():
+@pytest.mark.parametrize("backend", PATHS)
+def test_ignore_index_may_be_a_valid_class(backend):
     z, target, _ = make_case((8, 5), soft=False, weighted=False)
     target = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
     want = loss_and_grad(F.cross_entropy, z, target, ignore_index=1)
-    got = loss_and_grad(fastxent.cross_entropy, z, target, ignore_index=1, backend=BACKEND)
+    got = loss_and_grad(fastxent.cross_entropy, z, target, ignore_index=1, backend=backend)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
     assert not got[1][target == 1].any()
 
 
-def test_nan_and_inf_propagate_like_torch():
+@pytest.mark.parametrize("backend", PATHS)
+def test_nan_and_inf_propagate_like_torch(backend):
     z = torch.randn(4, 6, dtype=torch.float64)
     z[0, 3] = float("nan")
     z[1, 2] = float("-inf")  # a masked class: finite loss
     z[2, :] = float("-inf")
     target = torch.tensor([0, 1, 2, 3])
     want = F.cross_entropy(z, target, reduction="none")
-    got = fastxent.cross_entropy(z, target, reduction="none", backend=BACKEND)
+    got = fastxent.cross_entropy(z, target, reduction="none", backend=backend)
     assert torch.isnan(got[0]) and torch.isnan(want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=0)
     assert torch.isfinite(got[3])
@@ -373,6 +386,7 @@ def test_auto_takes_the_portable_kernel_for_small_cpu_logits(monkeypatch):
         raise AssertionError("the compiled kernel ran")
 
     monkeypatch.setattr(compiled, "cross_entropy_rows", not_here)
+    monkeypatch.setattr(functional, "AUTO_COMPOSED_MAX_LOGITS", 0)  # the row kernels' choice
     v = 1024
     z = torch.randn(limit // v, v, requires_grad=True)  # exactly the limit
     fastxent.cross_entropy(z, torch.randint(0, v, (limit // v,))).backward()
@@ -382,6 +396,33 @@ def test_auto_takes_the_portable_kernel_for_small_cpu_logits(monkeypatch):
         fastxent.cross_entropy(torch.randn(limit // v + 1, v), torch.zeros(limit // v + 1).long())
 
 
+def test_auto_takes_the_fused_ops_path_for_small_cpu_calls(monkeypatch):
+    """ "auto" on CPU computes calls of at most AUTO_COMPOSED_MAX_LOGITS logits from PyTorch's
+    fused ops; an explicit backend, inplace_backward or more logits take the row kernel."""
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return composed_cross_entropy(*args)
+
+    composed_cross_entropy = functional.composed.cross_entropy
+    monkeypatch.setattr(functional.composed, "cross_entropy", spy)
+    limit = functional.AUTO_COMPOSED_MAX_LOGITS
+    z, target = torch.randn(4, 6, requires_grad=True), torch.tensor([0, 1, 2, 3])
+    fastxent.cross_entropy(z, target).backward()
+    fastxent.CrossEntropyLoss()(z, target).backward()
+    assert calls == [(4, 6)] * 2
+    fastxent.cross_entropy(z, target, backend="torch").backward()
+    logits = z * 1.0
+    fastxent.cross_entropy(logits, target, inplace_backward=True).backward()
+    assert not torch.equal(logits, z)  # the row kernel wrote the gradient into the logits
+    monkeypatch.setattr(functional, "AUTO_COMPOSED_MAX_LOGITS", z.numel() - 1)
+    monkeypatch.setattr(functional, "AUTO_PORTABLE_MAX_LOGITS", z.numel())  # nothing to compile
+    fastxent.cross_entropy(z, target)
+    assert calls == [(4, 6)] * 2 and limit >= z.numel()
+
+
+@pytest.mark.parametrize("backend", PATHS)
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(1, 6),
@@ -396,7 +437,7 @@ def test_auto_takes_the_portable_kernel_for_small_cpu_logits(monkeypatch):
     seed=st.integers(0, 2**16),
 )
 def test_property_matches_reference(
-    n, v, soft, weighted, reduction, eps, z_loss, softcap, scale, seed
+    backend, n, v, soft, weighted, reduction, eps, z_loss, softcap, scale, seed
 ):
     z, target, weight = make_case((n, v), soft, weighted, seed=seed)
     kwargs = {
@@ -406,7 +447,7 @@ def test_property_matches_reference(
         "softcap": softcap,
         "logit_scale": scale,
     }
-    got = loss_and_grad(fastxent.cross_entropy, z, target, weight, backend=BACKEND, **kwargs)
+    got = loss_and_grad(fastxent.cross_entropy, z, target, weight, backend=backend, **kwargs)
     want = reference.cross_entropy(
         z.numpy(), target.numpy(), None if weight is None else weight.numpy(), **kwargs
     )

@@ -18,6 +18,7 @@ from fastxent._options import (
     check_weight,
     legacy_reduction,
 )
+from fastxent._torch import composed
 
 # Backend name -> module. Each module exposes ``cross_entropy_rows`` (the row kernel, see
 # fastxent._autograd) and ``unavailable_reason(device) -> str | None``; it is imported on first use.
@@ -35,6 +36,12 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("compiled", "torch"), "cuda": 
 # in some runs and twice as slow in others; from 2^20 on the compiled one wins (BENCHMARKS.md,
 # "Which backend auto picks").
 AUTO_PORTABLE_MAX_LOGITS = 1 << 17
+# "auto" on CPU computes a cross_entropy call of at most this many logits from PyTorch's own fused
+# ops instead (fastxent._torch.composed; not with inplace_backward). benchmarks/small_logits.py,
+# two runs, float32 fwd+bwd: 0.12-0.13 ms against 0.26-0.35 (portable) and 0.44-0.47 (compiled)
+# up to 64 x 256, and faster than both up to 2^19 logits (0.81-0.82 against 0.88-1.04 ms); at
+# 2^20 the compiled kernel is as fast or faster (1.24-1.26 against 1.30-1.54 ms).
+AUTO_COMPOSED_MAX_LOGITS = 1 << 19
 
 
 def _backend_module(name: str):
@@ -75,6 +82,16 @@ def resolve_backend(
     return backend, _backend_module(backend).cross_entropy_rows
 
 
+def uses_composed(backend: str, input: Tensor, inplace_backward: bool) -> bool:
+    """Whether a cross_entropy call is computed from PyTorch's fused ops (small calls on CPU)."""
+    return (
+        backend == "auto"
+        and input.device.type == "cpu"
+        and input.numel() <= AUTO_COMPOSED_MAX_LOGITS
+        and not inplace_backward
+    )
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -113,7 +130,9 @@ def cross_entropy(
 
     The gradient is written during forward (into a new buffer, or into ``input`` itself with
     ``inplace_backward=True``); backward only scales it by ``grad_output``. Nothing else of size
-    N×C is kept, and rows are processed in chunks so temporaries stay small.
+    N×C is kept, and rows are processed in chunks so temporaries stay small. (Small calls on CPU
+    with ``backend="auto"`` are the exception, see ``backend``: there the cost is per op, not
+    per byte.)
 
     Args:
         input: logits, any floating dtype. bf16/fp16 accumulate in float32.
@@ -135,8 +154,10 @@ def cross_entropy(
             else saved them for backward. Refused on a leaf tensor that requires grad.
         backend: ``"auto"`` or one of :data:`BACKENDS` (``"torch"``: portable, any device).
             ``"auto"`` takes ``"compiled"`` on CPU, ``"triton"`` on CUDA, each when it can run,
-            else ``"torch"``; on CPU also ``"torch"`` for logits of at most
-            :data:`AUTO_PORTABLE_MAX_LOGITS` entries (faster there, and nothing to compile).
+            else ``"torch"``. On CPU, "auto" computes calls of at most
+            :data:`AUTO_COMPOSED_MAX_LOGITS` logits from PyTorch's fused log-softmax ops with
+            fastxent's semantics (fewer ops: faster there; not with ``inplace_backward``), and
+            takes ``"torch"`` up to :data:`AUTO_PORTABLE_MAX_LOGITS` (nothing to compile).
 
     Returns:
         The loss: a scalar for "mean"/"sum", float32 for fp32/bf16/fp16 input and float64 for
@@ -197,7 +218,10 @@ def cross_entropy(
     )
     z = _rows(input, class_dim)  # (M, C)
     t = _rows(target, class_dim) if soft else target.reshape(-1).long()  # (M, C) or (M,)
-    loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
+    if uses_composed(backend, input, inplace_backward):
+        loss = composed.cross_entropy(z, t, weight, opts)
+    else:
+        loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
     if reduction == "none":
         loss = loss.reshape(input.shape[:class_dim] + input.shape[class_dim + 1 :])
     return loss

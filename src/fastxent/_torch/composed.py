@@ -1,0 +1,68 @@
+r"""Small calls: the loss built from PyTorch's fused ops and differentiated by autograd.
+
+For a few thousand logits a call costs what its ops cost to launch (microseconds each), not
+what they compute. The row kernel runs about 25 small ops and an autograd.Function; PyTorch's
+fused ``log_softmax`` and ``nll_loss`` are two ops forward and two backward. So ``"auto"`` builds
+small losses from them, with fastxent's semantics kept:
+
+.. math::
+
+    z' = T(z), \qquad
+    \ell = \mathrm{CE}_{\Sigma}(z', y) + s \textstyle\sum_{r\ \mathrm{counted}} \mathrm{lse}_r^2
+
+where ``T`` is the softcap/logit scale (as in the row kernel), computed in float32 for bf16/fp16
+(float64 for float64), ``CE_Σ`` is ``F.cross_entropy`` with ``reduction="sum"`` (or ``"none"``),
+and "mean" multiplies by the same safe factors ``1/W`` and ``1/n`` as the row kernel
+(:func:`fastxent._autograd.reduction_scales`: 0 when nothing is counted, so a batch whose targets
+are all ignored gives loss 0 and gradient 0, not NaN). Autograd's gradient of the log-softmax,
+``g - o Σg``, is the general ``o Σt - t``: targets need not sum to one.
+
+Unlike the row kernel this keeps the log-softmax, (M, V), for backward: it is used only for
+calls of at most ``AUTO_COMPOSED_MAX_LOGITS`` logits (:mod:`fastxent.functional`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastxent._autograd import accumulation_dtype, reduction_scales
+from fastxent._options import CrossEntropyOptions
+
+
+def cross_entropy(
+    z: Tensor, target: Tensor, weight: Tensor | None, opts: CrossEntropyOptions
+) -> Tensor:
+    """Loss of (M, V) logits ``z`` and (M,) class indices or (M, V) probabilities ``target``:
+    per row (M,) for "none", else a scalar; float32 (float64 for float64 logits)."""
+    acc = accumulation_dtype(z.dtype)
+    zp = z.to(acc)  # float32 accumulation for bf16/fp16: the loss and its gradient's softmax
+    if opts.softcap is not None:
+        zp = torch.tanh(zp * (opts.logit_scale / opts.softcap)) * opts.softcap
+    elif opts.logit_scale != 1.0:
+        zp = zp * opts.logit_scale
+    if opts.soft:
+        target = target.to(acc)
+    w = None if weight is None else weight.to(device=z.device, dtype=acc)
+    per_row = opts.reduction == "none"
+    loss = F.cross_entropy(
+        zp,
+        target,
+        w,
+        ignore_index=opts.ignore_index,
+        reduction="none" if per_row else "sum",
+        label_smoothing=opts.label_smoothing,
+    )  # (M,) or ()
+    z_loss = None
+    if opts.z_loss:
+        z_loss = torch.logsumexp(zp, dim=1).square() * opts.z_loss  # (M,)
+        if not opts.soft:
+            z_loss = torch.where(target != opts.ignore_index, z_loss, 0.0)
+        if not per_row:
+            z_loss = z_loss.sum()
+    if opts.reduction == "mean":
+        ce_scale, z_scale = reduction_scales(z, target, weight, opts)
+        loss = loss * ce_scale
+        z_loss = None if z_loss is None else z_loss * z_scale
+    return loss if z_loss is None else loss + z_loss
