@@ -236,6 +236,28 @@ def test_nan_and_inf_propagate_like_torch(backend):
     assert not torch.isfinite(got[2]) or torch.isnan(got[2])
 
 
+@pytest.mark.parametrize("backend", [*PATHS, "compiled"])
+@pytest.mark.parametrize("bad", [float("-inf"), float("inf"), float("nan")])
+def test_ignored_rows_add_nothing_whatever_their_logits(backend, bad):
+    """An ignored row's non-finite logits (a class masked with -inf, say) must not reach the
+    loss: PyTorch's nll_loss skips the row, and so must every path (0·inf is NaN)."""
+    if backend == "compiled" and functional.unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(f"{backend} cannot run here")
+    z, _, _ = make_case((6, 9), soft=False, weighted=False, seed=4)
+    z[1, 0] = z[4, 0] = bad  # rows 1 and 4 ignored below (one by the default, one by value)
+    for ignore_index, target in ((-100, [3, -100, 2, 0, -100, 8]), (5, [3, 5, 2, 0, 5, 8])):
+        target = torch.tensor(target)
+        for reduction in ("mean", "none", "sum"):
+            kwargs = {"ignore_index": ignore_index, "reduction": reduction, "z_loss": 0.0}
+            got = fastxent.cross_entropy(z, target, backend=backend, **kwargs)
+            want = F.cross_entropy(z, target, ignore_index=ignore_index, reduction=reduction)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+            with_z_loss = fastxent.cross_entropy(
+                z, target, backend=backend, **kwargs | {"z_loss": 0.1}
+            )
+            assert torch.isfinite(with_z_loss).all()
+
+
 def test_inplace_backward_matches_and_overwrites_logits():
     x = torch.randn(8, 50, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 50, (8,))

@@ -517,7 +517,7 @@ def vocab_parallel_rows(
         row_w = opts.num_classes if w is None else w.sum()
         sum_t = sum_t + counted_f * (smooth * row_w)
         sum_tz = sum_tz + torch.where(counted, smooth * sums[:, 2], 0.0)
-    ce = lse * sum_t - sum_tz  # E = -Σ t (z' - lse)
+    ce = torch.where(counted, lse * sum_t - sum_tz, 0.0)  # E = -Σ t (z' - lse); ignored: 0
     zl = torch.where(counted, s * lse.square(), 0.0)
     rows = a * ce + b * zl
     if grad is None:

@@ -272,7 +272,7 @@ def cross_entropy_rows(
         smooth = counted.to(acc) * (eps / num_classes)
         sum_t = sum_t + smooth * k[6]
         sum_tz = sum_tz + smooth * rest[0]
-    rows = a * (lse * sum_t - sum_tz)
+    rows = a * torch.where(counted, lse * sum_t - sum_tz, 0.0)  # ignored rows: 0, even non-finite
     if v.z_loss:
         rows = rows + b * torch.where(counted, s * lse.square(), 0.0)
 

@@ -95,7 +95,8 @@ def cross_entropy_rows(
 
         ce = lse * sum_t - sum_tz  # E = -Σ t (z' - lse)
         zl = s * lse.square()
-        if counted is not None:
+        if counted is not None:  # ignored rows add 0, whatever their logits (0·inf would be NaN)
+            ce = torch.where(counted, ce, 0.0)
             zl = torch.where(counted, zl, 0.0)
         rows[chunk] = a * ce + b * zl
 
