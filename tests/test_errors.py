@@ -22,10 +22,12 @@ T = torch.tensor([0, 1, 2, 3])
         ({"target": [0, 1, 2, 3]}, TypeError, "target must be a torch.Tensor, got list"),
         ({"input": torch.randint(0, 5, (4, 5))}, TypeError, "floating-point tensor.*int64"),
         ({"input": torch.tensor(1.0)}, ValueError, "must have a class dimension"),
+        ({"input": torch.randn(4, 0)}, ValueError, r"shape \(4, 0\) has no classes"),
         ({"label_smoothing": 1.5}, ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
         ({"label_smoothing": -0.1}, ValueError, r"label_smoothing must be in \[0, 1\]"),
         ({"weight": torch.ones(4)}, ValueError, r"weight must have shape \(5,\).*got shape \(4,\)"),
         ({"weight": torch.ones(5, dtype=torch.long)}, TypeError, "weight must be floating point"),
+        ({"weight": torch.ones(5, requires_grad=True)}, ValueError, r"weight\.detach\(\)"),
         ({"reduction": "average"}, ValueError, r"reduction must be one of .*'average'"),
         ({"softcap": -1.0}, ValueError, "softcap must be None .* > 0, got -1.0"),
         ({"softcap": 0.0}, ValueError, "softcap must be None"),
@@ -79,3 +81,11 @@ def test_linear_and_module_check_ignore_index():
         fastxent.CrossEntropyLoss(ignore_index=0.5)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         fastxent.LinearCrossEntropyLoss(ignore_index="x")
+
+
+def test_class_weight_requiring_grad_is_refused_by_linear():
+    weight = torch.ones(5, requires_grad=True)
+    with pytest.raises(ValueError, match=r"class_weight\.detach\(\)"):
+        fastxent.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), T, class_weight=weight)
+    with torch.no_grad():  # no graph, nothing to refuse
+        fastxent.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), T, class_weight=weight)

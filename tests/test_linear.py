@@ -447,8 +447,10 @@ def test_shift_errors_count_the_shifted_targets():
     """With shift the shapes still match the tokens; a bad target after the shift is reported."""
     target = torch.randint(0, 20, (2, 4))
     target[1, 2] = 99
-    with pytest.raises(IndexError, match="out of range"):
-        _call(target=target, shift=True)
+    with pytest.raises(IndexError, match=r"target\[1, 2\] = 99 is out of range"):
+        _call(target=target, shift=True)  # the position in the caller's target
+    target[1, 2], target[0, 0] = 3, 99  # position 0 is never a target with shift: no error
+    _call(target=target, shift=True)
     with pytest.raises(ValueError, match=r"shift=True uses target\[\.\.\., 1:\]"):
         _call(target=torch.zeros(2, 3, dtype=torch.long), shift=True)
     with pytest.raises(ValueError, match="ignore_index is only supported"):

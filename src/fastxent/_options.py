@@ -127,7 +127,7 @@ def check_logits(z: Tensor, name: str = "input") -> None:
 
 
 def check_weight(weight: Tensor | None, num_classes: int, name: str = "weight") -> None:
-    """Class weights are a 1-D floating tensor of length C."""
+    """Class weights are a 1-D floating tensor of length C, not requiring grad."""
     if weight is None:
         return
     if not isinstance(weight, Tensor):
@@ -139,19 +139,32 @@ def check_weight(weight: Tensor | None, num_classes: int, name: str = "weight") 
         )
     if not weight.is_floating_point():
         raise TypeError(f"{name} must be floating point, got dtype {weight.dtype}.")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"gradients with respect to the class weights are not computed (as in PyTorch); "
+            f"pass {name}.detach()."
+        )
 
 
-def check_index_targets(target: Tensor, num_classes: int, ignore_index: int) -> None:
+def check_index_targets(
+    target: Tensor, num_classes: int, ignore_index: int, shift: bool = False
+) -> None:
     """Every class index is in [0, C) or is ignore_index, else IndexError naming the first bad one.
 
-    This reads the targets on the host: one cheap reduction (a device sync on CUDA).
+    With ``shift`` the targets checked are ``target[..., 1:]`` (the causal-LM shift), and the
+    position named is the one in ``target``. This reads the targets on the host: one cheap
+    reduction (a device sync on CUDA).
     """
+    if shift:
+        target = target[..., 1:]
     if target.numel() == 0:
         return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0]) if target.dim() else ()
         value = int(target[where]) if where else int(target)
+        if shift:
+            where = (*where[:-1], where[-1] + 1)
         raise IndexError(
             f"target{list(where) if where else ''} = {value} is out of range: the input has "
             f"{num_classes} classes, so targets must be in [0, {num_classes - 1}] or equal "
@@ -194,7 +207,13 @@ def check_target_kind(
 
 
 def check_targets(z: Tensor, target: Tensor, class_dim: int) -> bool:
-    """The targets of logits ``z``: indices of z's shape without ``class_dim``, or z's shape."""
+    """The targets of logits ``z``: indices of z's shape without ``class_dim``, or z's shape.
+    ``z`` must have at least one class."""
+    if z.shape[class_dim] == 0:
+        raise ValueError(
+            f"input of shape {tuple(z.shape)} has no classes (dim {class_dim} is empty): a "
+            "softmax needs at least one."
+        )
     index_shape = tuple(z.shape[:class_dim] + z.shape[class_dim + 1 :])
     context = f"input of shape {tuple(z.shape)}, classes on dim {class_dim}"
     return check_target_kind(target, index_shape, tuple(z.shape), context)

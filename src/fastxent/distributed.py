@@ -321,7 +321,7 @@ def vocab_parallel_linear_cross_entropy(
     )
     vocab_size = sum(sizes)
     check_weight(class_weight, vocab_size, "class_weight")
-    check_index_targets(target[..., 1:] if shift else target, vocab_size, ignore_index)
+    check_index_targets(target, vocab_size, ignore_index, shift)
     opts = LinearOptions(
         ce=CrossEntropyOptions.of(
             vocab_size,

@@ -368,7 +368,7 @@ def linear_cross_entropy(
             f"no class to ignore (got ignore_index={ignore_index})."
         )
     if not soft:
-        check_index_targets(target[..., 1:] if shift else target, num_classes, ignore_index)
+        check_index_targets(target, num_classes, ignore_index, shift)
     check_chunking(chunk_size, filter_eps, vocab_block)
     tokens = hidden.shape[:-1].numel()
     _, kernel = resolve_backend(backend, hidden.device, tokens * num_classes)
