@@ -232,7 +232,10 @@ def cross_entropy_rows(
     """Row losses ``ce_scale·E + z_scale·s·lse²`` (M,), and ∂loss/∂z into ``grad`` if given."""
     acc = accumulation_dtype(z.dtype)
     v = Variant.of(z, target, weight, opts, grad)
-    if v in _failed:
+    if v in _failed or z.stride(1) != 1 or (opts.soft and target.stride(1) != 1):
+        # Logits or probabilities strided along the classes (a column slice, a transpose) take
+        # the portable kernel: inductor (torch 2.13) miscompiled such layouts into NaN rows
+        # (fp16 probability targets, N = V = 64, where the shift's slice makes sizes static).
         return _portable(z, target, weight, opts, ce_scale, z_scale, grad)
     a, b = ce_scale.to(acc), z_scale.to(acc)
     w = None if weight is None else weight.to(device=z.device, dtype=acc)
