@@ -258,6 +258,26 @@ def test_ignored_rows_add_nothing_whatever_their_logits(backend, bad):
             assert torch.isfinite(with_z_loss).all()
 
 
+@pytest.mark.parametrize("backend", [*PATHS, "compiled"])
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_a_positive_infinite_logit_gives_a_nan_row_like_torch(backend, z_loss):
+    """log-softmax of a row holding +inf is inf - inf: PyTorch's loss and gradient row are NaN.
+    With a z-loss the row used to come out +inf instead."""
+    if backend == "compiled" and functional.unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(f"{backend} cannot run here")
+    z, target, _ = make_case((4, 9), soft=False, weighted=False, seed=8)
+    target = torch.tensor([0, 1, 2, 3])
+    z[1, 5] = float("inf")
+    z[2, 2] = float("inf")  # at the target
+    x = z.clone().requires_grad_()
+    F.cross_entropy(x, target, reduction="sum").backward()
+    loss, grad = loss_and_grad(
+        fastxent.cross_entropy, z, target, reduction="none", z_loss=z_loss, backend=backend
+    )
+    assert torch.equal(torch.isnan(loss), torch.tensor([False, True, True, False]))
+    assert torch.equal(torch.isnan(grad).any(1), torch.isnan(x.grad).any(1))
+
+
 def test_inplace_backward_matches_and_overwrites_logits():
     x = torch.randn(8, 50, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 50, (8,))
