@@ -160,6 +160,26 @@ def test_ignore_index_may_be_a_valid_class():
 
 
 @interpreter
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_non_finite_logits_like_the_portable_kernel(z_loss):
+    """-inf on a class, +inf, NaN, an all -inf row and an ignored row masked at class 0: the
+    same loss and gradient rows (finite or not) as the portable kernel, which follows PyTorch."""
+    z = torch.randn(6, 9, generator=torch.Generator().manual_seed(3))
+    z[0, 4] = float("-inf")
+    z[1, 5] = float("inf")
+    z[2, 2] = float("nan")
+    z[3, :] = float("-inf")
+    z[4, 0] = float("-inf")
+    target = torch.tensor([1, 2, 3, 4, -100, 5])
+    got = run(z, target, reduction="none", z_loss=z_loss)
+    want = run(z, target, reduction="none", z_loss=z_loss, backend="torch")
+    for ours, theirs in zip(got, want, strict=True):
+        assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+        finite = torch.isfinite(theirs)
+        assert torch.equal(torch.isfinite(ours), finite)
+        assert_fp32_close(ours[finite], theirs[finite])
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_all_ignored_gives_zero_loss_and_gradient(reduction):
     z = torch.randn(4, 7)

@@ -119,6 +119,7 @@ def cross_entropy_rows_kernel(
             else:
                 acc_tz += tl.where(mask, zp, 0.0)
     lse = tl.where(tl.abs(m) < float("inf"), m, 0.0) + tl.log(d)
+    lse = tl.where(m == float("inf"), float("nan"), lse)  # +inf: inf - inf, NaN as in PyTorch
 
     # ---- the row's loss: a·E + b·s·lse² ----
     if SOFT:
