@@ -3,11 +3,15 @@
     python benchmarks/linear_chunks.py --chunks 64,96,128,256,0     # 0: the default chunk
     python benchmarks/linear_chunks.py --chunks 0 --vocab-blocks 512,1024
     python benchmarks/linear_chunks.py --chunks 256,1024 --bare
+    python benchmarks/linear_chunks.py --chunks 64,128 --bare --tiles 1024,4096
 
 Smaller chunks hold fewer logits but rewrite d_weight (V×D) once per chunk. ``--vocab-blocks``
 adds the vocabulary walk (``vocab_block=B``: four matmuls, d_weight written once). ``--bare``
 adds, per chunk size, the token walk's three matmuls alone (no loss kernel, buffers allocated
-once): what chunking costs the matmuls themselves.
+once): what chunking costs the matmuls themselves. ``--tiles T`` adds, per chunk size, the same
+matmuls walked by vocabulary tiles of T classes so that each tile of W is read once per chunk
+instead of twice (∂h and ∂W of this chunk and the logits of the next, while the tile is in
+cache; the chunk's logits are held transposed, (V, rows), so a tile is a contiguous block).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="64,96,128,256,0")
     parser.add_argument("--vocab-blocks", default="", help="vocab_block values, comma-separated")
     parser.add_argument("--bare", action="store_true", help="also time the chunked matmuls alone")
+    parser.add_argument("--tiles", default="", help="vocabulary tiles of the tiled matmuls")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
@@ -63,11 +68,35 @@ def main() -> None:
 
         return step
 
+    def tiled(rows: int, tile: int):
+        zt, dw_acc = torch.empty(args.v, rows), torch.zeros_like(w)  # zt: a chunk's logits, (V, n)
+        hd, wd = h.detach(), w.detach()
+        starts = list(range(0, args.n, rows))
+
+        def step() -> None:
+            dw_acc.zero_()
+            torch.mm(wd, hd[:rows].T, out=zt[:, : min(rows, args.n)])  # the first chunk's logits
+            for i, start in enumerate(starts):
+                hc = hd[start : start + rows]
+                dhc = dh[start : start + rows].zero_()
+                nxt = hd[starts[i + 1] : starts[i + 1] + rows] if i + 1 < len(starts) else None
+                for first in range(0, args.v, tile):
+                    block = slice(first, first + tile)
+                    g, wt = zt[block, : hc.shape[0]], wd[block]  # (T, n), (T, D)
+                    dhc.addmm_(g.T, wt)
+                    dw_acc[block].addmm_(g, hc)
+                    if nxt is not None:  # the tile of W is in cache: the next chunk's logits
+                        torch.mm(wt, nxt.T, out=zt[block, : nxt.shape[0]])
+
+        return step
+
     steps = {"3 matmuls": matmuls}
     for chunk in (int(c) or None for c in args.chunks.split(",") if c):
         steps[f"chunk {chunk or 'default'}"] = fused(chunk_size=chunk)
         if args.bare and chunk:
             steps[f"  matmuls only {chunk}"] = bare(chunk)
+        for tile in (int(t) for t in args.tiles.split(",") if t and chunk):
+            steps[f"  tiled {chunk}/{tile}"] = tiled(chunk, tile)
     for block in (int(b) for b in args.vocab_blocks.split(",") if b):
         steps[f"vocab block {block}"] = fused(vocab_block=block)
     for step in steps.values():

@@ -30,6 +30,7 @@ import split_gradient  # noqa: E402
     ("script", "flags"),
     [
         (linear_chunks, ["--n", "64", "--d", "16", "--v", "512", "--chunks", "16,0", "--bare"]),
+        (linear_chunks, ["--n", "40", "--d", "8", "--v", "96", "--chunks", "16", "--tiles", "32"]),
         (linear_filter, ["--n", "64", "--d", "16", "--v", "512", "--probs", "1e-2"]),
         (row_buffer, ["--n", "64", "--v", "512", "--dtype", "float32"]),
         (small_logits, ["--shapes", "8x16,4x64", "--calls", "2"]),
@@ -38,6 +39,7 @@ import split_gradient  # noqa: E402
     ],
     ids=[
         "linear_chunks",
+        "linear_chunks_tiled",
         "linear_filter",
         "row_buffer",
         "small_logits",
