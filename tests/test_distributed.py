@@ -48,7 +48,7 @@ class Case:
     reversed_slices: bool = False  # rank r holds the r-th slice from the END (vocab_start given)
     inplace: bool = False
     requires_grad: bool = True
-    masked: bool = False  # row 0 is -inf on the whole slice of the last rank
+    masked: bool = False  # row 0 is -inf on the whole slice of the last rank; ignored row 1 at 0
 
 
 CASES = [
@@ -131,6 +131,7 @@ def make_case(case: Case, world: int):
         start, size = slices(case, world)[-1]
         z.reshape(-1, case.vocab)[0, start : start + size] = float("-inf")
         y[0] = 0
+        z.reshape(-1, case.vocab)[1, 0] = float("-inf")  # ignored row 1, masked where it is read
     weight = torch.rand(case.vocab, generator=g, dtype=torch.float64) + 0.5 if case.weight else None
     grad_output = None
     if case.options.get("reduction") == "none":
