@@ -8,6 +8,10 @@ shape times every way, interleaved, after a warm-up (the compiled kernel's compi
 the figures: it is a one-time cost on top).
 
     python benchmarks/small_logits.py --shapes 64x256,256x256,128x1024,256x1024,128x2048 --calls 200
+    python benchmarks/small_logits.py --linear-dim 64 --shapes 64x512,256x1024 --calls 50
+
+``--linear-dim D`` times ``linear_cross_entropy`` instead, on N tokens of D hidden features and
+V classes (the row kernels in its token walk; eager is ``F.cross_entropy(F.linear(h, W), y)``).
 """
 
 from __future__ import annotations
@@ -28,20 +32,37 @@ EAGER = "F.cross_entropy"  # PyTorch itself, timed alongside for reference
 DEFAULT_SHAPES = "64x256,256x256,64x1024,128x1024,512x256,256x1024,128x2048,512x1024,512x2048"
 
 
-def per_call_ms(n: int, v: int, calls: int, rounds: int) -> dict[str, float]:
-    """Median milliseconds of one forward+backward each way on (n, v) float32 logits."""
+def per_call_ms(
+    n: int, v: int, calls: int, rounds: int, dim: int | None = None
+) -> dict[str, float]:
+    """Median milliseconds of one forward+backward each way on (n, v) float32 logits, or on the
+    logits of (n, dim) hidden states and a (v, dim) weight with ``dim``."""
     gen = torch.Generator().manual_seed(0)
-    z = torch.randn(n, v, generator=gen).requires_grad_()
     y = torch.randint(0, v, (n,), generator=gen)
+    if dim is None:
+        leaves = [torch.randn(n, v, generator=gen).requires_grad_()]
+    else:
+        leaves = [torch.randn(n, dim, generator=gen), torch.randn(v, dim, generator=gen) / dim**0.5]
+        leaves = [x.requires_grad_() for x in leaves]
+
+    def loss(way: str) -> torch.Tensor:
+        backend = "auto" if way in (FUSED, EAGER) else way
+        if dim is None:
+            z = leaves[0]
+            return (
+                F.cross_entropy(z, y)
+                if way == EAGER
+                else fastxent.cross_entropy(z, y, backend=backend)
+            )
+        h, w = leaves
+        if way == EAGER:
+            return F.cross_entropy(F.linear(h, w), y)
+        return fastxent.linear_cross_entropy(h, w, y, backend=backend)
 
     def step(way: str) -> None:
-        z.grad = None
-        if way == EAGER:
-            F.cross_entropy(z, y).backward()
-        elif way == FUSED:
-            fastxent.cross_entropy(z, y).backward()
-        else:
-            fastxent.cross_entropy(z, y, backend=way).backward()
+        for x in leaves:
+            x.grad = None
+        loss(way).backward()
 
     def timed(way: str) -> float:
         limit = functional.AUTO_COMPOSED_MAX_LOGITS
@@ -68,16 +89,20 @@ def main() -> None:
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="NxV, comma-separated")
     parser.add_argument("--calls", type=int, default=200, help="timed calls per backend")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--linear-dim", type=int, help="time linear_cross_entropy, hidden size D")
     args = parser.parse_args()
 
+    what = (
+        "cross_entropy" if args.linear_dim is None else f"linear_cross_entropy D={args.linear_dim}"
+    )
     print(
-        f"float32, {args.rounds} rounds of {args.calls} calls, ms per call; auto: fused ops up "
-        f"to {functional.AUTO_COMPOSED_MAX_LOGITS} logits, torch up to "
+        f"{what}, float32, {args.rounds} rounds of {args.calls} calls, ms per call; auto: fused "
+        f"ops up to {functional.AUTO_COMPOSED_MAX_LOGITS} logits, torch up to "
         f"{functional.AUTO_PORTABLE_MAX_LOGITS}, else compiled"
     )
     for shape in args.shapes.split(","):
         n, v = (int(x) for x in shape.split("x"))
-        ms = per_call_ms(n, v, args.calls, args.rounds)
+        ms = per_call_ms(n, v, args.calls, args.rounds, args.linear_dim)
         auto = (
             FUSED
             if n * v <= functional.AUTO_COMPOSED_MAX_LOGITS

@@ -110,9 +110,11 @@ def resolve(options, num_classes, seed=1):
 
 # The two walks: token chunks that do not divide N = 13, vocab blocks that do not divide V = 423.
 WALKS = [{"chunk_size": 5}, {"vocab_block": 50}]
+# And what "auto" does with small CPU calls: the logits at once, from PyTorch's fused ops.
+FUSED_OPS = {"backend": "auto"}
 
 
-@pytest.mark.parametrize("walk", WALKS, ids=["tokens", "vocab"])
+@pytest.mark.parametrize("walk", [*WALKS, FUSED_OPS], ids=["tokens", "vocab", "fused ops"])
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("soft", [False, True])
@@ -164,10 +166,11 @@ def test_shapes_and_chunks(tokens, num_classes, bias, chunk_size):
         assert_matches(got, want)
 
 
+@pytest.mark.parametrize("walk", [{"chunk_size": 4}, FUSED_OPS], ids=["tokens", "fused ops"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("soft", [False, True])
 @pytest.mark.parametrize("tokens", [(3, 6), (7,), (2, 1)])
-def test_shift(tokens, soft, reduction):
+def test_shift(tokens, soft, reduction, walk):
     """shift=True: position t predicts target t+1 within each sequence; an (N, D) input is one."""
     hidden, weight, bias, target = make_case(tokens, soft=soft, num_classes=57, seed=4)
     if not soft:
@@ -175,7 +178,7 @@ def test_shift(tokens, soft, reduction):
     shifted = (*tokens[:-1], tokens[-1] - 1)
     go = torch.rand(shifted, dtype=torch.float64) + 0.5 if reduction == "none" else None
     kwargs = {"reduction": reduction, "z_loss": 1e-3, "shift": True}
-    got = ours(hidden, weight, bias, target, grad_output=go, chunk_size=4, **kwargs)
+    got = ours(hidden, weight, bias, target, grad_output=go, **walk, **kwargs)
     want = oracle(hidden, weight, bias, target, grad_output=go, **kwargs)
     assert got[0].shape == want[0].shape
     assert_matches(got, want)
@@ -192,26 +195,31 @@ def test_shift_equals_explicit_slices():
     torch.testing.assert_close(got[2], sliced[2], **F64)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_gives_zero_loss_and_gradient(reduction):
+def test_all_ignored_gives_zero_loss_and_gradient(reduction, backend):
     """No counted token: loss 0 (not NaN) and zero gradients, as fastxent.cross_entropy."""
     hidden, weight, bias, target = make_case((2, 5), num_classes=30, seed=6)
     target.fill_(-100)
-    got = ours(hidden, weight, bias, target, reduction=reduction, z_loss=1e-2)
+    got = ours(hidden, weight, bias, target, reduction=reduction, z_loss=1e-2, backend=backend)
     for x in got:
         assert torch.count_nonzero(x) == 0
     assert_matches(got, oracle(hidden, weight, bias, target, reduction=reduction, z_loss=1e-2))
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize(
     "needs", [(True, False, False), (False, True, False), (False, False, True), (True, False, True)]
 )
-def test_gradients_only_where_required(needs, reduction):
+def test_gradients_only_where_required(needs, reduction, backend):
     """hidden only / weight only / bias only: the others get no gradient."""
     hidden, weight, bias, target = make_case((11,), num_classes=40, seed=7)
     go = torch.rand(11, dtype=torch.float64) if reduction == "none" else None
-    got = ours(hidden, weight, bias, target, needs=needs, grad_output=go, reduction=reduction)
+    got = ours(
+        hidden, weight, bias, target, needs=needs, grad_output=go, reduction=reduction,
+        backend=backend,
+    )  # fmt: skip
     want = oracle(hidden, weight, bias, target, grad_output=go, reduction=reduction)
     for need, g in zip(needs, got[1:], strict=True):
         assert (g is not None) == need
@@ -268,7 +276,9 @@ def test_backward_twice_raises_for_mean():
         loss.backward()
 
 
-@pytest.mark.parametrize("walk", [{"chunk_size": 9}, {"vocab_block": 100}], ids=["tokens", "vocab"])
+@pytest.mark.parametrize(
+    "walk", [{"chunk_size": 9}, {"vocab_block": 100}, FUSED_OPS], ids=["tokens", "vocab", "fused"]
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_low_precision_within_baseline_error(dtype, reduction, walk):
@@ -457,3 +467,28 @@ def test_shift_errors_count_the_shifted_targets():
         _call(target=torch.rand(2, 4, 20, dtype=torch.float64), ignore_index=0)
     with pytest.raises(ValueError, match="probability targets are not supported"):
         _call(target=torch.rand(2, 4, 20, dtype=torch.float64, requires_grad=True))
+
+
+def test_auto_takes_the_fused_ops_path_for_small_cpu_calls(monkeypatch):
+    """ "auto" computes small CPU calls without a chosen walk from the materialised logits; an
+    explicit backend, chunk_size, filter_eps or vocab_block, or more logits, take the walks."""
+    from fastxent import functional
+
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return composed_linear(*args)
+
+    composed_linear = functional.composed.linear_cross_entropy
+    monkeypatch.setattr(functional.composed, "linear_cross_entropy", spy)
+    hidden, weight, bias, target = make_case((2, 5), num_classes=30, seed=11)
+    fastxent.linear_cross_entropy(hidden, weight, target, bias)
+    fastxent.LinearCrossEntropyLoss(shift=True)(hidden, weight, target, bias)
+    assert calls == [(2, 5, 8)] * 2
+    for walk in ({"backend": "torch"}, {"chunk_size": 4}, {"filter_eps": 0.0}, {"vocab_block": 8}):
+        fastxent.linear_cross_entropy(hidden, weight, target, bias, **walk)
+    monkeypatch.setattr(functional, "AUTO_COMPOSED_MAX_LOGITS", 2 * 5 * 30 - 1)
+    monkeypatch.setattr(functional, "AUTO_PORTABLE_MAX_LOGITS", 2 * 5 * 30)  # nothing to compile
+    fastxent.linear_cross_entropy(hidden, weight, target, bias)
+    assert len(calls) == 2

@@ -82,14 +82,9 @@ def resolve_backend(
     return backend, _backend_module(backend).cross_entropy_rows
 
 
-def uses_composed(backend: str, input: Tensor, inplace_backward: bool) -> bool:
-    """Whether a cross_entropy call is computed from PyTorch's fused ops (small calls on CPU)."""
-    return (
-        backend == "auto"
-        and input.device.type == "cpu"
-        and input.numel() <= AUTO_COMPOSED_MAX_LOGITS
-        and not inplace_backward
-    )
+def uses_composed(backend: str, device: torch.device, num_logits: int) -> bool:
+    """Whether a call is computed from PyTorch's fused ops: "auto", small, on CPU."""
+    return backend == "auto" and device.type == "cpu" and num_logits <= AUTO_COMPOSED_MAX_LOGITS
 
 
 def cross_entropy(
@@ -218,7 +213,7 @@ def cross_entropy(
     )
     z = _rows(input, class_dim)  # (M, C)
     t = _rows(target, class_dim) if soft else target.reshape(-1).long()  # (M, C) or (M,)
-    if uses_composed(backend, input, inplace_backward):
+    if uses_composed(backend, input.device, input.numel()) and not inplace_backward:
         loss = composed.cross_entropy(z, t, weight, opts)
     else:
         loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
@@ -298,7 +293,10 @@ def linear_cross_entropy(
             more than time; not with ``chunk_size``, ``filter_eps`` or ``process_group``. The
             backend's row kernel is not used (the block math is portable PyTorch).
         backend: ``"auto"`` or one of :data:`BACKENDS`; supplies the row kernel ("auto" as in
-            :func:`cross_entropy`, the size being tokens × V).
+            :func:`cross_entropy`, the size being tokens × V). On CPU, "auto" computes calls of
+            at most :data:`AUTO_COMPOSED_MAX_LOGITS` tokens × V that choose no walk
+            (``chunk_size``, ``filter_eps`` and ``vocab_block`` None) from the materialised
+            logits with PyTorch's fused ops and autograd: faster at that size, and as small.
         process_group: None (one device), or the tensor-parallel ``torch.distributed`` group over
             which the vocabulary is split (Megatron-style): rank r passes its rows
             ``[s_r, s_r + V_r)`` of ``weight`` and ``bias`` (slices in rank order, uneven allowed)
@@ -372,17 +370,16 @@ def linear_cross_entropy(
     check_chunking(chunk_size, filter_eps, vocab_block)
     tokens = hidden.shape[:-1].numel()
     _, kernel = resolve_backend(backend, hidden.device, tokens * num_classes)
+    ce_opts = CrossEntropyOptions.of(
+        num_classes, soft, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
+    )
+    walk_chosen = chunk_size is not None or filter_eps is not None or vocab_block is not None
+    if uses_composed(backend, hidden.device, tokens * num_classes) and not walk_chosen:
+        return composed.linear_cross_entropy(
+            hidden, weight, bias, target, class_weight, ce_opts, shift
+        )
     opts = LinearOptions(
-        ce=CrossEntropyOptions.of(
-            num_classes,
-            soft,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            z_loss,
-            softcap,
-            logit_scale,
-        ),
+        ce=ce_opts,
         chunk_size=chunk_size or default_chunk_size(num_classes, hidden.shape[-1], hidden.dtype),
         shift=shift,
         filter_eps=None if filter_eps is None else float(filter_eps),

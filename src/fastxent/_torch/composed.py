@@ -17,8 +17,9 @@ and "mean" multiplies by the same safe factors ``1/W`` and ``1/n`` as the row ke
 are all ignored gives loss 0 and gradient 0, not NaN). Autograd's gradient of the log-softmax,
 ``g - o Σg``, is the general ``o Σt - t``: targets need not sum to one.
 
-Unlike the row kernel this keeps the log-softmax, (M, V), for backward: it is used only for
-calls of at most ``AUTO_COMPOSED_MAX_LOGITS`` logits (:mod:`fastxent.functional`).
+Unlike the row kernel this keeps the log-softmax, (M, V), for backward, and the linear form
+materialises the logits: both are used only for calls of at most ``AUTO_COMPOSED_MAX_LOGITS``
+logits (:mod:`fastxent.functional`).
 """
 
 from __future__ import annotations
@@ -66,3 +67,25 @@ def cross_entropy(
         loss = loss * ce_scale
         z_loss = None if z_loss is None else z_loss * z_scale
     return loss if z_loss is None else loss + z_loss
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    opts: CrossEntropyOptions,
+    shift: bool,
+) -> Tensor:
+    """:func:`cross_entropy` of ``z = h Wᵀ + b`` over all tokens at once, for small calls: the
+    logits are materialised (at most ``AUTO_COMPOSED_MAX_LOGITS``) and autograd gives ∂h, ∂W,
+    ∂b. ``hidden`` (N, D) or (B, T, D); with ``shift`` position t predicts target t+1."""
+    if shift:
+        hidden = hidden[..., :-1, :]
+        target = target[..., 1:, :] if opts.soft else target[..., 1:]
+    z = F.linear(hidden, weight, bias)  # (..., V)
+    rows = z.reshape(-1, opts.num_classes)  # (M, V)
+    t = target.reshape(-1, opts.num_classes) if opts.soft else target.reshape(-1).long()
+    loss = cross_entropy(rows, t, class_weight, opts)
+    return loss.reshape(z.shape[:-1]) if opts.reduction == "none" else loss
