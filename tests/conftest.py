@@ -1,4 +1,5 @@
-"""Shared test set-up: the ``gpu`` marker skips without CUDA; without CUDA, Triton interprets.
+"""Shared test set-up: the ``gpu`` marker skips without CUDA; without CUDA, Triton interprets;
+the ``shapes_passed_to`` fixture records calls.
 
 Triton reads TRITON_INTERPRET when it is first imported, so it is set here, before any test
 module (or torch.compile) can import it: the Triton kernels then run on CPU tensors.
@@ -20,3 +21,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def shapes_passed_to(monkeypatch):
+    """``shapes_passed_to(module, name)``: a list that gets the shape of the first argument of
+    every later call to ``module.name``, which still runs."""
+
+    def record(module, name: str) -> list:
+        shapes, original = [], getattr(module, name)
+
+        def recorded(*args, **kwargs):
+            shapes.append(tuple(args[0].shape))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, recorded)
+        return shapes
+
+    return record

@@ -438,17 +438,10 @@ def test_auto_takes_the_portable_kernel_for_small_cpu_logits(monkeypatch):
         fastxent.cross_entropy(torch.randn(limit // v + 1, v), torch.zeros(limit // v + 1).long())
 
 
-def test_auto_takes_the_fused_ops_path_for_small_cpu_calls(monkeypatch):
+def test_auto_takes_the_fused_ops_path_for_small_cpu_calls(monkeypatch, shapes_passed_to):
     """ "auto" on CPU computes calls of at most AUTO_COMPOSED_MAX_LOGITS logits from PyTorch's
     fused ops; an explicit backend, inplace_backward or more logits take the row kernel."""
-    calls = []
-
-    def spy(*args):
-        calls.append(args[0].shape)
-        return composed_cross_entropy(*args)
-
-    composed_cross_entropy = functional.composed.cross_entropy
-    monkeypatch.setattr(functional.composed, "cross_entropy", spy)
+    calls = shapes_passed_to(functional.composed, "cross_entropy")
     limit = functional.AUTO_COMPOSED_MAX_LOGITS
     z, target = torch.randn(4, 6, requires_grad=True), torch.tensor([0, 1, 2, 3])
     fastxent.cross_entropy(z, target).backward()

@@ -469,19 +469,12 @@ def test_shift_errors_count_the_shifted_targets():
         _call(target=torch.rand(2, 4, 20, dtype=torch.float64, requires_grad=True))
 
 
-def test_auto_takes_the_fused_ops_path_for_small_cpu_calls(monkeypatch):
+def test_auto_takes_the_fused_ops_path_for_small_cpu_calls(monkeypatch, shapes_passed_to):
     """ "auto" computes small CPU calls without a chosen walk from the materialised logits; an
     explicit backend, chunk_size, filter_eps or vocab_block, or more logits, take the walks."""
     from fastxent import functional
 
-    calls = []
-
-    def spy(*args):
-        calls.append(args[0].shape)
-        return composed_linear(*args)
-
-    composed_linear = functional.composed.linear_cross_entropy
-    monkeypatch.setattr(functional.composed, "linear_cross_entropy", spy)
+    calls = shapes_passed_to(functional.composed, "linear_cross_entropy")
     hidden, weight, bias, target = make_case((2, 5), num_classes=30, seed=11)
     fastxent.linear_cross_entropy(hidden, weight, target, bias)
     fastxent.LinearCrossEntropyLoss(shift=True)(hidden, weight, target, bias)
