@@ -64,12 +64,12 @@ def cross_entropy_rows(
         chunk = slice(start, start + step)
         zp, dzp_dz = transform(z[chunk].to(acc), opts)  # (n, V); may alias z when fp32, no T
         m = zp.amax(dim=1, keepdim=True)
-        pos_inf = (m == torch.inf).squeeze(1)  # a +inf logit: log-softmax is inf - inf, NaN
+        pos_inf = m == torch.inf  # (n, 1); a +inf logit: log-softmax is inf - inf, NaN
         m = torch.where(torch.isfinite(m), m, 0.0)  # rows of ±inf: keep exp() finite
         e = torch.exp(zp - m)  # (n, V), e_j = e^{z'_j - m}
         sum_e = e.sum(dim=1, keepdim=True)
+        sum_e = torch.where(pos_inf, torch.nan, sum_e)  # NaN loss and gradient rows, as PyTorch
         lse = (m + sum_e.log()).squeeze(1)  # (n,)
-        lse = torch.where(pos_inf, torch.nan, lse)  # as PyTorch: NaN loss (and gradient) row
 
         if opts.soft:
             t = target[chunk].to(acc)  # (n, V)
