@@ -1034,11 +1034,7 @@ def _listed(values: Sequence[object]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``fastxent bench`` flags (and its description) to ``parser``."""
-    parser.description = parser.description or (
-        "Time, peak memory and error against float64 of fastxent and its peers on cross_entropy "
-        "and linear cases; writes bench.json and bench.png to --out and prints a table per case."
-    )
+    """Add the ``fastxent bench`` flags to ``parser``."""
     d = DEFAULTS
     shapes = parser.add_argument_group("shapes (--full and --quick change the defaults)")
     shapes.add_argument(
