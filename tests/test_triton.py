@@ -307,9 +307,37 @@ def test_unavailable_reason_on_cuda_when_triton_imports():
 
 
 def test_launch_config_for_large_vocabularies():
-    assert triton_backend.launch_config(128256) == (8192, 16)
+    assert triton_backend.launch_config(128256) == (4096, 8)
     assert triton_backend.launch_config(423) == (512, 4)
     assert triton_backend.launch_config(1) == (16, 4)
+
+
+@interpreter
+@pytest.mark.parametrize("factor", [1.0, 0.5, -3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_unless_one(factor, dtype, monkeypatch):
+    """x *= f through the grid-stride loop (3 programs of 16-element tiles over 1000 elements)."""
+    monkeypatch.setattr(triton_backend, "SCALE_PROGRAMS", 3)
+    monkeypatch.setattr(triton_backend, "SCALE_BLOCK", 16)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    want = (x.double() * factor).to(dtype)
+    triton_backend.scale_unless_one(x, torch.tensor(factor))
+    ulp = 0.0 if dtype == torch.float32 else 2.0**-7  # the interpreter truncates to bf16
+    torch.testing.assert_close(x, want, rtol=ulp, atol=0.0)
+
+
+@interpreter
+def test_out_of_range_targets_are_read_safely_by_the_kernel():
+    """The kernel clamps a bad target for its reads (its loss is garbage, no fault): on CUDA the
+    range check runs alongside the kernel and raises once it is in."""
+    z = torch.randn(3, 5)
+    opts = CrossEntropyOptions(num_classes=5, soft=False, reduction="none")
+    one = torch.ones(())
+    rows = triton_backend.cross_entropy_rows(
+        z, torch.tensor([1, 7, -5]), None, opts, one, one, None
+    )
+    want = torch.nn.functional.cross_entropy(z[:1], torch.tensor([1]), reduction="none")
+    torch.testing.assert_close(rows[:1], want)
 
 
 # A row stride that fits in int32 while row·stride does not: rows 1 and 2 start past 2^31
@@ -393,10 +421,67 @@ def test_gpu_llama_vocabulary(dtype, inplace):
 
 @pytest.mark.gpu
 @compiled
+@pytest.mark.parametrize("target_value", [-1, 1000, -100])
+def test_gpu_out_of_range_target_raises_and_the_device_stays_usable(target_value):
+    """The CUDA range check runs alongside the kernel, yet raises the same IndexError."""
+    z = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    target = torch.randint(0, 1000, (64,), device="cuda")
+    target[37] = target_value
+    with pytest.raises(IndexError, match=rf"target\[37\] = {target_value} is out of range"):
+        fastxent.cross_entropy(z, target, ignore_index=-7)
+    target[37] = 3
+    loss = fastxent.cross_entropy(z, target, weight=torch.rand(1000, device="cuda"))
+    loss.backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("grad_output", [1.0, 2.5, 0.0])
+def test_gpu_backward_scales_by_grad_output_on_the_device(grad_output):
+    """grad_output folded in by the device-side scale (skipped when it is 1) vs PyTorch."""
+    z = torch.randn(300, 5000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, 5000, (300,), device="cuda")
+    (fastxent.cross_entropy(z, target) * grad_output).backward()
+    x = z.detach().float().requires_grad_()
+    (torch.nn.functional.cross_entropy(x, target) * grad_output).backward()
+    torch.testing.assert_close(z.grad.float(), x.grad, rtol=0.0, atol=4e-3 * max(grad_output, 1))
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("chunk_size", [48, None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_linear_cross_entropy_against_reference(dtype, chunk_size):
+    """The CUDA token walk (∂W by cuBLAS into float32, written by the first chunk) vs float64."""
+    from test_linear import oracle
+
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(3, 70, 64, generator=gen).to(dtype)
+    weight = (torch.randn(5000, 64, generator=gen) * 0.2).to(dtype)
+    bias = torch.randn(5000, generator=gen).to(dtype)
+    target = torch.randint(0, 5000, (3, 70), generator=gen)
+    target[1, ::3] = -100
+    leaves = [x.cuda().requires_grad_() for x in (hidden, weight, bias)]
+    loss = fastxent.linear_cross_entropy(
+        leaves[0], leaves[1], target.cuda(), leaves[2], label_smoothing=0.1, chunk_size=chunk_size
+    )
+    loss.backward()
+    want = oracle(hidden, weight, bias, target, label_smoothing=0.1)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    got = (loss, *(x.grad for x in leaves))
+    for name, g, w in zip(("loss", "dh", "dW", "db"), got, want, strict=True):
+        err = (g.detach().cpu().double() - w).abs().max() / w.abs().max()
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol}"
+
+
+@pytest.mark.gpu
+@compiled
 def test_gpu_options_against_reference():
     """Every option at once, float32, V = 70001, against the float64 reference."""
     n, v = 32, 70001
     z, target, weight = make_case(n, v, soft=False, seed=3)
+    target[target == -100] = 17  # make_case's ignored row, under this call's ignore_index
     target[5] = 17
     kw = dict(ignore_index=17, label_smoothing=0.1, z_loss=1e-3, softcap=20.0, logit_scale=0.9)
     loss, grad = run(z.cuda(), target.cuda(), weight.cuda(), **kw)

@@ -75,13 +75,41 @@ def reduction_scales(
         if weight is None:
             total_weight = n
         else:
-            w_y = weight.to(dtype)[torch.where(counted, target, 0)]
+            # Clamped: on CUDA the range check may still be in flight (start_index_target_check).
+            w_y = weight.to(dtype)[torch.where(counted, target, 0).clamp(0, weight.numel() - 1)]
             total_weight = torch.where(counted, w_y, 0).sum()
 
     def inverse(x: Tensor) -> Tensor:  # 1/x, and 0 for x = 0 (1/±0 = ±inf); NaN stays NaN
         return torch.nan_to_num(x.reciprocal(), nan=math.nan, posinf=0.0, neginf=0.0)
 
     return inverse(total_weight), inverse(n)
+
+
+def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
+    """``grad *= grad_output`` (0-dim) in place, skipped when ``grad_output`` is 1.
+
+    Whether it is 1 is read where that costs no host sync: on the host for CPU tensors; on the
+    device, inside a Triton kernel whose loads and stores are masked off, for contiguous CUDA
+    tensors when triton imports; other tensors are always multiplied.
+    """
+    if grad.device.type == "cpu":
+        if float(grad_output) != 1.0:
+            grad.mul_(grad_output)
+        return
+    if grad.is_cuda and grad.is_contiguous() and _triton_imports():
+        from fastxent._triton import scale_unless_one
+
+        scale_unless_one(grad, grad_output)
+        return
+    grad.mul_(grad_output)
+
+
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -159,9 +187,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             return grad * grad_loss.reshape(-1, 1).to(grad.dtype), *nothing
         if ctx.folded is None:
             # First backward: fold grad_output into the buffer in place; no new N×V tensor.
-            # Skip the pass when it is 1 -- only checked on CPU, where reading it costs no sync.
-            if not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
-                grad.mul_(grad_loss)
+            scale_by_grad_output(grad, grad_loss)
             ctx.folded = grad_loss.detach().clone()
             ctx.grad_version = grad._version
             return grad.detach(), *nothing

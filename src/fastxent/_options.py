@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +171,38 @@ def check_index_targets(
             f"{num_classes} classes, so targets must be in [0, {num_classes - 1}] or equal "
             f"ignore_index ({ignore_index})."
         )
+
+
+def start_index_target_check(
+    target: Tensor, num_classes: int, ignore_index: int, defer: bool
+) -> Callable[[], None]:
+    """:func:`check_index_targets`, split so that a CUDA check does not stall the stream.
+
+    With ``defer`` on CUDA the range test is queued on the device and its one-byte verdict copied
+    to pinned host memory; the returned ``finish()`` waits for that copy alone (not for work
+    queued after it) and raises the same IndexError as the immediate check. Launch the loss
+    between the two calls: its kernel must read targets out of range safely (the Triton kernel
+    clamps them). Otherwise the check runs now and ``finish`` does nothing.
+    """
+    if not defer or target.device.type != "cuda" or target.numel() == 0:
+        check_index_targets(target, num_classes, ignore_index)
+        return _nothing
+    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    verdict = torch.empty((), dtype=torch.bool, pin_memory=True)
+    verdict.copy_(bad.any(), non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def finish() -> None:
+        copied.synchronize()
+        if bool(verdict):
+            check_index_targets(target, num_classes, ignore_index)
+
+    return finish
+
+
+def _nothing() -> None:
+    return None
 
 
 def check_target_kind(

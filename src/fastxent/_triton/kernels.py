@@ -130,7 +130,8 @@ def cross_entropy_rows_kernel(
         y = tl.load(target_ptr + row * target_stride)
         is_counted = y != ignore_index
         counted = tl.where(is_counted, 1.0, 0.0)
-        y = tl.where(is_counted, y, 0)
+        # Out-of-range targets read class 0 (the caller raises for them once the check is in).
+        y = tl.where(is_counted & (y >= 0) & (y < V), y, 0)
         zp_y = _transform(
             tl.load(z_row + y).to(tl.float32), logit_scale, softcap, HAS_SOFTCAP, HAS_SCALE
         )
@@ -182,3 +183,23 @@ def cross_entropy_rows_kernel(
             elif HAS_SCALE:
                 g *= logit_scale
             tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def scale_unless_one_kernel(x_ptr, factor_ptr, numel, BLOCK: tl.constexpr):
+    """``x *= f`` for a 0-dim float32 factor ``f`` read on the device; no memory traffic if f = 1.
+
+    Grid-stride loop over a fixed grid whose end is read on the device: ``numel`` elements, or
+    none when ``f == 1``, so that launch costs a few microseconds whatever ``numel`` is and the
+    host never reads ``f``.
+    """
+    factor = tl.load(factor_ptr)
+    limit = tl.where(factor != 1.0, numel, 0).to(tl.int64)  # elements to scale: all, or none
+    pid = tl.program_id(0).to(tl.int64)
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    for start in range(pid * BLOCK, limit, step):
+        cols = start + offs
+        mask = cols < limit
+        x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + cols, (x * factor).to(x_ptr.dtype.element_ty), mask=mask)
