@@ -397,6 +397,18 @@ def test_default_chunk_size_follows_the_budget():
     assert rows * 256000 * 2 == 256000 * 2304 * 4 // 2  # logits = half the float32 ∂W
 
 
+@pytest.mark.parametrize(
+    ("num_tokens", "rows"),
+    [(8192, 2048), (8191, 2048), (4608, 2304), (2305, 1216), (1000, 1024), (100, 128)],
+)
+def test_default_chunk_size_splits_the_tokens_evenly(num_tokens, rows):
+    """Given the token count, as many chunks as the 2304-row limit needs, of even size (rounded up
+    to 64 rows while that stays within the limit)."""
+    chunk = default_chunk_size(256000, 2304, torch.bfloat16, num_tokens)
+    assert chunk == rows
+    assert -(-num_tokens // chunk) == -(-num_tokens // 2304)  # no more chunks than the limit's
+
+
 def _call(**overrides):
     hidden, weight, bias, target = make_case((2, 4), num_classes=20, seed=14)
     args = {"hidden": hidden, "weight": weight, "target": target, "bias": bias}

@@ -39,12 +39,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fastxent._autograd import Kernel, accumulation_dtype, reduction_scales
+from fastxent._autograd import Kernel, accumulation_dtype, reduction_scales, scale_by_grad_output
 from fastxent._options import CrossEntropyOptions, check_target_kind
 
 CHUNK_BYTES = 64 << 20  # logits of one chunk: 64 MB, or half of ∂W's accumulator if that is more
+CHUNK_ROWS_MULTIPLE = 64  # default chunks are made even in multiples of this many rows
 FILTER_BLOCK = 128  # vocabulary entries per block for filter_eps (a multiple of GPU tile widths)
 WEIGHT_BLOCK = 8192  # vocab rows per half-precision ∂W product before its float32 accumulation
+# On CUDA, ∂W += gᵀh for half-precision g, h goes straight into the float32 accumulator
+# (torch.addmm with out_dtype, PyTorch >= 2.8): no half-precision (V, D) product in between.
+CUDA_FLOAT32_OUT_MATMUL = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,9 @@ class LinearOptions:
     vocab_block: int | None = None  # walk the vocabulary in blocks instead (see vocab_pass)
 
 
-def default_chunk_size(num_classes: int, dim: int, dtype: torch.dtype) -> int:
+def default_chunk_size(
+    num_classes: int, dim: int, dtype: torch.dtype, num_tokens: int | None = None
+) -> int:
     """Tokens per chunk: one chunk of logits within ``max(CHUNK_BYTES, bytes(∂W) / 2)``.
 
     Every chunk reads and writes all of ∂W's accumulator (V×D, float32 for half-precision
@@ -77,12 +83,22 @@ def default_chunk_size(num_classes: int, dim: int, dtype: torch.dtype) -> int:
     gives few rows at large V (64 MB is 131 bf16 rows at V = 256000); so chunks may also hold
     as many logits as half of ∂W, memory of the same order as the gradient that has to exist:
     ``D · acc_itemsize / (2 · itemsize)`` rows (D rows for bf16 with float32 accumulation).
+
+    Given ``num_tokens``, the same number of chunks is made even: ``ceil(N / k)`` rows for the
+    ``k`` chunks the limit needs, rounded up to a multiple of ``CHUNK_ROWS_MULTIPLE`` within it
+    (a short last chunk costs nearly a full one; on an H200, Gemma-2-2B shapes: 2048-row
+    chunks 50.5 ms, 2304-row ones 53.5 ms, ``benchmarks/gpu_tune.py --part linear``).
     """
     item = dtype.itemsize
     acc_item = accumulation_dtype(dtype).itemsize
     by_budget = CHUNK_BYTES // (item * max(1, num_classes))
     by_weight_grad = dim * acc_item // (2 * item)
-    return max(1, by_budget, by_weight_grad)
+    limit = max(1, by_budget, by_weight_grad)
+    if not num_tokens:
+        return limit
+    even = -(-num_tokens // -(-num_tokens // limit))  # ceil(N / k), k = ceil(N / limit)
+    rounded = -(-even // CHUNK_ROWS_MULTIPLE) * CHUNK_ROWS_MULTIPLE
+    return rounded if rounded <= limit else even
 
 
 def check_inputs(
@@ -242,7 +258,10 @@ def chunked_pass(
     need_h, need_w, need_b = needs
     any_grad = need_h or need_w or need_b
     dh = torch.zeros_like(h2) if need_h else None  # (B·T, D); untouched rows stay zero
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    # ∂W is written, not added to, by the first chunk's dense update: no zero-fill pass then.
+    first_writes_dw = opts.filter_eps is None and toks.num_counted > 0
+    new_dw = torch.empty if first_writes_dw else torch.zeros
+    dw = new_dw(weight.shape, dtype=acc, device=weight.device) if need_w else None
     db = torch.zeros(num_classes, dtype=acc, device=weight.device) if need_b else None
 
     step = opts.chunk_size
@@ -271,16 +290,23 @@ def chunked_pass(
             db.add_(g.sum(0, dtype=acc))
         cols = _kept_columns(g, opts.filter_eps) if opts.filter_eps is not None else None
         if cols is None:
-            _dense_update(g, h, weight, tok, dh, dw)
+            _dense_update(g, h, weight, tok, dh, dw, overwrite=start == 0)
         elif cols.numel():
             _sparse_update(g, h, weight, tok, cols, dh, dw)
     return losses, dh, dw, db
 
 
 def _dense_update(
-    g: Tensor, h: Tensor, weight: Tensor, tok: slice | Tensor, dh: Tensor | None, dw: Tensor | None
+    g: Tensor,
+    h: Tensor,
+    weight: Tensor,
+    tok: slice | Tensor,
+    dh: Tensor | None,
+    dw: Tensor | None,
+    overwrite: bool = False,
 ) -> None:
-    """dh[tok] = g W;  dW += gᵀ h (float32 accumulation for half-precision weights)."""
+    """dh[tok] = g W;  dW += gᵀ h, or dW = gᵀ h with ``overwrite`` (float32 accumulation for
+    half-precision weights)."""
     if dh is not None:
         if isinstance(tok, slice):
             torch.mm(g, weight, out=dh[tok])
@@ -289,11 +315,24 @@ def _dense_update(
     if dw is None:
         return
     if dw.dtype == g.dtype:
-        dw.addmm_(g.t(), h)
+        if overwrite:
+            torch.mm(g.t(), h, out=dw)
+        else:
+            dw.addmm_(g.t(), h)
+        return
+    if dw.is_cuda and CUDA_FLOAT32_OUT_MATMUL:  # cuBLAS: half in, float32 out (C += AB)
+        if overwrite:
+            torch.mm(g.t(), h, out_dtype=dw.dtype, out=dw)
+        else:
+            torch.addmm(dw, g.t(), h, out_dtype=dw.dtype, out=dw)
         return
     for v in range(0, dw.shape[0], WEIGHT_BLOCK):
         block = slice(v, v + WEIGHT_BLOCK)
-        dw[block].add_(torch.mm(g[:, block].t(), h))  # (Vb, D) in half precision, then float32
+        part = torch.mm(g[:, block].t(), h)  # (Vb, D) in half precision, then float32
+        if overwrite:
+            dw[block].copy_(part)
+        else:
+            dw[block].add_(part)
 
 
 def kept_blocks(g: Tensor, eps: float) -> Tensor:
@@ -554,11 +593,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 )
             dh, dw, db = ctx.grads
             ctx.grads = None
-            # Skip the scaling when grad_output is 1; only on CPU, where reading it is free.
-            if not (grad_loss.device.type == "cpu" and float(grad_loss) == 1.0):
-                for grad in (dh, dw, db):
-                    if grad is not None:
-                        grad.mul_(grad_loss)
+            for grad in (dh, dw, db):
+                if grad is not None:
+                    scale_by_grad_output(grad, grad_loss)
         if dh is not None:
             dh = dh.view(ctx.hidden_shape)
         return dh, dw, db, None, None, None, None

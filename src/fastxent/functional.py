@@ -17,6 +17,7 @@ from fastxent._options import (
     check_targets,
     check_weight,
     legacy_reduction,
+    start_index_target_check,
 )
 from fastxent._torch import composed
 
@@ -191,15 +192,18 @@ def cross_entropy(
             "ignore_index is only supported with class-index targets; probability targets have "
             f"no class to ignore (got ignore_index={ignore_index})."
         )
-    if not soft:
-        check_index_targets(target, num_classes, ignore_index)
     if inplace_backward and input.requires_grad and input.is_leaf:
         raise ValueError(
             "inplace_backward=True would overwrite a leaf tensor that requires grad (your "
             "parameters or data); use it on logits computed by the model, or pass "
             "inplace_backward=False."
         )
-    _, kernel = resolve_backend(backend, input.device, input.numel())
+    name, kernel = resolve_backend(backend, input.device, input.numel())
+    finish_target_check = None
+    if not soft:  # Triton's kernel reads bad targets safely, so on CUDA it runs alongside
+        finish_target_check = start_index_target_check(
+            target, num_classes, ignore_index, defer=name == "triton"
+        )
     opts = CrossEntropyOptions.of(
         num_classes,
         soft,
@@ -217,6 +221,8 @@ def cross_entropy(
         loss = composed.cross_entropy(z, t, weight, opts)
     else:
         loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
+    if finish_target_check is not None:
+        finish_target_check()
     if reduction == "none":
         loss = loss.reshape(input.shape[:class_dim] + input.shape[class_dim + 1 :])
     return loss
@@ -378,9 +384,11 @@ def linear_cross_entropy(
         return composed.linear_cross_entropy(
             hidden, weight, bias, target, class_weight, ce_opts, shift
         )
+    if chunk_size is None:
+        chunk_size = default_chunk_size(num_classes, hidden.shape[-1], hidden.dtype, tokens)
     opts = LinearOptions(
         ce=ce_opts,
-        chunk_size=chunk_size or default_chunk_size(num_classes, hidden.shape[-1], hidden.dtype),
+        chunk_size=chunk_size,
         shift=shift,
         filter_eps=None if filter_eps is None else float(filter_eps),
         vocab_block=vocab_block,
