@@ -3,9 +3,11 @@
 Imported on first use only; ``triton`` itself is imported by :func:`unavailable_reason` and the
 launcher, never by ``import fastxent``. The kernels are in :mod:`fastxent._triton.kernels`.
 
-Launch choices (large V): tiles of ``MAX_BLOCK = 8192`` columns (16 KB of bf16, 32 KB of float32
-per read) with 16 warps, i.e. 16 elements per thread per tile, enough in flight to stream HBM;
-smaller V gets the next power of two (at least 16) and fewer warps. float64 logits are routed
+Launch choices (large V): tiles of ``MAX_BLOCK = 4096`` columns (8 KB of bf16, 16 KB of float32
+per read) with 8 warps, i.e. 16 elements per thread per tile: on an H200 the row kernel streams
+~3.9 TB/s of a 4.1-4.2 TB/s copy at Llama-3-8B and Gemma-2-2B vocabularies, the best of the tile
+widths × warps measured there (BENCHMARKS.md, "H200"); smaller V gets the next power of two (at
+least 16) and fewer warps. float64 logits are routed
 to the portable kernel (a float64 Triton kernel would still receive its options as float32).
 """
 
