@@ -178,9 +178,6 @@ def part_small(dtype) -> None:
     import fastxent
     import fastxent.functional as fn
 
-    z = torch.randn(4096, 8192, device="cuda", requires_grad=True)
-    y = torch.randint(0, 8192, (4096,), device="cuda")
-
     def per_call(step, calls=200) -> float:
         for _ in range(10):
             step()
@@ -192,16 +189,30 @@ def part_small(dtype) -> None:
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / calls * 1e3
 
-    steps = {
-        "eager": lambda: F.cross_entropy(z, y).backward(),
-        "fastxent": lambda: fastxent.cross_entropy(z, y).backward(),
-    }
-    print("\nsmall call N=4096 V=8192 float32, fwd+bwd, ms per call (back to back, one sync):")
-    for label, step in steps.items():
-        print(f"  {label:28s} {per_call(step):.3f}")
+    def fused_ops(backend, device, num_logits, linear=False):  # "auto" for small calls, any V
+        return backend == "auto"
+
+    print("\nfwd+bwd ms per call, back to back (one sync per 200 calls), N=4096:")
+    print(f"{'V':>7s} {'dtype':>9s} {'eager':>7s} {'triton':>7s} {'fused ops':>9s}")
+    for v in (2048, 8192, 32768, 131072):
+        for dtype in (torch.float32, torch.bfloat16):
+            z = torch.randn(4096, v, device="cuda").to(dtype).requires_grad_()
+            y = torch.randint(0, v, (4096,), device="cuda")
+            eager = per_call(lambda z=z, y=y: F.cross_entropy(z, y).backward())
+            triton_ms = per_call(
+                lambda z=z, y=y: fastxent.cross_entropy(z, y, backend="triton").backward()
+            )
+            default, fn.uses_composed = fn.uses_composed, fused_ops
+            fused = per_call(lambda z=z, y=y: fastxent.cross_entropy(z, y).backward())
+            fn.uses_composed = default
+            name = str(dtype).removeprefix("torch.")
+            print(f"{v:7d} {name:>9s} {eager:7.3f} {triton_ms:7.3f} {fused:9.3f}")
+    z = torch.randn(4096, 8192, device="cuda", requires_grad=True)
+    y = torch.randint(0, 8192, (4096,), device="cuda")
+    steps = {"fastxent": lambda: fastxent.cross_entropy(z, y, backend="triton").backward()}
     deferred = fn.start_index_target_check
     fn.start_index_target_check = lambda *a, defer: deferred(*a, defer=False)
-    print(f"  {'fastxent, immediate check':28s} {per_call(steps['fastxent']):.3f}")
+    print(f"V=8192 float32, triton with the immediate check: {per_call(steps['fastxent']):.3f}")
     fn.start_index_target_check = deferred
     profiler = cProfile.Profile()
     profiler.enable()

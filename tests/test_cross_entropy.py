@@ -458,6 +458,24 @@ def test_auto_takes_the_fused_ops_path_for_small_cpu_calls(monkeypatch, shapes_p
     assert calls == [(4, 6)] * 2 and limit >= z.numel()
 
 
+def test_which_calls_take_the_fused_ops_on_each_device():
+    """Size limits per device; the linear loss uses them on CPU only; explicit backends never."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cpu_limit, cuda_limit = (
+        functional.AUTO_COMPOSED_MAX_LOGITS,
+        functional.AUTO_COMPOSED_MAX_LOGITS_CUDA,
+    )
+    assert functional.uses_composed("auto", cpu, cpu_limit)
+    assert not functional.uses_composed("auto", cpu, cpu_limit + 1)
+    assert functional.uses_composed("auto", cpu, cpu_limit, linear=True)
+    assert functional.uses_composed("auto", cuda, cuda_limit)
+    assert not functional.uses_composed("auto", cuda, cuda_limit + 1)
+    assert not functional.uses_composed("auto", cuda, 100, linear=True)
+    assert not functional.uses_composed("triton", cuda, 100)
+    assert not functional.uses_composed("torch", cpu, 100)
+    assert not functional.uses_composed("auto", torch.device("meta"), 100)
+
+
 @pytest.mark.parametrize("backend", PATHS)
 @settings(max_examples=40, deadline=None)
 @given(

@@ -428,9 +428,11 @@ def test_gpu_out_of_range_target_raises_and_the_device_stays_usable(target_value
     target = torch.randint(0, 1000, (64,), device="cuda")
     target[37] = target_value
     with pytest.raises(IndexError, match=rf"target\[37\] = {target_value} is out of range"):
-        fastxent.cross_entropy(z, target, ignore_index=-7)
+        fastxent.cross_entropy(z, target, ignore_index=-7, backend="triton")
     target[37] = 3
-    loss = fastxent.cross_entropy(z, target, weight=torch.rand(1000, device="cuda"))
+    loss = fastxent.cross_entropy(
+        z, target, weight=torch.rand(1000, device="cuda"), backend="triton"
+    )
     loss.backward()
     assert torch.isfinite(z.grad).all() and torch.isfinite(loss)
 
@@ -442,7 +444,7 @@ def test_gpu_backward_scales_by_grad_output_on_the_device(grad_output):
     """grad_output folded in by the device-side scale (skipped when it is 1) vs PyTorch."""
     z = torch.randn(300, 5000, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     target = torch.randint(0, 5000, (300,), device="cuda")
-    (fastxent.cross_entropy(z, target) * grad_output).backward()
+    (fastxent.cross_entropy(z, target, backend="triton") * grad_output).backward()
     x = z.detach().float().requires_grad_()
     (torch.nn.functional.cross_entropy(x, target) * grad_output).backward()
     torch.testing.assert_close(z.grad.float(), x.grad, rtol=0.0, atol=4e-3 * max(grad_output, 1))
@@ -473,6 +475,31 @@ def test_gpu_linear_cross_entropy_against_reference(dtype, chunk_size):
     for name, g, w in zip(("loss", "dh", "dW", "db"), got, want, strict=True):
         err = (g.detach().cpu().double() - w).abs().max() / w.abs().max()
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
+def test_gpu_small_auto_calls_take_the_fused_ops_and_match_the_reference(soft, monkeypatch):
+    """Small CUDA calls under "auto" run PyTorch's fused ops with fastxent's semantics."""
+    from fastxent import functional
+    from fastxent._torch import composed
+
+    calls = []
+    original = composed.cross_entropy
+    monkeypatch.setattr(composed, "cross_entropy", lambda *a: calls.append(1) or original(*a))
+    z, target, weight = make_case(40, 300, soft=soft, seed=8)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
+    x = z.cuda().requires_grad_()
+    loss = fastxent.cross_entropy(x, target.cuda(), weight.cuda(), **kw)
+    loss.backward()
+    assert calls and z.numel() <= functional.AUTO_COMPOSED_MAX_LOGITS_CUDA
+    want_loss, want_grad = oracle(z, target, weight, **kw)
+    assert_fp32_close(loss.detach().cpu().double(), want_loss)
+    assert_fp32_close(x.grad.cpu().double(), want_grad)
+    if not soft:  # the range check reads the targets before PyTorch's kernel could assert
+        target[3] = 300
+        with pytest.raises(IndexError, match=r"target\[3\] = 300 is out of range"):
+            fastxent.cross_entropy(x, target.cuda())
 
 
 @pytest.mark.gpu

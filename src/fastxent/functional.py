@@ -43,6 +43,11 @@ AUTO_PORTABLE_MAX_LOGITS = 1 << 17
 # up to 64 x 256, and faster than both up to 2^19 logits (0.81-0.82 against 0.88-1.04 ms); at
 # 2^20 the compiled kernel is as fast or faster (1.24-1.26 against 1.30-1.54 ms).
 AUTO_COMPOSED_MAX_LOGITS = 1 << 19
+# The same on CUDA, for cross_entropy: on an H200 at N = 4096 (benchmarks/gpu_tune.py --part
+# small, back to back, two runs) 0.57-0.85 ms per fwd+bwd against 0.80-1.41 for the Triton
+# kernel at V = 2048 and 8192 (up to 2^25 logits; in every one of the 8 pairs), while at
+# V = 32768 the kernel wins (0.81-1.14 against 1.24-1.81). Eager PyTorch: 0.16-0.29 ms there.
+AUTO_COMPOSED_MAX_LOGITS_CUDA = 1 << 25
 
 
 def _backend_module(name: str):
@@ -83,9 +88,16 @@ def resolve_backend(
     return backend, _backend_module(backend).cross_entropy_rows
 
 
-def uses_composed(backend: str, device: torch.device, num_logits: int) -> bool:
-    """Whether a call is computed from PyTorch's fused ops: "auto", small, on CPU."""
-    return backend == "auto" and device.type == "cpu" and num_logits <= AUTO_COMPOSED_MAX_LOGITS
+def uses_composed(
+    backend: str, device: torch.device, num_logits: int, linear: bool = False
+) -> bool:
+    """Whether a call is computed from PyTorch's fused ops: "auto" and small, on CPU; on CUDA
+    too for cross_entropy (not measured for the linear loss there)."""
+    if backend != "auto":
+        return False
+    if device.type == "cpu":
+        return num_logits <= AUTO_COMPOSED_MAX_LOGITS
+    return device.type == "cuda" and not linear and num_logits <= AUTO_COMPOSED_MAX_LOGITS_CUDA
 
 
 def cross_entropy(
@@ -153,7 +165,10 @@ def cross_entropy(
             else ``"torch"``. On CPU, "auto" computes calls of at most
             :data:`AUTO_COMPOSED_MAX_LOGITS` logits from PyTorch's fused log-softmax ops with
             fastxent's semantics (fewer ops: faster there; not with ``inplace_backward``), and
-            takes ``"torch"`` up to :data:`AUTO_PORTABLE_MAX_LOGITS` (nothing to compile).
+            takes ``"torch"`` up to :data:`AUTO_PORTABLE_MAX_LOGITS` (nothing to compile); on
+            CUDA it does the same up to :data:`AUTO_COMPOSED_MAX_LOGITS_CUDA` logits. With the
+            Triton kernel the target range check runs alongside it, and only its verdict is
+            waited for; otherwise the check reads the targets first (a sync on CUDA).
 
     Returns:
         The loss: a scalar for "mean"/"sum", float32 for fp32/bf16/fp16 input and float64 for
@@ -199,10 +214,11 @@ def cross_entropy(
             "inplace_backward=False."
         )
     name, kernel = resolve_backend(backend, input.device, input.numel())
+    fused_ops = uses_composed(backend, input.device, input.numel()) and not inplace_backward
     finish_target_check = None
     if not soft:  # Triton's kernel reads bad targets safely, so on CUDA it runs alongside
         finish_target_check = start_index_target_check(
-            target, num_classes, ignore_index, defer=name == "triton"
+            target, num_classes, ignore_index, defer=name == "triton" and not fused_ops
         )
     opts = CrossEntropyOptions.of(
         num_classes,
@@ -217,7 +233,7 @@ def cross_entropy(
     )
     z = _rows(input, class_dim)  # (M, C)
     t = _rows(target, class_dim) if soft else target.reshape(-1).long()  # (M, C) or (M,)
-    if uses_composed(backend, input.device, input.numel()) and not inplace_backward:
+    if fused_ops:
         loss = composed.cross_entropy(z, t, weight, opts)
     else:
         loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
@@ -380,7 +396,7 @@ def linear_cross_entropy(
         num_classes, soft, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
     )
     walk_chosen = chunk_size is not None or filter_eps is not None or vocab_block is not None
-    if uses_composed(backend, hidden.device, tokens * num_classes) and not walk_chosen:
+    if uses_composed(backend, hidden.device, tokens * num_classes, linear=True) and not walk_chosen:
         return composed.linear_cross_entropy(
             hidden, weight, bias, target, class_weight, ce_opts, shift
         )
