@@ -49,6 +49,7 @@ class Case:
     inplace: bool = False
     requires_grad: bool = True
     masked: bool = False  # row 0 is -inf on the whole slice of the last rank; ignored row 1 at 0
+    nonfinite: bool = False  # NaN in ignored rows 0 and 1 and counted row 5, +inf in counted row 6
 
 
 CASES = [
@@ -76,6 +77,7 @@ CASES = [
     Case("large_logits", {"label_smoothing": 0.1, "z_loss": 1e-4}, scale=60.0),
     Case("small_vocab", {"label_smoothing": 0.2}, vocab=7, shape=(5,), weight=True),
     Case("masked_slice", {}, masked=True),
+    Case("nonfinite", {"reduction": "none", "z_loss": 1e-3}, nonfinite=True),
     Case(
         "float32",
         {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0},
@@ -132,6 +134,10 @@ def make_case(case: Case, world: int):
         z.reshape(-1, case.vocab)[0, start : start + size] = float("-inf")
         y[0] = 0
         z.reshape(-1, case.vocab)[1, 0] = float("-inf")  # ignored row 1, masked where it is read
+    if case.nonfinite:  # each on a different rank's slice: the first, the last, the first
+        rows = z.reshape(-1, case.vocab)
+        rows[0, 0] = rows[1, case.vocab - 1] = rows[5, 3] = float("nan")
+        rows[6, case.vocab - 2] = float("inf")
     weight = torch.rand(case.vocab, generator=g, dtype=torch.float64) + 0.5 if case.weight else None
     grad_output = None
     if case.options.get("reduction") == "none":
@@ -400,10 +406,17 @@ def _reference(case: Case, world: int):
     z, y, weight, grad_output = make_case(case, world)
     z = z.to(case.dtype).double()  # the logits and weights the ranks see
     weight = None if weight is None else weight.to(case.dtype).double()
-    if case.masked:  # reference sums 0·(-inf); PyTorch's autograd picks the target instead
+    if case.masked or case.nonfinite:  # PyTorch's autograd: the semantics of non-finite logits
         zz = z.clone().requires_grad_()
-        loss = F.cross_entropy(zz.reshape(-1, case.vocab), y.reshape(-1), **case.options)
-        loss.backward()
+        options = {k: v for k, v in case.options.items() if k != "z_loss"}
+        loss = F.cross_entropy(zz.reshape(-1, case.vocab), y.reshape(-1), **options)
+        if case.options.get("z_loss"):  # s·lse² on counted rows, as fastxent defines it ("none")
+            counted = y.reshape(-1) != case.options.get("ignore_index", -100)
+            lse = torch.logsumexp(zz.reshape(-1, case.vocab), dim=1)
+            loss = loss + torch.where(counted, case.options["z_loss"] * lse.square(), 0.0)
+        loss.backward(None if grad_output is None else grad_output.reshape(loss.shape))
+        if options.get("reduction") == "none":
+            loss = loss.reshape(y.shape)
         return loss.detach().numpy(), zz.grad.numpy()
     options = {k: v for k, v in case.options.items()}
     loss, grad = reference.cross_entropy(
@@ -432,7 +445,8 @@ def test_vocab_parallel_matches_reference(spawned, world, case):
         )
         np.testing.assert_allclose(got["loss"].double().numpy(), want_loss, **loss_tol)
         # Every rank returns exactly the same loss.
-        assert torch.equal(got["loss"], ranks[0]["cases"][case.name]["loss"])
+        first = ranks[0]["cases"][case.name]["loss"]
+        torch.testing.assert_close(got["loss"], first, rtol=0, atol=0, equal_nan=True)
         if not case.requires_grad:
             assert got["grad"] is None
             continue

@@ -503,11 +503,13 @@ def vocab_parallel_rows(
             grad[chunk].copy_(e)
     local_max = torch.where(torch.isfinite(m), m, 0.0)  # (M,)
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)  # COLLECTIVE: global row max
+    plus_inf = m == float("inf")  # a +inf logit: inf - inf in the softmax, NaN as in PyTorch
     m = torch.where(torch.isfinite(m), m, 0.0)  # (M,)
-    # Rescale S_r to the global max; a slice whose sum is 0 (all -inf) stays 0.
-    sums[:, 0] = torch.where(sums[:, 0] > 0, sums[:, 0] * torch.exp(local_max - m), 0.0)
+    # Rescale S_r to the global max; a slice whose sum is 0 (all -inf) stays 0, and a NaN logit's
+    # NaN sum stays NaN (so its row's loss and gradient are NaN on every rank, as in PyTorch).
+    sums[:, 0] = torch.where(sums[:, 0] == 0, 0.0, sums[:, 0] * torch.exp(local_max - m))
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)  # COLLECTIVE: S, z'_y, Σz'
-    lse = m + sums[:, 0].log()  # (M,)
+    lse = torch.where(plus_inf, float("nan"), m + sums[:, 0].log())  # (M,)
 
     # Row losses from the global sums, as in the single-device kernel.
     w_y = counted_f if w is None else torch.where(counted, w[torch.where(counted, target, 0)], 0.0)
