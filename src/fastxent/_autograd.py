@@ -89,8 +89,8 @@ def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
     """``grad *= grad_output`` (0-dim) in place, skipped when ``grad_output`` is 1.
 
     Whether it is 1 is read where that costs no host sync: on the host for CPU tensors; on the
-    device, inside a Triton kernel whose loads and stores are masked off, for contiguous CUDA
-    tensors when triton imports; other tensors are always multiplied.
+    device for contiguous CUDA tensors when triton imports (a Triton kernel whose loop then
+    covers no elements); other tensors are always multiplied.
     """
     if grad.device.type == "cpu":
         if float(grad_output) != 1.0:

@@ -7,8 +7,8 @@ Launch choices (large V): tiles of ``MAX_BLOCK = 4096`` columns (8 KB of bf16, 1
 per read) with 8 warps, i.e. 16 elements per thread per tile: on an H200 the row kernel streams
 ~3.9 TB/s of a 4.1-4.2 TB/s copy at Llama-3-8B and Gemma-2-2B vocabularies, the best of the tile
 widths × warps measured there (BENCHMARKS.md, "H200"); smaller V gets the next power of two (at
-least 16) and fewer warps. float64 logits are routed
-to the portable kernel (a float64 Triton kernel would still receive its options as float32).
+least 16) and fewer warps. float64 logits are routed to the portable kernel (a float64 Triton
+kernel would still receive its options as float32).
 """
 
 from __future__ import annotations
