@@ -63,15 +63,15 @@ def reduction_scales(
     rows n. W = 0 or n = 0 gives a factor 0, not a division by zero. No host sync.
     """
     dtype, device, num_rows = accumulation_dtype(z.dtype), z.device, z.shape[0]
-    one = torch.ones((), dtype=dtype, device=device)
     if opts.reduction != "mean":
+        one = torch.ones((), dtype=dtype, device=device)
         return one, one
     if opts.soft:
         n = torch.full((), float(num_rows), dtype=dtype, device=device)
         total_weight = n
     else:
         counted = target != opts.ignore_index
-        n = counted.sum().to(dtype)
+        n = counted.sum().to(dtype)  # exact count (int64), then one rounding
         if weight is None:
             total_weight = n
         else:
@@ -82,7 +82,8 @@ def reduction_scales(
     def inverse(x: Tensor) -> Tensor:  # 1/x, and 0 for x = 0 (1/±0 = ±inf); NaN stays NaN
         return torch.nan_to_num(x.reciprocal(), nan=math.nan, posinf=0.0, neginf=0.0)
 
-    return inverse(total_weight), inverse(n)
+    inverse_n = inverse(n)
+    return (inverse_n if total_weight is n else inverse(total_weight)), inverse_n
 
 
 def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
