@@ -97,20 +97,13 @@ def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
         if float(grad_output) != 1.0:
             grad.mul_(grad_output)
         return
-    if grad.is_cuda and grad.is_contiguous() and _triton_imports():
-        from fastxent._triton import scale_unless_one
+    if grad.is_cuda and grad.is_contiguous():
+        from fastxent import _triton
 
-        scale_unless_one(grad, grad_output)
-        return
+        if _triton.unavailable_reason(grad.device) is None:
+            _triton.scale_unless_one(grad, grad_output)
+            return
     grad.mul_(grad_output)
-
-
-def _triton_imports() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)

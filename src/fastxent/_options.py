@@ -160,7 +160,7 @@ def check_index_targets(
         target = target[..., 1:]
     if target.numel() == 0:
         return
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+    bad = _out_of_range(target, num_classes, ignore_index)
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0]) if target.dim() else ()
         value = int(target[where]) if where else int(target)
@@ -171,6 +171,11 @@ def check_index_targets(
             f"{num_classes} classes, so targets must be in [0, {num_classes - 1}] or equal "
             f"ignore_index ({ignore_index})."
         )
+
+
+def _out_of_range(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """Where a class index is outside [0, C) and is not ignore_index (bool, target's shape)."""
+    return ((target < 0) | (target >= num_classes)) & (target != ignore_index)
 
 
 def start_index_target_check(
@@ -187,9 +192,8 @@ def start_index_target_check(
     if not defer or target.device.type != "cuda" or target.numel() == 0:
         check_index_targets(target, num_classes, ignore_index)
         return _nothing
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     verdict = torch.empty((), dtype=torch.bool, pin_memory=True)
-    verdict.copy_(bad.any(), non_blocking=True)
+    verdict.copy_(_out_of_range(target, num_classes, ignore_index).any(), non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
 

@@ -138,9 +138,9 @@ def cross_entropy(
 
     The gradient is written during forward (into a new buffer, or into ``input`` itself with
     ``inplace_backward=True``); backward only scales it by ``grad_output``. Nothing else of size
-    N×C is kept, and rows are processed in chunks so temporaries stay small. (Small calls on CPU
-    with ``backend="auto"`` are the exception, see ``backend``: there the cost is per op, not
-    per byte.)
+    N×C is kept, and rows are processed in chunks so temporaries stay small. (Small calls with
+    ``backend="auto"`` are the exception, see ``backend``: there the cost is per op, not per
+    byte.)
 
     Args:
         input: logits, any floating dtype. bf16/fp16 accumulate in float32.
