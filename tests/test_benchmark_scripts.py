@@ -18,6 +18,7 @@ import fastxent
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import linear_autocast  # noqa: E402
 import linear_chunks  # noqa: E402
 import linear_filter  # noqa: E402
 import row_buffer  # noqa: E402
@@ -53,6 +54,15 @@ def test_script_runs_on_tiny_shapes(script, flags, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script.__file__, *flags, "--rounds", "1"])
     script.main()  # in this process: torch.compile's start-up is paid once per test session
     assert "× " in capsys.readouterr().out
+
+
+def test_autocast_script_runs_on_tiny_shapes(capsys):
+    """Both rows, each with its peak memory from a fresh process and its errors."""
+    linear_autocast.main(["--n", "32", "--d", "8", "--v", "256", "--rounds", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[-2:]]
+    assert [row[0] for row in rows] == ["fastxent", "eager"]
+    for row in rows:
+        assert len(row) == 6 and all(float(x) >= 0 for x in row[1:])
 
 
 def test_filter_script_counts_the_blocks_the_library_skips():

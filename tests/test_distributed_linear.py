@@ -34,6 +34,9 @@ V, D = 1001, 8
 # Float64: the partial ∂h of the ranks are summed by an all-reduce, chunks reorder sums.
 F64 = {"rtol": 1e-10, "atol": 1e-12}
 F32 = {"rtol": 2e-4, "atol": 2e-6}
+# Under autocast the matmuls run in bf16: the logits carry bf16 rounding (the oracle gets the
+# bf16-cast inputs); the gradients are float32 like the inputs.
+BF16 = {"rtol": 2e-2, "atol": 2e-3}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Case:
     needs: tuple[bool, bool, bool] = (True, True, True)  # requires_grad of hidden, weight, bias
     dtype: torch.dtype = torch.float64
     zero_grads: bool = False  # filter_eps above every |g|: ∂h = ∂W = 0, loss and ∂b exact
+    autocast: bool = False  # call it under torch.autocast (bf16) with inputs of ``dtype``
 
 
 CASES = [
@@ -83,6 +87,7 @@ CASES = [
     Case("filter_eps_zero", {"filter_eps": 0.0, "label_smoothing": 0.1}),
     Case("filter_eps_all", {"filter_eps": 1.0, "reduction": "mean"}, zero_grads=True),
     Case("float32", {"label_smoothing": 0.1, "z_loss": 1e-3}, dtype=torch.float32),
+    Case("autocast_master_weights", {"z_loss": 1e-3}, dtype=torch.float32, autocast=True),
 ]
 
 
@@ -139,16 +144,17 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
         None if x is None else x.to(case.dtype).requires_grad_(need)
         for x, need in zip(local, case.needs, strict=True)
     ]
-    loss = fastxent.linear_cross_entropy(
-        leaves[0],
-        leaves[1],
-        target,
-        leaves[2],
-        class_weight=None if class_weight is None else class_weight.to(case.dtype),
-        chunk_size=case.chunk_size,
-        process_group=dist.group.WORLD,
-        **case.options,
-    )
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.autocast):
+        loss = fastxent.linear_cross_entropy(
+            leaves[0],
+            leaves[1],
+            target,
+            leaves[2],
+            class_weight=None if class_weight is None else class_weight.to(case.dtype),
+            chunk_size=case.chunk_size,
+            process_group=dist.group.WORLD,
+            **case.options,
+        )
     if any(case.needs):
         loss.backward(grad_output.to(loss.dtype))
     grads = [None if x is None or x.grad is None else x.grad.detach() for x in leaves]
@@ -262,22 +268,23 @@ def test_vocab_parallel_linear_matches_single_process(spawned, world, case):
     hidden, weight, bias, target, class_weight, grad_output = make_case(case, world)
     options = {k: v for k, v in case.options.items() if k != "filter_eps"}
 
-    def cast(x):  # the values the ranks see, in float64
-        return None if x is None else x.to(case.dtype).double()
+    def cast(x, matmul=True):  # the values the ranks see (in their matmuls), in float64
+        dtype = torch.bfloat16 if case.autocast and matmul else case.dtype
+        return None if x is None else x.to(dtype).double()
 
     want_loss, *want_grads = oracle(
         cast(hidden),
         cast(weight),
         cast(bias),
         target,
-        class_weight=cast(class_weight),
+        class_weight=cast(class_weight, matmul=False),
         grad_output=grad_output,
         **options,
     )
     if case.zero_grads:  # every vocab block filtered out: no ∂h, ∂W contributions
         want_grads[0] = torch.zeros_like(want_grads[0])
         want_grads[1] = torch.zeros_like(want_grads[1])
-    tol = F64 if case.dtype == torch.float64 else F32
+    tol = F64 if case.dtype == torch.float64 else BF16 if case.autocast else F32
     ranks = spawned[world]
     for rank, result in enumerate(ranks):
         got = result["cases"][case.name]

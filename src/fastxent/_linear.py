@@ -102,12 +102,19 @@ def default_chunk_size(
 
 
 def check_inputs(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, shift: bool
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    shift: bool,
+    master_weights: bool = False,
 ) -> bool:
     """Check kinds, dtypes and shapes; return True for probability targets.
 
     ``hidden`` (N, D) or (B, T, D) float; ``weight`` (V, D) and ``bias`` (V,) of its dtype and
     device; ``target`` the tokens' shape (N,)/(B, T) of class indices or (..., V) probabilities.
+    With ``master_weights`` (under autocast) weight and bias may have any floating dtype but
+    float64: the walk casts them to hidden's dtype and returns their gradients in their own.
     """
     for name, x in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(x, Tensor):
@@ -126,11 +133,7 @@ def check_inputs(
             f"weight must have shape (V, D) with D = {hidden.shape[-1]} (hidden's last "
             f"dimension), got shape {tuple(weight.shape)}."
         )
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
-        raise TypeError(
-            f"weight must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
-            f"got ({weight.dtype}, {weight.device})."
-        )
+    _check_parameter_dtype("weight", weight, hidden, master_weights)
     num_classes = weight.shape[0]
     if bias is not None:
         if not isinstance(bias, Tensor):
@@ -140,17 +143,31 @@ def check_inputs(
                 f"bias must have shape ({num_classes},), one entry per row of weight, got "
                 f"shape {tuple(bias.shape)}."
             )
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
-            raise TypeError(
-                f"bias must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), "
-                f"got ({bias.dtype}, {bias.device})."
-            )
+        _check_parameter_dtype("bias", bias, hidden, master_weights)
     tokens = tuple(hidden.shape[:-1])
     after = "; shift=True uses target[..., 1:] with hidden[..., :-1, :]" if shift else ""
     context = (
         f"one per token of hidden of shape {tuple(hidden.shape)}, by V for probabilities{after}"
     )
     return check_target_kind(target, tokens, (*tokens, num_classes), context)
+
+
+def _check_parameter_dtype(name: str, x: Tensor, hidden: Tensor, master_weights: bool) -> None:
+    """``x`` (weight or bias) on hidden's device, in its dtype, or under autocast
+    (``master_weights``) in any floating dtype but float64, as autocast's F.linear accepts."""
+    if master_weights and x.device == hidden.device:
+        if x.is_floating_point() and x.dtype != torch.float64:
+            return
+        raise TypeError(
+            f"under torch.autocast, {name} must be a floating tensor that autocast casts "
+            f"(not float64), got {x.dtype}."
+        )
+    if x.dtype != hidden.dtype or x.device != hidden.device:
+        raise TypeError(
+            f"{name} must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), got "
+            f"({x.dtype}, {x.device}); for float32 parameters with half-precision hidden states, "
+            "call it under torch.autocast, as for F.linear."
+        )
 
 
 def check_chunking(
@@ -529,6 +546,29 @@ def vocab_pass(
     return losses, dh, dw, db
 
 
+def in_hidden_dtype(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Weight and bias in hidden's dtype, the one the matmuls run in: themselves, or copies under
+    autocast (float32 master weights with half-precision hidden states)."""
+    if weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+    if bias is not None and bias.dtype != hidden.dtype:
+        bias = bias.to(hidden.dtype)
+    return weight, bias
+
+
+def in_own_dtype(
+    dw: Tensor | None, db: Tensor | None, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """∂W and ∂b cast once to the dtypes of weight and bias. The token walk accumulates them in
+    float32 for half precision, so float32 master weights take that accumulator as it is."""
+    return (
+        None if dw is None else dw.to(weight.dtype),
+        None if db is None else db.to(bias.dtype),
+    )
+
+
 def walk_of(opts: LinearOptions):
     """The walk over tokens and classes that ``opts`` asks for."""
     return chunked_pass if opts.vocab_block is None else vocab_pass
@@ -554,20 +594,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if opts.ce.reduction == "none":
             # ∂W sums rows, so grad_output must be known first: backward recomputes the chunks.
             losses, *_ = walk_of(opts)(
-                hidden, weight, bias, target, class_weight, opts, kernel, (False,) * 3
-            )
+                hidden, *in_hidden_dtype(hidden, weight, bias), target, class_weight, opts,
+                kernel, (False,) * 3,
+            )  # fmt: skip
             ctx.save_for_backward(hidden, weight, bias, target, class_weight)
             return losses.reshape(loss_shape(hidden, opts.shift))
         losses, dh, dw, db = walk_of(opts)(
-            hidden, weight, bias, target, class_weight, opts, kernel, needs
-        )
+            hidden, *in_hidden_dtype(hidden, weight, bias), target, class_weight, opts, kernel,
+            needs,
+        )  # fmt: skip
         if dh is not None and opts.reduce_hidden_grad is not None:
             opts.reduce_hidden_grad(dh)  # COLLECTIVE (vocab-parallel): Σ_r g W_r
-        if dw is not None:
-            dw = dw.to(weight.dtype)  # float32 accumulation for half precision, cast once
-        if db is not None:
-            db = db.to(weight.dtype)
-        ctx.grads = (dh, dw, db)
+        ctx.grads = (dh, *in_own_dtype(dw, db, weight, bias))
         return losses.sum()
 
     @staticmethod
@@ -577,13 +615,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if opts.ce.reduction == "none":
             hidden, weight, bias, target, class_weight = ctx.saved_tensors
             _, dh, dw, db = walk_of(opts)(
-                hidden, weight, bias, target, class_weight, opts, ctx.kernel, ctx.needs,
-                grad_rows=grad_loss.reshape(-1),
+                hidden, *in_hidden_dtype(hidden, weight, bias), target, class_weight, opts,
+                ctx.kernel, ctx.needs, grad_rows=grad_loss.reshape(-1),
             )  # fmt: skip
             if dh is not None and opts.reduce_hidden_grad is not None:
                 opts.reduce_hidden_grad(dh)  # COLLECTIVE (vocab-parallel): Σ_r g W_r
-            dw = None if dw is None else dw.to(weight.dtype)
-            db = None if db is None else db.to(weight.dtype)
+            dw, db = in_own_dtype(dw, db, weight, bias)
         else:
             if ctx.grads is None:
                 raise RuntimeError(

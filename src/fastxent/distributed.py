@@ -251,6 +251,7 @@ def vocab_parallel_linear_cross_entropy(
     filter_eps: float | None = None,
     backend: str = "auto",
     validate: bool = False,
+    master_weights: bool = False,
 ) -> Tensor:
     r"""``fastxent.linear_cross_entropy(..., process_group=group)``: the vocab-parallel path.
 
@@ -277,7 +278,9 @@ def vocab_parallel_linear_cross_entropy(
     :mod:`fastxent.distributed`, which checks the layout, the row count, the targets,
     ``chunk_size`` and ``hidden.requires_grad`` on every rank and caches the layout; later calls
     skip it, so each forward makes 2 all-reduces per token chunk plus the one of ∂h.
-    ``validate=True`` makes the all-gather and its checks on every call.
+    ``validate=True`` makes the all-gather and its checks on every call. ``master_weights``
+    (set under autocast, which has cast ``hidden``) lets the weight and bias keep their own
+    floating dtype: they are cast for the matmuls and get their gradients in it.
     """
     from fastxent._linear import (
         LinearCrossEntropyFunction,
@@ -294,7 +297,7 @@ def vocab_parallel_linear_cross_entropy(
         )
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
     ignore_index = check_ignore_index(ignore_index)
-    if check_inputs(hidden, local_weight, bias, target, shift):
+    if check_inputs(hidden, local_weight, bias, target, shift, master_weights):
         raise TypeError(
             "linear_cross_entropy with a process_group takes global class indices (an int64 "
             f"tensor) as target; probability targets are not supported, got dtype {target.dtype}."

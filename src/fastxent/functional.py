@@ -2,6 +2,7 @@ r"""Public functions: validate the call, pick a backend, run it."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import torch
@@ -233,10 +234,11 @@ def cross_entropy(
     )
     z = _rows(input, class_dim)  # (M, C)
     t = _rows(target, class_dim) if soft else target.reshape(-1).long()  # (M, C) or (M,)
-    if fused_ops:
-        loss = composed.cross_entropy(z, t, weight, opts)
-    else:
-        loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
+    with autocast_off(input):
+        if fused_ops:
+            loss = composed.cross_entropy(z, t, weight, opts)
+        else:
+            loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
     if finish_target_check is not None:
         finish_target_check()
     if reduction == "none":
@@ -354,22 +356,6 @@ def linear_cross_entropy(
         logits, gradient filtering); Hsu et al. (2024), "Liger Kernel" (fused linear
         cross-entropy).
     """
-    ignore_index = check_ignore_index(ignore_index)
-    if process_group is not None:
-        from fastxent.distributed import vocab_parallel_linear_cross_entropy
-
-        if vocab_block is not None:
-            raise ValueError(
-                "vocab_block is for one device; with process_group the vocabulary is already "
-                "split across ranks (leave vocab_block None)."
-            )
-
-        return vocab_parallel_linear_cross_entropy(
-            hidden, weight, target, bias, group=process_group, class_weight=class_weight,
-            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, shift=shift,
-            chunk_size=chunk_size, filter_eps=filter_eps, backend=backend, validate=validate,
-        )  # fmt: skip
     from fastxent._linear import (
         LinearCrossEntropyFunction,
         LinearOptions,
@@ -378,8 +364,32 @@ def linear_cross_entropy(
         default_chunk_size,
     )
 
+    ignore_index = check_ignore_index(ignore_index)
+    compute_dtype = None  # what autocast runs F.linear in; it leaves float64 alone
+    if isinstance(hidden, Tensor) and hidden.is_floating_point() and hidden.dtype != torch.float64:
+        compute_dtype = autocast_dtype(hidden.device)
+    master_weights = compute_dtype is not None
+    if master_weights:  # F.linear's cast under autocast; weight and bias are cast in the walk
+        hidden = hidden.to(compute_dtype)
+    if process_group is not None:
+        from fastxent.distributed import vocab_parallel_linear_cross_entropy
+
+        if vocab_block is not None:
+            raise ValueError(
+                "vocab_block is for one device; with process_group the vocabulary is already "
+                "split across ranks (leave vocab_block None)."
+            )
+        with autocast_off(hidden):
+            return vocab_parallel_linear_cross_entropy(
+                hidden, weight, target, bias, group=process_group, class_weight=class_weight,
+                ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, shift=shift,
+                chunk_size=chunk_size, filter_eps=filter_eps, backend=backend, validate=validate,
+                master_weights=master_weights,
+            )  # fmt: skip
+
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
-    soft = check_inputs(hidden, weight, bias, target, shift)
+    soft = check_inputs(hidden, weight, bias, target, shift, master_weights)
     num_classes = weight.shape[0]
     check_weight(class_weight, num_classes, "class_weight")
     if soft and ignore_index != -100:
@@ -397,9 +407,10 @@ def linear_cross_entropy(
     )
     walk_chosen = chunk_size is not None or filter_eps is not None or vocab_block is not None
     if uses_composed(backend, hidden.device, tokens * num_classes, linear=True) and not walk_chosen:
-        return composed.linear_cross_entropy(
-            hidden, weight, bias, target, class_weight, ce_opts, shift
-        )
+        with autocast_off(hidden):
+            return composed.linear_cross_entropy(
+                hidden, weight, bias, target, class_weight, ce_opts, shift
+            )
     if chunk_size is None:
         chunk_size = default_chunk_size(num_classes, hidden.shape[-1], hidden.dtype, tokens)
     opts = LinearOptions(
@@ -412,9 +423,32 @@ def linear_cross_entropy(
     if not torch.is_grad_enabled():  # no graph: the Function must not compute gradients
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
-    return LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, target, class_weight, opts, kernel
-    )
+    with autocast_off(hidden):
+        return LinearCrossEntropyFunction.apply(
+            hidden, weight, bias, target, class_weight, opts, kernel
+        )
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts to on ``device`` now, or None when it is off there."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        pass
+    return None
+
+
+def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast turned off for ``x``'s device type around fastxent's own ops, if it is on.
+
+    The kernels choose their dtypes themselves (float32 accumulation, matmuls in the inputs'
+    dtype); autocast's op lists (on CUDA they send exp, sum, log_softmax and more to float32)
+    would change the ops under them.
+    """
+    if autocast_dtype(x.device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _rows(x: Tensor, class_dim: int) -> Tensor:

@@ -84,6 +84,8 @@ def linear_cross_entropy(
     if shift:
         hidden = hidden[..., :-1, :]
         target = target[..., 1:, :] if opts.soft else target[..., 1:]
+    weight = weight.to(hidden.dtype)  # under autocast: float32 master weights, autograd casts back
+    bias = None if bias is None else bias.to(hidden.dtype)
     z = F.linear(hidden, weight, bias)  # (..., V)
     rows = z.reshape(-1, opts.num_classes)  # (M, V)
     t = target.reshape(-1, opts.num_classes) if opts.soft else target.reshape(-1).long()
