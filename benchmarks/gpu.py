@@ -9,6 +9,9 @@ the peak memory allocated beyond the inputs. Two tasks:
   bandwidth measured here by a device-to-device copy.
 * ``linear_cross_entropy``: hidden (N, D) and classifier (V, D) given. Floor: 6·N·D·V FLOPs at
   the bf16 matmul rate measured here.
+* ``amp``: the same under ``torch.autocast(bf16)`` with a float32 classifier (master weights,
+  the mixed-precision training set-up) and bf16 hidden states; every provider's ∂W is then
+  float32, and the reference takes the bf16-cast classifier autocast computes with.
 
 Peers (each skipped with its reason when it cannot be imported or run): torch.compile,
 ``F.linear_cross_entropy`` (native, with ``LinearCrossEntropyOptions()`` when present),
@@ -34,6 +37,7 @@ SHAPES = {  # name: (N, D, V)
     "gemma2-2b": (8192, 2304, 256000),
 }
 SMALL_SHAPES = {"small": (48, 32, 1000)}
+TASKS = ("ce", "linear", "amp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}"
     )
-    parser.add_argument("--tasks", default="ce,linear", help="comma-separated subset of ce,linear")
+    parser.add_argument(
+        "--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per provider")
     parser.add_argument("--iters", type=int, default=10, help="timed runs per provider")
     parser.add_argument(
@@ -59,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
     args.shape_items = {name: shapes[name] for name in names}
     args.task_list = [t for t in args.tasks.split(",") if t]
-    if not set(args.task_list) <= {"ce", "linear"}:
-        parser.error(f"--tasks must be a subset of ce,linear, got {args.tasks!r}")
+    if not set(args.task_list) <= set(TASKS):
+        parser.error(f"--tasks must be a subset of {','.join(TASKS)}, got {args.tasks!r}")
     return args
 
 
@@ -235,6 +241,23 @@ def linear_providers(small: bool) -> dict[str, Callable]:
     return providers
 
 
+def under_autocast(factory: Callable, device_type: str, dtype) -> Callable:
+    """``factory`` whose step (the forward) runs under ``torch.autocast``; backward runs
+    outside it, as PyTorch recommends."""
+    import torch
+
+    def build(*tensors):
+        step = factory(*tensors)
+
+        def run():
+            with torch.autocast(device_type, dtype=dtype):
+                return step()
+
+        return run
+
+    return build
+
+
 # ---- correctness ----
 
 
@@ -399,6 +422,38 @@ def main(argv: list[str] | None = None) -> int:
             )
             results["runs"].append(
                 {"task": "linear_cross_entropy", "shape": shape_name, "N": n, "D": d, "V": v,
+                 "matmul_flops_per_s": rate, "floor_s": floor_s, "rows": rows}
+            )  # fmt: skip
+            failed |= _fastxent_wrong(rows, dtype)
+            del h0, w0
+        if "amp" in args.task_list:
+            h0 = torch.randn(n, d, device=device, dtype=dtype, generator=g)
+            w0 = torch.randn(v, d, device=device, generator=g) / d**0.5  # float32 master
+
+            def make_amp(h0=h0, w0=w0, y=y):
+                h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+                return [h, w], (h, w, y)
+
+            rate = matmul_rate(n, d, v, device, dtype, cuda)
+            floor_s = 6 * n * d * v / rate
+            reference = linear_reference(h0, w0.to(dtype), y)
+            providers = {
+                name: under_autocast(f, device.type, dtype)
+                for name, f in linear_providers(args.small).items()
+            }
+            rows = [
+                run_provider(name, f, make_amp, reference, floor_s, args, cuda)
+                for name, f in providers.items()
+            ]
+            del reference
+            print_rows(
+                f"linear_cross_entropy under autocast({dtype}) {shape_name} N={n} D={d} V={v},"
+                f" float32 classifier (matmul {rate / 1e12:.0f} TFLOP/s)",
+                rows,
+                floor_s,
+            )
+            results["runs"].append(
+                {"task": "linear_cross_entropy_amp", "shape": shape_name, "N": n, "D": d, "V": v,
                  "matmul_flops_per_s": rate, "floor_s": floor_s, "rows": rows}
             )  # fmt: skip
             failed |= _fastxent_wrong(rows, dtype)

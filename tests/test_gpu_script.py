@@ -29,7 +29,8 @@ def test_small_run_checks_fastxent_and_writes_every_task(tmp_path):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert [run["task"] for run in results["runs"]] == ["cross_entropy", "linear_cross_entropy"]
+    tasks = ["cross_entropy", "linear_cross_entropy", "linear_cross_entropy_amp"]
+    assert [run["task"] for run in results["runs"]] == tasks
     for run in results["runs"]:
         rows = {row["provider"]: row for row in run["rows"]}
         assert {"fastxent", "torch"} <= set(rows), rows
