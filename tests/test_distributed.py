@@ -8,6 +8,7 @@ layout all-gather pass ``validate=True``, since the layout of the group is cache
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import subprocess
 import sys
@@ -50,6 +51,7 @@ class Case:
     requires_grad: bool = True
     masked: bool = False  # row 0 is -inf on the whole slice of the last rank; ignored row 1 at 0
     nonfinite: bool = False  # NaN in ignored rows 0 and 1 and counted row 5, +inf in counted row 6
+    grad_mode: str = "enabled"  # or the context the call runs in: "no_grad", "inference_mode"
 
 
 CASES = [
@@ -74,6 +76,7 @@ CASES = [
     Case("reversed_slices", {"label_smoothing": 0.1}, weight=True, reversed_slices=True),
     Case("inplace", {"label_smoothing": 0.1, "z_loss": 1e-3}, inplace=True),
     Case("forward_only", {"label_smoothing": 0.1}, weight=True, requires_grad=False),
+    Case("inference_mode", {"label_smoothing": 0.1}, weight=True, grad_mode="inference_mode"),
     Case("large_logits", {"label_smoothing": 0.1, "z_loss": 1e-4}, scale=60.0),
     Case("small_vocab", {"label_smoothing": 0.2}, vocab=7, shape=(5,), weight=True),
     Case("masked_slice", {}, masked=True),
@@ -188,17 +191,21 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     z, y, weight, grad_output = make_case(case, world)
     start, size = slices(case, world)[rank]
     leaf = z[..., start : start + size].to(case.dtype).requires_grad_(case.requires_grad)
+    if case.grad_mode != "enabled":  # contiguous: reshaped in there, it still requires grad
+        leaf = leaf.detach().contiguous().requires_grad_()
     local = leaf * 1.0 if case.inplace else leaf  # in-place needs a non-leaf
     w = None if weight is None else weight.to(case.dtype)
-    loss = vocab_parallel_cross_entropy(
-        local,
-        y,
-        weight=w,
-        vocab_start=start if case.reversed_slices else None,
-        inplace_backward=case.inplace,
-        **case.options,
-    )
-    if case.requires_grad:
+    grad_mode = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+    with grad_mode.get(case.grad_mode, contextlib.nullcontext)():  # logits that require grad
+        loss = vocab_parallel_cross_entropy(
+            local,
+            y,
+            weight=w,
+            vocab_start=start if case.reversed_slices else None,
+            inplace_backward=case.inplace,
+            **case.options,
+        )
+    if case.requires_grad and case.grad_mode == "enabled":
         loss.backward(None if grad_output is None else grad_output.to(loss.dtype))
     return {"loss": loss.detach(), "grad": None if leaf.grad is None else leaf.grad.detach()}
 
@@ -447,7 +454,7 @@ def test_vocab_parallel_matches_reference(spawned, world, case):
         # Every rank returns exactly the same loss.
         first = ranks[0]["cases"][case.name]["loss"]
         torch.testing.assert_close(got["loss"], first, rtol=0, atol=0, equal_nan=True)
-        if not case.requires_grad:
+        if not case.requires_grad or case.grad_mode != "enabled":
             assert got["grad"] is None
             continue
         start, size = slices(case, world)[rank]

@@ -234,12 +234,14 @@ def test_matches_torch_autograd_and_no_grad():
     want.backward()
     got = ours(hidden, weight, bias, target, label_smoothing=0.1, chunk_size=5)
     assert_matches(got, (want.detach(), *(x.grad for x in leaves)))
-    with torch.no_grad():
-        loss = fastxent.linear_cross_entropy(
-            *leaves[:2], target, leaves[2], label_smoothing=0.1, backend=BACKEND
-        )
-    assert not loss.requires_grad
-    torch.testing.assert_close(loss, want.detach(), **F64)
+    for grad_mode in (torch.no_grad, torch.inference_mode):
+        for walk in ({"chunk_size": 5}, {"vocab_block": 50}, {"backend": "auto"}):
+            with grad_mode():
+                loss = fastxent.linear_cross_entropy(
+                    *leaves[:2], target, leaves[2], label_smoothing=0.1, **walk
+                )
+            assert not loss.requires_grad
+            torch.testing.assert_close(loss, want.detach(), **F64)
 
 
 def test_gradcheck_none_reduction():

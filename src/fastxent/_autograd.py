@@ -34,6 +34,7 @@ tensor; "none" (one factor per row) always scales into a new tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -138,6 +139,40 @@ def empty_cache() -> None:
     """Release the CPU gradient buffer fastxent keeps for reuse (it is freed once unused)."""
     global _spare
     _spare = None
+
+
+def detached_without_grad_mode(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors, detached when grad mode is off (``torch.no_grad``, ``inference_mode``).
+
+    A Function's ``needs_input_grad`` follows its inputs' ``requires_grad``, not grad mode: a
+    loss taken under no_grad on logits that require grad would compute an N×V gradient no one
+    can use (and under inference_mode fail on that buffer's version counter).
+    """
+    if torch.is_grad_enabled():
+        return tensors
+    return tuple(None if x is None else x.detach() for x in tensors)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts to on ``device`` now, or None when it is off there."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        pass
+    return None
+
+
+def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast turned off for ``x``'s device type around fastxent's own ops, if it is on.
+
+    The kernels choose their dtypes themselves (float32 accumulation, matmuls in the inputs'
+    dtype); autocast's op lists (on CUDA they send exp, sum, log_softmax and more to float32)
+    would change the ops under them.
+    """
+    if autocast_dtype(x.device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
 
 
 class CrossEntropyFunction(torch.autograd.Function):

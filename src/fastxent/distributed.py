@@ -89,7 +89,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastxent._autograd import CrossEntropyFunction, accumulation_dtype
+from fastxent._autograd import (
+    CrossEntropyFunction,
+    accumulation_dtype,
+    autocast_off,
+    detached_without_grad_mode,
+)
 from fastxent._options import (
     CrossEntropyOptions,
     check_ignore_index,
@@ -228,7 +233,9 @@ def vocab_parallel_cross_entropy(
         inplace_backward,
     )
     kernel = functools.partial(vocab_parallel_rows, vocab_start=vocab_start, group=group)
-    loss = CrossEntropyFunction.apply(z, y, weight, opts, kernel)
+    (z,) = detached_without_grad_mode(z)
+    with autocast_off(z):
+        loss = CrossEntropyFunction.apply(z, y, weight, opts, kernel)
     return loss.reshape(rows_shape) if reduction == "none" else loss
 
 
@@ -343,9 +350,7 @@ def vocab_parallel_linear_cross_entropy(
         reduce_hidden_grad=functools.partial(dist.all_reduce, group=group),
     )
     kernel = functools.partial(vocab_parallel_rows, vocab_start=vocab_start, group=group)
-    if not torch.is_grad_enabled():  # no graph: the Function must not compute gradients
-        hidden, local_weight = hidden.detach(), local_weight.detach()
-        bias = None if bias is None else bias.detach()
+    hidden, local_weight, bias = detached_without_grad_mode(hidden, local_weight, bias)
     return LinearCrossEntropyFunction.apply(
         hidden, local_weight, bias, target, class_weight, opts, kernel
     )

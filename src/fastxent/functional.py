@@ -2,13 +2,18 @@ r"""Public functions: validate the call, pick a backend, run it."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 
 import torch
 from torch import Tensor
 
-from fastxent._autograd import CrossEntropyFunction, Kernel
+from fastxent._autograd import (
+    CrossEntropyFunction,
+    Kernel,
+    autocast_dtype,
+    autocast_off,
+    detached_without_grad_mode,
+)
 from fastxent._options import (
     CrossEntropyOptions,
     check_ignore_index,
@@ -238,6 +243,7 @@ def cross_entropy(
         if fused_ops:
             loss = composed.cross_entropy(z, t, weight, opts)
         else:
+            (z,) = detached_without_grad_mode(z)
             loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
     if finish_target_check is not None:
         finish_target_check()
@@ -420,35 +426,11 @@ def linear_cross_entropy(
         filter_eps=None if filter_eps is None else float(filter_eps),
         vocab_block=vocab_block,
     )
-    if not torch.is_grad_enabled():  # no graph: the Function must not compute gradients
-        hidden, weight = hidden.detach(), weight.detach()
-        bias = None if bias is None else bias.detach()
+    hidden, weight, bias = detached_without_grad_mode(hidden, weight, bias)
     with autocast_off(hidden):
         return LinearCrossEntropyFunction.apply(
             hidden, weight, bias, target, class_weight, opts, kernel
         )
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype ``torch.autocast`` casts to on ``device`` now, or None when it is off there."""
-    try:
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-    except (RuntimeError, TypeError):  # a device type autocast does not know
-        pass
-    return None
-
-
-def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
-    """Autocast turned off for ``x``'s device type around fastxent's own ops, if it is on.
-
-    The kernels choose their dtypes themselves (float32 accumulation, matmuls in the inputs'
-    dtype); autocast's op lists (on CUDA they send exp, sum, log_softmax and more to float32)
-    would change the ops under them.
-    """
-    if autocast_dtype(x.device) is None:
-        return contextlib.nullcontext()
-    return torch.autocast(x.device.type, enabled=False)
 
 
 def _rows(x: Tensor, class_dim: int) -> Tensor:
