@@ -20,7 +20,16 @@ def test_check_passes_and_prints_every_step(capsys):
         assert step in out
     assert "✗" not in out
     assert "soft targets" in out and "softcap" in out
+    assert "linear: token walk" in out and "linear: vocab walk" in out
     assert "all checks passed" in out
+
+
+def test_check_catches_a_wrong_linear_loss(monkeypatch, capsys):
+    """The linear rows compare the loss and gradients: all scaled by 1.001 fails (1e-10)."""
+    real = check.linear_cross_entropy
+    monkeypatch.setattr(check, "linear_cross_entropy", lambda *a, **k: real(*a, **k) * 1.001)
+    assert cli.main(["check"]) == 1
+    assert "some checks failed" in capsys.readouterr().out
 
 
 def test_check_fails_when_tolerance_is_impossible(capsys):

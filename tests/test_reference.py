@@ -51,6 +51,45 @@ def test_reference_matches_torch_autograd(extras, reduction, soft):
     np.testing.assert_allclose(want_grad, theirs.grad.numpy(), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_linear_reference_matches_torch_autograd(shift, reduction, soft):
+    """reference.linear_cross_entropy (loss, ∂h, ∂W, ∂b) equals PyTorch's F.linear, then
+    F.cross_entropy and the z-loss, through autograd (float64, 1e-12), (B, T, D) hidden."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(11, 4, generator=g, dtype=torch.float64)
+    bias = torch.randn(11, generator=g, dtype=torch.float64)
+    if soft:
+        target = torch.rand(2, 5, 11, generator=g, dtype=torch.float64)
+    else:
+        target = torch.randint(0, 11, (2, 5), generator=g)
+        target[0, 2] = -100
+    class_weight = torch.rand(11, generator=g, dtype=torch.float64) + 0.5
+    options = {"reduction": reduction, "label_smoothing": 0.1, "z_loss": 1e-2}
+    rows = (2, 4) if shift else (2, 5)
+    grad_output = torch.rand(rows, generator=g, dtype=torch.float64) if reduction == "none" else 1.3
+
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    h, y = (leaves[0][:, :-1], target[:, 1:]) if shift else (leaves[0], target)
+    z = torch.nn.functional.linear(h, *leaves[1:])  # (2, T, 11)
+    loss = torch_composed(z.flatten(0, 1), y.flatten(0, 1), class_weight, **options)
+    loss = loss.reshape(rows) if reduction == "none" else loss
+    loss.backward(torch.as_tensor(grad_output, dtype=torch.float64).expand_as(loss))
+
+    got = reference.linear_cross_entropy(
+        *(x.numpy() for x in (hidden, weight, bias, target)), shift=shift,
+        class_weight=class_weight.numpy(), grad_output=np.asarray(grad_output), **options,
+    )  # fmt: skip
+    for name, mine, want in zip(
+        ("loss", "dh", "dW", "db"), got, (loss, *(x.grad for x in leaves)), strict=True
+    ):
+        np.testing.assert_allclose(
+            mine, want.detach().numpy(), rtol=1e-12, atol=1e-14, err_msg=name
+        )
+
+
 def test_general_gradient_is_not_o_minus_y():
     """For targets summing to 2, ∂E/∂z = o·Σy - y, which differs from o - y."""
     z = np.array([[1.0, -0.5, 2.0]])

@@ -5,7 +5,9 @@ r"""``fastxent check``: verify the math symbolically, then every backend numeric
    ``∂E/∂z_i = o_i Σ_j y_j - y_i`` for targets that need not sum to one; then the extensions
    ``∂(s·lse²)/∂z_i = 2 s lse o_i`` and ``d/dz c·tanh(αz/c) = α(1 - tanh²(αz/c))``.
 2. Each available backend runs default random cases in float64 and is compared with
-   :mod:`fastxent.reference` and with PyTorch's own ``F.cross_entropy`` composed with autograd.
+   :mod:`fastxent.reference` and with PyTorch's own ``F.cross_entropy`` composed with autograd;
+   then ``linear_cross_entropy``'s token walk (on each backend's row kernel) and vocabulary walk,
+   with every option at once, against the reference's and PyTorch's ``F.linear`` + loss.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastxent import reference
-from fastxent.functional import BACKENDS, cross_entropy, unavailable_reason
+from fastxent.functional import (
+    BACKENDS,
+    cross_entropy,
+    linear_cross_entropy,
+    unavailable_reason,
+)
 
 
 def derivation_steps(num_classes: int = 3) -> list[tuple[str, bool]]:
@@ -170,6 +177,58 @@ def error_rows(device: str = "cpu") -> Iterator[tuple[str, str, float | None, fl
                 relative_error(got_grad, theirs.grad.cpu().numpy()),
             )
             yield backend, case.name, vs_ref, vs_torch, FLOAT64_NOTES.get(backend, "")
+        for case_name, vs_ref, vs_torch in linear_error_rows(backend, dev):
+            yield backend, case_name, vs_ref, vs_torch, FLOAT64_NOTES.get(backend, "")
+
+
+# linear_cross_entropy's walks: the token walk runs each backend's row kernel, the vocabulary
+# walk its own block math (listed under "torch").
+LINEAR_WALKS = {
+    "token walk, chunks of 7": {"chunk_size": 7},
+    "vocab walk, blocks of 128": {"vocab_block": 128},
+}
+LINEAR_OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0, "shift": True}
+
+
+def linear_error_rows(backend: str, dev: torch.device) -> Iterator[tuple[str, float, float]]:
+    """(case, error vs reference, error vs PyTorch) of ``linear_cross_entropy``'s walks: hidden
+    (3, 11, 16), weight (1000, 16), bias, class weights, ignored targets, LINEAR_OPTIONS; the
+    worst of the loss, ∂h, ∂W and ∂b."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 11, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(1000, 16, generator=g, dtype=torch.float64) * 0.5
+    bias = torch.randn(1000, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 1000, (3, 11), generator=g)
+    target[:, ::4] = -100
+    class_weight = torch.rand(1000, generator=g, dtype=torch.float64) + 0.5
+    want = reference.linear_cross_entropy(
+        *(x.numpy() for x in (hidden, weight, bias, target)),
+        class_weight=class_weight.numpy(),
+        **LINEAR_OPTIONS,
+    )
+    leaves = [x.to(dev).requires_grad_() for x in (hidden, weight, bias)]
+    h, y = leaves[0][:, :-1], target[:, 1:].to(dev)
+    loss = torch_composed(
+        torch.nn.functional.linear(h, *leaves[1:]).flatten(0, 1),
+        y.flatten(),
+        class_weight.to(dev),
+        **{k: v for k, v in LINEAR_OPTIONS.items() if k != "shift"},
+    )
+    loss.backward()
+    theirs = [loss.detach(), *(x.grad for x in leaves)]
+    walks = LINEAR_WALKS if backend == "torch" else dict(list(LINEAR_WALKS.items())[:1])
+    for name, walk in walks.items():
+        mine = [x.detach().clone().requires_grad_() for x in leaves]
+        loss = linear_cross_entropy(
+            mine[0], mine[1], target.to(dev), mine[2], class_weight=class_weight.to(dev),
+            backend=backend, **walk, **LINEAR_OPTIONS,
+        )  # fmt: skip
+        loss.backward()
+        got = [loss.detach(), *(x.grad for x in mine)]
+        got = [x.cpu().numpy() for x in got]
+        vs_ref = max(relative_error(a, np.asarray(b)) for a, b in zip(got, want, strict=True))
+        vs_torch = max(relative_error(a, b.cpu().numpy()) for a, b in zip(got, theirs, strict=True))
+        yield f"linear: {name}", vs_ref, vs_torch
 
 
 def device_problem(device: str) -> str | None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["cross_entropy", "log_softmax", "softmax"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "log_softmax", "softmax"]
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -145,3 +145,50 @@ def cross_entropy(
         spatial = (z.shape[0], *z.shape[2:], p)
         grad = np.moveaxis(grad_rows.reshape(spatial), -1, 1)
     return loss, grad
+
+
+def linear_cross_entropy(
+    hidden: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    target: np.ndarray,
+    *,
+    shift: bool = False,
+    class_weight: np.ndarray | None = None,
+    grad_output: np.ndarray | float | None = None,
+    **options,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    r""":func:`cross_entropy` of the logits ``z = h Wᵀ + b``, with ``(loss, ∂h, ∂W, ∂b)``.
+
+    ``hidden`` is (N, D) or (B, T, D), ``weight`` (V, D); ``target`` the tokens' shape of class
+    indices, or their shape by V of probabilities. ``shift`` pairs hidden position t with
+    target t+1 within each sequence (the last position gets no loss and a zero ∂h). The logits
+    are materialised; with ``g = ∂ℓ/∂z`` (from :func:`cross_entropy`, over all loss rows):
+
+    .. math::
+
+        \frac{\partial \ell}{\partial h} = g W, \qquad
+        \frac{\partial \ell}{\partial W} = g^\top h, \qquad
+        \frac{\partial \ell}{\partial b} = \textstyle\sum_r g_r
+
+    ``options`` are :func:`cross_entropy`'s keywords (reduction, label_smoothing, ...);
+    ``grad_output`` has the loss's shape for "none".
+    """
+    h = np.asarray(hidden, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)
+    target = np.asarray(target)
+    soft = np.issubdtype(target.dtype, np.floating)
+    num_classes, dim = w.shape
+    used = h[..., :-1, :] if shift else h  # the hidden positions that have a loss
+    y = target[..., 1:, :] if shift and soft else target[..., 1:] if shift else target
+    z = used.reshape(-1, dim) @ w.T + (0.0 if bias is None else np.asarray(bias, np.float64))
+    y = y.reshape(-1, num_classes) if soft else y.reshape(-1)
+    if grad_output is not None and options.get("reduction") == "none":
+        grad_output = np.asarray(grad_output, dtype=np.float64).reshape(-1)
+    loss, g = cross_entropy(z, y, class_weight, grad_output=grad_output, **options)  # g: (M, V)
+    if options.get("reduction") == "none":
+        loss = loss.reshape(used.shape[:-1])
+    d_hidden = np.zeros_like(h)
+    d_used = d_hidden[..., :-1, :] if shift else d_hidden
+    d_used[...] = (g @ w).reshape(used.shape)
+    return loss, d_hidden, g.T @ used.reshape(-1, dim), g.sum(axis=0)
