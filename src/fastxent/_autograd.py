@@ -87,6 +87,36 @@ def reduction_scales(
     return (inverse_n if total_weight is n else inverse(total_weight)), inverse_n
 
 
+def deferred_mean(
+    ce_scale: Tensor, z_scale: Tensor, grad_dtype: torch.dtype, reduction: str
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    r"""The reduction's scales for a float16 gradient of a "mean": ``(a/f, b/f, f)``.
+
+    The mean's factors ``a = 1/W``, ``b = 1/n`` make most entries of the gradient about
+    ``o_i / N``: below float16's smallest subnormal (6e-8) for most classes of a large vocabulary
+    (``o_i ≈ 1/V``), so they would flush to zero before backward multiplies them by grad_output,
+    the very loss scale (2^16 under GradScaler) that is there to keep them. So a float16 gradient
+    is written with ``a/f`` and ``b/f``, where ``f`` is ``a`` (``b`` where ``a = 0``) rounded down
+    to a power of two (1 where both are 0), so entries are near ``o_i``, and ``f`` joins
+    grad_output in backward; the loss is ``f·Σ rows``. A power of two changes no rounding:
+    ``fp16(x·a/f)·f`` is ``fp16(x·a)`` wherever the latter is a normal number, and a loss scale
+    (a power of two too) then multiplies exactly. Other dtypes (float32's and bf16's range
+    reach 1e-38) and other reductions get ``f = None``.
+    """
+    if grad_dtype != torch.float16 or reduction != "mean":
+        return ce_scale, z_scale, None
+    f = torch.where(ce_scale != 0, ce_scale, z_scale)
+    power_of_two = torch.ldexp(torch.ones_like(f), torch.frexp(f).exponent - 1)  # ≤ f, > f/2
+    f = torch.where(torch.isfinite(f) & (f != 0), power_of_two, torch.ones_like(f))
+    return ce_scale / f, z_scale / f, f
+
+
+def times_deferred(grad_output: Tensor, factor: Tensor | None) -> Tensor:
+    """What backward multiplies a forward-made gradient by: grad_output, times the factor that
+    :func:`deferred_mean` kept out of a float16 gradient."""
+    return grad_output if factor is None else grad_output * factor.to(grad_output.dtype)
+
+
 def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
     """``grad *= grad_output`` (0-dim) in place, skipped when ``grad_output`` is 1.
 
@@ -191,15 +221,18 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = z if opts.inplace_backward else gradient_buffer_like(z)
         ce_scale, z_scale = reduction_scales(z, target, weight, opts)
+        ce_scale, z_scale, factor = deferred_mean(ce_scale, z_scale, z.dtype, opts.reduction)
         rows = kernel(z, target, weight, opts, ce_scale, z_scale, grad)  # (M,)
-        ctx.opts = opts
+        ctx.opts, ctx.factor = opts, factor
         # Keep a detached alias (same storage and version counter): autograd may then take the
         # buffer itself as the logits' .grad instead of copying it, and any in-place write to it
         # after this point (e.g. to the logits, with inplace_backward) is detected in backward.
         ctx.grad = None if grad is None else grad.detach()
         ctx.grad_version = None if grad is None else grad._version
-        ctx.folded = None  # the grad_output already multiplied into ctx.grad, if any
-        return rows if opts.reduction == "none" else rows.sum()
+        ctx.folded = None  # the factor already multiplied into ctx.grad, if any
+        if opts.reduction == "none":
+            return rows
+        return rows.sum() if factor is None else rows.sum() * factor
 
     @staticmethod
     @once_differentiable
@@ -214,10 +247,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         nothing = (None, None, None, None)
         if ctx.opts.reduction == "none":  # per-row factors: scale a copy, keep the buffer intact
             return grad * grad_loss.reshape(-1, 1).to(grad.dtype), *nothing
+        factor = times_deferred(grad_loss, ctx.factor)
         if ctx.folded is None:
             # First backward: fold grad_output into the buffer in place; no new N×V tensor.
-            scale_by_grad_output(grad, grad_loss)
-            ctx.folded = grad_loss.detach().clone()
+            scale_by_grad_output(grad, factor)
+            ctx.folded = factor.detach().clone()
             ctx.grad_version = grad._version
             return grad.detach(), *nothing
         # A later backward through a retained graph: rescale what the first one folded in.
@@ -226,4 +260,4 @@ class CrossEntropyFunction(torch.autograd.Function):
                 "cannot back-propagate this loss again after a backward with grad_output 0 "
                 "(fastxent folds grad_output into its gradient buffer); recompute the loss."
             )
-        return grad * (grad_loss / ctx.folded).to(grad.dtype), *nothing
+        return grad * (factor / ctx.folded).to(grad.dtype), *nothing

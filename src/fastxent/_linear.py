@@ -34,12 +34,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fastxent._autograd import Kernel, accumulation_dtype, reduction_scales, scale_by_grad_output
+from fastxent._autograd import (
+    Kernel,
+    accumulation_dtype,
+    deferred_mean,
+    reduction_scales,
+    scale_by_grad_output,
+    times_deferred,
+)
 from fastxent._options import CrossEntropyOptions, check_target_kind
 
 CHUNK_BYTES = 64 << 20  # logits of one chunk: 64 MB, or half of ∂W's accumulator if that is more
@@ -230,11 +238,24 @@ class _Tokens:
         return tok, rows
 
 
+class Walked(NamedTuple):
+    """What a walk returns: the row losses (M,), the gradients asked for (None otherwise), and
+    the factor :func:`~fastxent._autograd.deferred_mean` kept out of float16 gradients (their
+    true value is ``factor ×`` the one returned; None: nothing kept out)."""
+
+    losses: Tensor
+    dh: Tensor | None
+    dw: Tensor | None
+    db: Tensor | None
+    factor: Tensor | None = None
+
+
 def _walk_inputs(
     hidden: Tensor, weight: Tensor, target: Tensor, class_weight: Tensor | None, opts: LinearOptions
-) -> tuple[Tensor, Tensor, _Tokens, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, _Tokens, Tensor, Tensor, Tensor | None]:
     """What both walks start from: hidden as (B·T, D) (a view when contiguous), the targets as
-    (B·T,) or (B·T, V), the loss rows, and the reduction's scales over all targets."""
+    (B·T,) or (B·T, V), the loss rows, the reduction's scales over all targets, and the factor
+    kept out of them for float16 (:func:`~fastxent._autograd.deferred_mean`)."""
     num_classes, dim = weight.shape
     h2 = hidden.reshape(-1, dim)
     t2 = target.reshape(-1, num_classes) if opts.ce.soft else target.reshape(-1)
@@ -243,7 +264,7 @@ def _walk_inputs(
     rows_like = torch.empty((toks.num_rows, 0), dtype=hidden.dtype, device=hidden.device)
     y_all = t2 if toks.y is None else toks.y
     ce_scale, z_scale = reduction_scales(rows_like, y_all, class_weight, opts.ce)
-    return h2, t2, toks, ce_scale, z_scale
+    return h2, t2, toks, *deferred_mean(ce_scale, z_scale, hidden.dtype, opts.ce.reduction)
 
 
 def _take(x: Tensor, index: slice | Tensor, offset: int = 0) -> Tensor:
@@ -262,13 +283,15 @@ def chunked_pass(
     kernel: Kernel,
     needs: tuple[bool, bool, bool],
     grad_rows: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+) -> Walked:
     """Losses (M,) and, for each of hidden, weight, bias flagged in ``needs``, its gradient.
 
     ``grad_rows`` (M,) multiplies each row's gradient ("none" with a per-row grad_output).
     """
     num_classes = weight.shape[0]
-    h2, t2, toks, ce_scale, z_scale = _walk_inputs(hidden, weight, target, class_weight, opts)
+    h2, t2, toks, ce_scale, z_scale, factor = _walk_inputs(
+        hidden, weight, target, class_weight, opts
+    )
     acc = accumulation_dtype(hidden.dtype)
 
     losses = torch.zeros(toks.num_rows, dtype=acc, device=hidden.device)  # (M,)
@@ -310,7 +333,7 @@ def chunked_pass(
             _dense_update(g, h, weight, tok, dh, dw, overwrite=start == 0)
         elif cols.numel():
             _sparse_update(g, h, weight, tok, cols, dh, dw)
-    return losses, dh, dw, db
+    return Walked(losses if factor is None else losses * factor, dh, dw, db, factor)
 
 
 def _dense_update(
@@ -406,7 +429,7 @@ def vocab_pass(
     kernel: Kernel,
     needs: tuple[bool, bool, bool],
     grad_rows: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+) -> Walked:
     r""":func:`chunked_pass`'s results by walking blocks of ``B = opts.vocab_block`` classes.
 
     All K counted tokens go through each block ``W_b`` (B, D) at once, twice: the first walk
@@ -434,7 +457,7 @@ def vocab_pass(
     ce = opts.ce
     num_classes, dim = weight.shape
     device = hidden.device
-    h2, t2, toks, a, b = _walk_inputs(hidden, weight, target, class_weight, opts)
+    h2, t2, toks, a, b, factor = _walk_inputs(hidden, weight, target, class_weight, opts)
     acc = accumulation_dtype(hidden.dtype)
     a, b = a.to(acc), b.to(acc)
     tok, rows = toks.chunk(0, toks.num_counted)
@@ -497,9 +520,11 @@ def vocab_pass(
 
     losses = torch.zeros(toks.num_rows, dtype=acc, device=device)  # (M,); ignored rows stay 0
     losses[rows] = a * (lse * sum_t - sum_tz) + b * s * lse.square()
+    if factor is not None:
+        losses *= factor
     need_h, need_w, need_b = needs
     if not (need_h or need_w or need_b):
-        return losses, None, None, None
+        return Walked(losses, None, None, None)
 
     # Walk 2: g_b = o (a Σt + 2 b s lse) - a t_b, times dz'/dz (and the rows' grad_output).
     coef = a * sum_t + 2.0 * b * s * lse  # (K,)
@@ -543,7 +568,7 @@ def vocab_pass(
             dh[tok] = dh_used
         else:
             dh.index_copy_(0, tok, dh_used.to(dh.dtype))
-    return losses, dh, dw, db
+    return Walked(losses, dh, dw, db, factor)
 
 
 def in_hidden_dtype(
@@ -599,7 +624,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             )  # fmt: skip
             ctx.save_for_backward(hidden, weight, bias, target, class_weight)
             return losses.reshape(loss_shape(hidden, opts.shift))
-        losses, dh, dw, db = walk_of(opts)(
+        losses, dh, dw, db, ctx.factor = walk_of(opts)(
             hidden, *in_hidden_dtype(hidden, weight, bias), target, class_weight, opts, kernel,
             needs,
         )  # fmt: skip
@@ -614,7 +639,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         opts = ctx.opts
         if opts.ce.reduction == "none":
             hidden, weight, bias, target, class_weight = ctx.saved_tensors
-            _, dh, dw, db = walk_of(opts)(
+            _, dh, dw, db, _ = walk_of(opts)(
                 hidden, *in_hidden_dtype(hidden, weight, bias), target, class_weight, opts,
                 ctx.kernel, ctx.needs, grad_rows=grad_loss.reshape(-1),
             )  # fmt: skip
@@ -630,9 +655,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 )
             dh, dw, db = ctx.grads
             ctx.grads = None
+            factor = times_deferred(grad_loss, ctx.factor)
             for grad in (dh, dw, db):
                 if grad is not None:
-                    scale_by_grad_output(grad, grad_loss)
+                    scale_by_grad_output(grad, factor)
         if dh is not None:
             dh = dh.view(ctx.hidden_shape)
         return dh, dw, db, None, None, None, None
