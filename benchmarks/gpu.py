@@ -398,72 +398,56 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             failed |= _fastxent_wrong(rows, dtype)
             del z0
-        if "linear" in args.task_list:
-            h0 = torch.randn(n, d, device=device, dtype=dtype, generator=g)
-            w0 = torch.randn(v, d, device=device, dtype=dtype, generator=g) / d**0.5
-
-            def make_linear(h0=h0, w0=w0, y=y):
-                h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-                return [h, w], (h, w, y)
-
-            rate = matmul_rate(n, d, v, device, dtype, cuda)
-            floor_s = 6 * n * d * v / rate
-            reference = linear_reference(h0, w0, y)
-            rows = [
-                run_provider(name, f, make_linear, reference, floor_s, args, cuda)
-                for name, f in linear_providers(args.small).items()
-            ]
-            del reference
-            print_rows(
-                f"linear_cross_entropy {shape_name} N={n} D={d} V={v} {dtype}"
-                f" (matmul {rate / 1e12:.0f} TFLOP/s)",
-                rows,
-                floor_s,
-            )
-            results["runs"].append(
-                {"task": "linear_cross_entropy", "shape": shape_name, "N": n, "D": d, "V": v,
-                 "matmul_flops_per_s": rate, "floor_s": floor_s, "rows": rows}
-            )  # fmt: skip
-            failed |= _fastxent_wrong(rows, dtype)
-            del h0, w0
-        if "amp" in args.task_list:
-            h0 = torch.randn(n, d, device=device, dtype=dtype, generator=g)
-            w0 = torch.randn(v, d, device=device, generator=g) / d**0.5  # float32 master
-
-            def make_amp(h0=h0, w0=w0, y=y):
-                h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-                return [h, w], (h, w, y)
-
-            rate = matmul_rate(n, d, v, device, dtype, cuda)
-            floor_s = 6 * n * d * v / rate
-            reference = linear_reference(h0, w0.to(dtype), y)
-            providers = {
-                name: under_autocast(f, device.type, dtype)
-                for name, f in linear_providers(args.small).items()
-            }
-            rows = [
-                run_provider(name, f, make_amp, reference, floor_s, args, cuda)
-                for name, f in providers.items()
-            ]
-            del reference
-            print_rows(
-                f"linear_cross_entropy under autocast({dtype}) {shape_name} N={n} D={d} V={v},"
-                f" float32 classifier (matmul {rate / 1e12:.0f} TFLOP/s)",
-                rows,
-                floor_s,
-            )
-            results["runs"].append(
-                {"task": "linear_cross_entropy_amp", "shape": shape_name, "N": n, "D": d, "V": v,
-                 "matmul_flops_per_s": rate, "floor_s": floor_s, "rows": rows}
-            )  # fmt: skip
-            failed |= _fastxent_wrong(rows, dtype)
-            del h0, w0
+        for task in ("linear", "amp"):
+            if task in args.task_list:
+                run = linear_task(task == "amp", shape_name, (n, d, v), y, g, args, device, cuda)
+                results["runs"].append(run)
+                failed |= _fastxent_wrong(run["rows"], dtype)
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nwrote {args.out}")
     return 1 if failed else 0
+
+
+def linear_task(amp: bool, shape_name: str, shape, y, g, args, device, cuda: bool) -> dict:
+    """Every provider on the linear case (bf16 classifier), or with ``amp`` on the amp case
+    (float32 classifier, forward under bf16 autocast); the run's record for the JSON."""
+    import torch
+
+    n, d, v = shape
+    dtype = torch.bfloat16
+    h0 = torch.randn(n, d, device=device, dtype=dtype, generator=g)
+    w_dtype = torch.float32 if amp else dtype  # amp: the float32 master weights
+    w0 = torch.randn(v, d, device=device, dtype=w_dtype, generator=g) / d**0.5
+
+    def make_inputs():
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        return [h, w], (h, w, y)
+
+    rate = matmul_rate(n, d, v, device, dtype, cuda)
+    floor_s = 6 * n * d * v / rate
+    reference = linear_reference(h0, w0.to(dtype), y)  # autocast computes with the bf16 cast
+    providers = linear_providers(args.small)
+    if amp:
+        providers = {name: under_autocast(f, device.type, dtype) for name, f in providers.items()}
+    rows = [
+        run_provider(name, f, make_inputs, reference, floor_s, args, cuda)
+        for name, f in providers.items()
+    ]
+    where = "under autocast(bf16), float32 classifier" if amp else str(dtype)
+    print_rows(
+        f"linear_cross_entropy {shape_name} N={n} D={d} V={v} {where}"
+        f" (matmul {rate / 1e12:.0f} TFLOP/s)",
+        rows,
+        floor_s,
+    )
+    return {
+        "task": "linear_cross_entropy_amp" if amp else "linear_cross_entropy",
+        "shape": shape_name, "N": n, "D": d, "V": v, "matmul_flops_per_s": rate,
+        "floor_s": floor_s, "rows": rows,
+    }  # fmt: skip
 
 
 def _fastxent_wrong(rows: list[dict], dtype) -> bool:
