@@ -1,6 +1,8 @@
 """fastxent.cross_entropy on CPU (the portable row kernel, and the fused-ops path "auto" takes
 for small calls) against PyTorch and the float64 reference."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -364,6 +366,33 @@ def test_no_gradient_buffer_without_grad_mode(backend, grad_mode, shapes_passed_
         loss = fastxent.cross_entropy(z, target, backend=backend)
     assert buffers == [] and not loss.requires_grad
     torch.testing.assert_close(loss, F.cross_entropy(z.detach(), target))
+
+
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing(use_reentrant, backend):
+    """Under torch.utils.checkpoint the loss is recomputed in backward (its gradient made again
+    in that forward): parameter gradients equal PyTorch's, for both checkpoint kinds."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(3)
+    layer = torch.nn.Linear(16, 700).double()
+    x = torch.randn(300, 16, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 700, (300,))
+    grads = []
+    ours = functools.partial(fastxent.cross_entropy, backend=backend)
+    for loss_fn in (ours, F.cross_entropy):
+        layer.zero_grad()
+        x.grad = None
+        loss = checkpoint(
+            lambda h, fn=loss_fn: fn(layer(h), target, label_smoothing=0.1),
+            x,
+            use_reentrant=use_reentrant,
+        )
+        loss.backward()
+        grads.append((loss.detach(), x.grad, layer.weight.grad.clone()))
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
 
 
 def test_module_matches_torch_module():
