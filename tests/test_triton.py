@@ -569,3 +569,82 @@ def test_linear_cross_entropy_runs_the_triton_kernel_per_chunk(shift, small_tile
     want = oracle(hidden, weight, bias, target, shift=shift, **options)
     for got, expected in zip((loss, hidden.grad, weight.grad, bias.grad), want, strict=True):
         assert_fp32_close(got.detach().double(), expected)
+
+
+@interpreter
+def test_float16_mean_gradient_survives_loss_scaling():
+    """The Triton kernel writes a float16 "mean" gradient without the mean's 1/N (backward
+    applies it with grad_output): under a 2^16 loss scale the error, a norm over all entries, is
+    PyTorch's under float16 autocast (tests/test_loss_scaling.py for the other kernels)."""
+    g = torch.Generator().manual_seed(12)
+    z = (torch.randn(512, 1024, generator=g) * 3).half()  # o ≈ 1e-5: o/512 is below 6e-8
+    target = torch.randint(0, 1024, (512,), generator=g)
+    exact = z.double().requires_grad_()
+    torch.nn.functional.cross_entropy(exact, target).backward()
+    ours, theirs = z.clone().requires_grad_(), z.clone().requires_grad_()
+    (fastxent.cross_entropy(ours, target, backend="triton") * 2.0**16).backward()
+    with torch.autocast("cpu", dtype=torch.float16):
+        (torch.nn.functional.cross_entropy(theirs, target) * 2.0**16).backward()
+
+    def error(x):
+        return float((x.grad.double() / 2.0**16 - exact.grad).norm() / exact.grad.norm())
+
+    assert error(ours) <= 1.5 * error(theirs)
+
+
+@pytest.mark.gpu
+@compiled
+def test_gpu_float16_mean_under_grad_scaler():
+    """float16 logits at a large vocabulary, a "mean", GradScaler's 2^16: the gradient's error
+    (a norm over all entries) is PyTorch's under float16 autocast, not that of entries ~o/N
+    flushed to zero."""
+    n, v = 8192, 32000
+    g = torch.Generator(device="cuda").manual_seed(13)
+    z = (torch.randn(n, v, device="cuda", generator=g) * 2).half()
+    target = torch.randint(0, v, (n,), device="cuda", generator=g)
+    exact = z.float().requires_grad_()
+    torch.nn.functional.cross_entropy(exact, target).backward()
+    ours, theirs = z.clone().requires_grad_(), z.clone().requires_grad_()
+    (fastxent.cross_entropy(ours, target, backend="triton") * 2.0**16).backward()
+    with torch.autocast("cuda", dtype=torch.float16):
+        (torch.nn.functional.cross_entropy(theirs, target) * 2.0**16).backward()
+
+    def error(x):
+        return float((x.grad.float() / 2.0**16 - exact.grad).norm() / exact.grad.norm())
+
+    assert error(ours) <= 1.5 * error(theirs)
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_gpu_linear_under_autocast_with_float32_master_weights(autocast_dtype):
+    """The CUDA token walk under autocast, float32 weight and bias: gradients in float32 (∂W
+    straight from the accumulator), errors against float64 on the cast inputs within those of
+    eager PyTorch under the same autocast plus 1e-2 of the largest entry."""
+    from test_linear import oracle
+
+    gen = torch.Generator().manual_seed(14)
+    hidden = torch.randn(4, 300, 64, generator=gen)
+    weight = torch.randn(20000, 64, generator=gen) * 0.2
+    bias = torch.randn(20000, generator=gen)
+    target = torch.randint(0, 20000, (4, 300), generator=gen)
+    want = oracle(*(x.to(autocast_dtype) for x in (hidden, weight, bias)), target)
+    results = []
+    for fn in (fastxent.linear_cross_entropy, None):
+        leaves = [x.cuda().requires_grad_() for x in (hidden, weight, bias)]
+        with torch.autocast("cuda", dtype=autocast_dtype):
+            if fn is None:
+                logits = torch.nn.functional.linear(*leaves).flatten(0, 1)
+                loss = torch.nn.functional.cross_entropy(logits, target.cuda().flatten())
+            else:
+                loss = fn(leaves[0], leaves[1], target.cuda(), leaves[2])
+        loss.backward()
+        results.append((loss.detach(), *(x.grad for x in leaves)))
+    ours, theirs = results
+    assert all(x.dtype == torch.float32 for x in ours)
+    for name, mine, base, w in zip(("loss", "dh", "dW", "db"), ours, theirs, want, strict=True):
+        scale = w.abs().max()
+        err = (mine.cpu().double() - w).abs().max() / scale
+        base_err = (base.cpu().double() - w).abs().max() / scale
+        assert err <= base_err + 1e-2, f"{name}: {err:.2e} against eager {base_err:.2e}"
