@@ -171,6 +171,22 @@ def empty_cache() -> None:
     _spare = None
 
 
+_functorch = getattr(torch._C, "_functorch", None)
+_functorch_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", None)
+
+
+def under_torch_func(*tensors: Tensor | None) -> bool:
+    """Whether a tensor is wrapped by a ``torch.func`` transform (grad, vmap, jacrev, ...).
+
+    The Functions here make the gradient in forward and keep state on ``ctx``, which those
+    transforms do not allow, and the target check reads values (data-dependent under vmap); so
+    calls under a transform are built from PyTorch's own ops instead (``_torch.composed``).
+    """
+    if _functorch_wrapped is None:
+        return False
+    return any(x is not None and _functorch_wrapped(x) for x in tensors)
+
+
 def detached_without_grad_mode(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """The tensors, detached when grad mode is off (``torch.no_grad``, ``inference_mode``).
 

@@ -13,6 +13,7 @@ from fastxent._autograd import (
     autocast_dtype,
     autocast_off,
     detached_without_grad_mode,
+    under_torch_func,
 )
 from fastxent._options import (
     CrossEntropyOptions,
@@ -220,10 +221,13 @@ def cross_entropy(
             "inplace_backward=False."
         )
     name, kernel = resolve_backend(backend, input.device, input.numel())
-    fused_ops = uses_composed(backend, input.device, input.numel()) and not inplace_backward
+    transformed = under_torch_func(input, target, weight)  # PyTorch's ops check the targets
+    fused_ops = transformed or (
+        uses_composed(backend, input.device, input.numel()) and not inplace_backward
+    )
     finish_target_check = None
-    if not soft:  # Triton's kernel reads bad targets safely, so on CUDA it runs alongside
-        finish_target_check = start_index_target_check(
+    if not soft and not transformed:  # the Triton kernel reads bad targets safely: on CUDA
+        finish_target_check = start_index_target_check(  # the check runs alongside it
             target, num_classes, ignore_index, defer=name == "triton" and not fused_ops
         )
     opts = CrossEntropyOptions.of(
@@ -403,7 +407,8 @@ def linear_cross_entropy(
             "ignore_index is only supported with class-index targets; probability targets have "
             f"no class to ignore (got ignore_index={ignore_index})."
         )
-    if not soft:
+    transformed = under_torch_func(hidden, weight, bias, target, class_weight)
+    if not soft and not transformed:  # under torch.func PyTorch's ops check the targets
         check_index_targets(target, num_classes, ignore_index, shift)
     check_chunking(chunk_size, filter_eps, vocab_block)
     tokens = hidden.shape[:-1].numel()
@@ -412,7 +417,8 @@ def linear_cross_entropy(
         num_classes, soft, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
     )
     walk_chosen = chunk_size is not None or filter_eps is not None or vocab_block is not None
-    if uses_composed(backend, hidden.device, tokens * num_classes, linear=True) and not walk_chosen:
+    small = uses_composed(backend, hidden.device, tokens * num_classes, linear=True)
+    if transformed or (small and not walk_chosen):
         with autocast_off(hidden):
             return composed.linear_cross_entropy(
                 hidden, weight, bias, target, class_weight, ce_opts, shift

@@ -1,0 +1,77 @@
+"""Under torch.func transforms (grad, vmap, jacrev) calls run on PyTorch's own ops.
+
+fastxent's autograd Functions make the gradient in forward and keep state on ``ctx``, which the
+transforms do not allow, and its target check reads values; so a call whose tensors a transform
+has wrapped is built from PyTorch's fused ops instead (``fastxent._torch.composed``), with
+fastxent's semantics, and PyTorch's ops check the targets. Compared here with ``F.cross_entropy``
+under the same transforms, in float64.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import grad, jacrev, vmap
+
+import fastxent
+
+F64 = {"rtol": 1e-12, "atol": 1e-14}
+
+
+def case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(8, 100, generator=g, dtype=torch.float64) * 2
+    target = torch.randint(0, 100, (8,), generator=g)
+    target[2] = -100
+    return z, target
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "compiled"])
+def test_grad_and_jacrev_match_pytorch(backend):
+    """grad of the mean; jacrev of the per-row losses ("none"), an (8, 8, 100) Jacobian."""
+    z, target = case()
+    for reduction, transform in (("mean", grad), ("none", jacrev)):
+
+        def ours(x, reduction=reduction):
+            return fastxent.cross_entropy(
+                x, target, reduction=reduction, label_smoothing=0.1, backend=backend
+            )
+
+        def theirs(x, reduction=reduction):
+            return F.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
+
+        torch.testing.assert_close(transform(ours)(z), transform(theirs)(z), **F64)
+
+
+def test_vmap_and_per_sample_gradients():
+    """vmap over batches of logits; per-sample gradients of a linear head by vmap(grad(...))."""
+    z, target = case(1)
+    z3, t3 = z.reshape(2, 4, 100), target.reshape(2, 4)
+    torch.testing.assert_close(
+        vmap(lambda x, y: fastxent.cross_entropy(x, y, z_loss=1e-3, backend="torch"))(z3, t3),
+        vmap(lambda x, y: F.cross_entropy(x, y) + 1e-3 * _mean_lse2(x, y))(z3, t3),
+        **F64,
+    )
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(100, 16, generator=g, dtype=torch.float64)
+    y = target.clamp(min=0)
+
+    def per_sample(loss):
+        return vmap(grad(loss), in_dims=(None, 0, 0))(weight, hidden, y)
+
+    ours = per_sample(
+        lambda w, h, t: fastxent.linear_cross_entropy(h[None], w, t[None], chunk_size=4)
+    )
+    theirs = per_sample(lambda w, h, t: F.cross_entropy(h[None] @ w.T, t[None]))
+    torch.testing.assert_close(ours, theirs, **F64)
+
+
+def _mean_lse2(x, y):
+    counted = y != -100
+    return torch.where(counted, torch.logsumexp(x, dim=1) ** 2, 0.0).sum() / counted.sum()
+
+
+def test_bad_targets_are_reported_by_pytorch_under_a_transform():
+    z, _ = case()
+    with pytest.raises(IndexError, match="Target 500 is out of bounds"):
+        grad(lambda x: fastxent.cross_entropy(x, torch.full((8,), 500), backend="torch"))(z)
