@@ -79,3 +79,22 @@ def test_linear_float16_gradients_survive_loss_scaling(walk):
     for name, mine, base, want in zip(("dh", "dW"), ours, theirs, exact, strict=True):
         err, base_err = norm_error(mine.grad, want.grad), norm_error(base.grad, want.grad)
         assert err <= 1.5 * base_err + 1e-4, f"{name}: {err:.2e} against PyTorch's {base_err:.2e}"
+
+
+def test_filter_eps_thresholds_the_true_float16_gradient():
+    """filter_eps compares |∂ℓ/∂z| with eps: a float16 gradient held without the mean's factor
+    is compared with eps divided by it. With eps above every |∂ℓ/∂z| every block is skipped
+    (∂h = ∂W = 0, the loss exact); just below the largest, some block is kept."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(64, 16, generator=g).half()
+    weight = (torch.randn(1024, 16, generator=g) * 0.5).half()
+    target = torch.randint(0, 1024, (64,), generator=g)
+    exact = [x.double().requires_grad_() for x in (hidden, weight)]
+    logits = exact[0] @ exact[1].T
+    largest = float(torch.autograd.grad(F.cross_entropy(logits, target), logits)[0].abs().max())
+    for eps, skips_all in ((1.5 * largest, True), (0.5 * largest, False)):
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight)]
+        loss = fastxent.linear_cross_entropy(*leaves, target, chunk_size=64, filter_eps=eps)
+        loss.backward()
+        assert bool((leaves[1].grad == 0).all()) == skips_all, eps
+    torch.testing.assert_close(loss.double(), F.cross_entropy(logits, target), rtol=1e-3, atol=0)

@@ -328,7 +328,10 @@ def chunked_pass(
             g.mul_(_take(grad_rows, rows).to(g.dtype).unsqueeze(1))
         if need_b:
             db.add_(g.sum(0, dtype=acc))
-        cols = _kept_columns(g, opts.filter_eps) if opts.filter_eps is not None else None
+        cols = None
+        if opts.filter_eps is not None:  # a float16 g is held without the mean's factor
+            eps = opts.filter_eps if factor is None else opts.filter_eps / factor
+            cols = _kept_columns(g, eps)
         if cols is None:
             _dense_update(g, h, weight, tok, dh, dw, overwrite=start == 0)
         elif cols.numel():
@@ -375,7 +378,7 @@ def _dense_update(
             dw[block].add_(part)
 
 
-def kept_blocks(g: Tensor, eps: float) -> Tensor:
+def kept_blocks(g: Tensor, eps: float | Tensor) -> Tensor:
     """Which ``FILTER_BLOCK``-class blocks of a chunk's gradient g (n, V) have some |g| >= eps:
     (ceil(V / FILTER_BLOCK),) booleans."""
     col_max = torch.maximum(g.amax(0), g.amin(0).neg())  # (V,) max_r |g_rj|
@@ -385,7 +388,7 @@ def kept_blocks(g: Tensor, eps: float) -> Tensor:
     return col_max.view(-1, FILTER_BLOCK).amax(1) >= eps
 
 
-def _kept_columns(g: Tensor, eps: float) -> Tensor | None:
+def _kept_columns(g: Tensor, eps: float | Tensor) -> Tensor | None:
     """Vocab columns of blocks where some |g| >= eps; None (dense, exact) when at least half
     the blocks are kept, since gathering that many columns costs more than it saves."""
     num_classes = g.shape[1]
