@@ -400,3 +400,17 @@ def test_inplace_backward_allocates_nothing_logits_sized(dtype):
     assert grads[0].data_ptr() == logits.data_ptr()
     assert peak < n * v * logits.element_size() / 8
     assert max_err(grads[0], expected_grad) <= LOW_PRECISION_TOL[dtype]
+
+
+def test_graph_code_is_renamed_on_python_3_10_too():
+    """Each variant's graph gets a code object of its own name; Python 3.10's code objects have
+    no co_qualname (and refuse it in replace): the compiled backend then fell back to the
+    portable kernel on every call there."""
+
+    class Python310Code:  # replace() as 3.10 has it: no co_qualname
+        def replace(self, *, co_name):
+            return ("renamed", co_name)
+
+    assert kernel.renamed(Python310Code(), "g_7") == ("renamed", "g_7")
+    code = kernel.renamed(kernel._rows_graph.__code__, "g_8")
+    assert (code.co_name, code.co_qualname) == ("g_8", "g_8")

@@ -212,9 +212,16 @@ def compiled_graph(v: Variant, graph=_rows_graph):
     """
     name = f"{graph.__name__}_{len(_variants)}"
     _variants.append(v)
-    code = graph.__code__.replace(co_name=name, co_qualname=name)
-    fn = types.FunctionType(code, graph.__globals__, name, (v,))
+    fn = types.FunctionType(renamed(graph.__code__, name), graph.__globals__, name, (v,))
     return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def renamed(code: types.CodeType, name: str) -> types.CodeType:
+    """A copy of ``code`` named ``name`` (its qualified name too, on Python >= 3.11, where code
+    objects have one: 3.10's ``replace`` refuses ``co_qualname``)."""
+    if hasattr(code, "co_qualname"):
+        return code.replace(co_name=name, co_qualname=name)
+    return code.replace(co_name=name)
 
 
 _variants: list[Variant] = []  # in the order their graphs were built
