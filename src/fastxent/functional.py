@@ -307,8 +307,11 @@ def linear_cross_entropy(
     once at the end.
 
     Args:
-        hidden: (N, D) or (B, T, D) floating hidden states.
-        weight: (V, D) classifier weight, hidden's dtype and device.
+        hidden: (N, D) or (B, T, D) floating hidden states. Under ``torch.autocast`` they
+            are cast to the autocast dtype, as ``F.linear``'s input would be.
+        weight: (V, D) classifier weight, hidden's dtype and device; under autocast any
+            floating dtype but float64 (float32 master weights): cast for the matmuls, its
+            gradient returned in its own dtype (the token walk's float32 accumulator as is).
         target: class indices in ``[0, V)`` (or ``ignore_index``), or probabilities.
         bias: optional (V,) bias.
         class_weight: optional (V,) class weights, as ``weight`` of :func:`cross_entropy`.
