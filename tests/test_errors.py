@@ -89,3 +89,11 @@ def test_class_weight_requiring_grad_is_refused_by_linear():
         fastxent.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), T, class_weight=weight)
     with torch.no_grad():  # no graph, nothing to refuse
         fastxent.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), T, class_weight=weight)
+
+
+def test_a_bad_target_on_the_fused_ops_path_gets_fastxents_error_alone():
+    """Small CPU calls leave the range check to PyTorch's ops; their IndexError is replaced by
+    fastxent's, which names the position, with no PyTorch traceback chained to it."""
+    with pytest.raises(IndexError, match=r"target\[2\] = 7 is out of range") as info:
+        fastxent.cross_entropy(Z, torch.tensor([0, 1, 7, 3]))
+    assert info.value.__context__ is None and info.value.__cause__ is None

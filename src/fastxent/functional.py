@@ -226,8 +226,11 @@ def cross_entropy(
         uses_composed(backend, input.device, input.numel()) and not inplace_backward
     )
     finish_target_check = None
-    if not soft and not transformed:  # the Triton kernel reads bad targets safely: on CUDA
-        finish_target_check = start_index_target_check(  # the check runs alongside it
+    # PyTorch's ops check the targets under torch.func, and on CPU (an IndexError, turned into
+    # ours below); the Triton kernel reads bad targets safely: on CUDA the check runs beside it.
+    torch_checks = transformed or (fused_ops and input.device.type == "cpu")
+    if not soft and not torch_checks:
+        finish_target_check = start_index_target_check(
             target, num_classes, ignore_index, defer=name == "triton" and not fused_ops
         )
     opts = CrossEntropyOptions.of(
@@ -245,7 +248,7 @@ def cross_entropy(
     t = _rows(target, class_dim) if soft else target.reshape(-1).long()  # (M, C) or (M,)
     with autocast_off(input):
         if fused_ops:
-            loss = composed.cross_entropy(z, t, weight, opts)
+            loss = _fused_ops_loss(z, t, weight, opts, target, name_bad=not (soft or transformed))
         else:
             (z,) = detached_without_grad_mode(z)
             loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
@@ -440,6 +443,27 @@ def linear_cross_entropy(
         return LinearCrossEntropyFunction.apply(
             hidden, weight, bias, target, class_weight, opts, kernel
         )
+
+
+def _fused_ops_loss(
+    z: Tensor,
+    t: Tensor,
+    weight: Tensor | None,
+    opts: CrossEntropyOptions,
+    target: Tensor,
+    name_bad: bool,
+) -> Tensor:
+    """:func:`composed.cross_entropy`, where (on CPU) PyTorch's ops check the class indices:
+    with ``name_bad`` their IndexError ("Target 10 is out of bounds.") becomes fastxent's, which
+    names the position in the caller's ``target``, without PyTorch's traceback chained to it."""
+    try:
+        return composed.cross_entropy(z, t, weight, opts)
+    except IndexError as error:
+        if not name_bad:
+            raise
+        torch_error = error
+    check_index_targets(target, opts.num_classes, opts.ignore_index)  # raises fastxent's
+    raise torch_error
 
 
 def _rows(x: Tensor, class_dim: int) -> Tensor:

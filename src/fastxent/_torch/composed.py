@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastxent._autograd import accumulation_dtype, reduction_scales
+from fastxent._autograd import accumulation_dtype, reduction_scales, under_torch_func
 from fastxent._options import CrossEntropyOptions
 
 
@@ -47,12 +47,13 @@ def cross_entropy(
         target = target.to(acc)
     w = None if weight is None else weight.to(device=z.device, dtype=acc)
     per_row = opts.reduction == "none"
+    torch_mean = _torch_mean_is_ours(z, target, weight, opts)
     loss = F.cross_entropy(
         zp,
         target,
         w,
         ignore_index=opts.ignore_index,
-        reduction="none" if per_row else "sum",
+        reduction="none" if per_row else "mean" if torch_mean else "sum",
         label_smoothing=opts.label_smoothing,
     )  # (M,) or ()
     z_loss = None
@@ -62,11 +63,26 @@ def cross_entropy(
             z_loss = torch.where(target != opts.ignore_index, z_loss, 0.0)
         if not per_row:
             z_loss = z_loss.sum()
-    if opts.reduction == "mean":
+    if opts.reduction == "mean" and not torch_mean:
         ce_scale, z_scale = reduction_scales(z, target, weight, opts)
         loss = loss * ce_scale
         z_loss = None if z_loss is None else z_loss * z_scale
     return loss if z_loss is None else loss + z_loss
+
+
+def _torch_mean_is_ours(
+    z: Tensor, target: Tensor, weight: Tensor | None, opts: CrossEntropyOptions
+) -> bool:
+    """Whether PyTorch's own "mean" is fastxent's here, so it can be asked for directly: class
+    indices without class weights or z-loss (PyTorch divides by the counted targets, as
+    fastxent does), some target counted (none: PyTorch's 0/0 is NaN, fastxent's loss 0), read
+    on the host: on CPU only (a read is no sync there) and not under torch.func (vmap cannot).
+    Saves the scales' few small ops."""
+    if opts.reduction != "mean" or opts.soft or weight is not None or opts.z_loss:
+        return False
+    if z.device.type != "cpu" or under_torch_func(z, target):
+        return False
+    return bool((target != opts.ignore_index).any())
 
 
 def linear_cross_entropy(
