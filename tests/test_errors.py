@@ -97,3 +97,12 @@ def test_a_bad_target_on_the_fused_ops_path_gets_fastxents_error_alone():
     with pytest.raises(IndexError, match=r"target\[2\] = 7 is out of range") as info:
         fastxent.cross_entropy(Z, torch.tensor([0, 1, 7, 3]))
     assert info.value.__context__ is None and info.value.__cause__ is None
+
+
+def test_a_bad_target_on_the_linear_fused_ops_path_names_its_position():
+    """The small-call linear path too: PyTorch's IndexError becomes fastxent's, shift counted."""
+    target = torch.randint(0, 5, (2, 4))
+    target[1, 2] = 9
+    with pytest.raises(IndexError, match=r"target\[1, 2\] = 9 is out of range") as info:
+        fastxent.linear_cross_entropy(torch.randn(2, 4, 3), torch.randn(5, 3), target, shift=True)
+    assert info.value.__context__ is None

@@ -3,6 +3,7 @@ r"""Public functions: validate the call, pick a backend, run it."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -247,8 +248,12 @@ def cross_entropy(
     z = _rows(input, class_dim)  # (M, C)
     t = _rows(target, class_dim) if soft else target.reshape(-1).long()  # (M, C) or (M,)
     with autocast_off(input):
-        if fused_ops:
-            loss = _fused_ops_loss(z, t, weight, opts, target, name_bad=not (soft or transformed))
+        if fused_ops and (soft or transformed):
+            loss = composed.cross_entropy(z, t, weight, opts)
+        elif fused_ops:
+            loss = _with_our_index_error(
+                lambda: composed.cross_entropy(z, t, weight, opts), target, opts
+            )
         else:
             (z,) = detached_without_grad_mode(z)
             loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
@@ -413,9 +418,6 @@ def linear_cross_entropy(
             "ignore_index is only supported with class-index targets; probability targets have "
             f"no class to ignore (got ignore_index={ignore_index})."
         )
-    transformed = under_torch_func(hidden, weight, bias, target, class_weight)
-    if not soft and not transformed:  # under torch.func PyTorch's ops check the targets
-        check_index_targets(target, num_classes, ignore_index, shift)
     check_chunking(chunk_size, filter_eps, vocab_block)
     tokens = hidden.shape[:-1].numel()
     _, kernel = resolve_backend(backend, hidden.device, tokens * num_classes)
@@ -424,11 +426,22 @@ def linear_cross_entropy(
     )
     walk_chosen = chunk_size is not None or filter_eps is not None or vocab_block is not None
     small = uses_composed(backend, hidden.device, tokens * num_classes, linear=True)
-    if transformed or (small and not walk_chosen):
-        with autocast_off(hidden):
-            return composed.linear_cross_entropy(
-                hidden, weight, bias, target, class_weight, ce_opts, shift
-            )
+    transformed = under_torch_func(hidden, weight, bias, target, class_weight)
+    if transformed or (small and not walk_chosen):  # PyTorch's ops check the targets (on CPU)
+
+        def compute() -> Tensor:
+            with autocast_off(hidden):
+                return composed.linear_cross_entropy(
+                    hidden, weight, bias, target, class_weight, ce_opts, shift
+                )
+
+        return (
+            compute()
+            if soft or transformed
+            else _with_our_index_error(compute, target, ce_opts, shift)
+        )
+    if not soft:
+        check_index_targets(target, num_classes, ignore_index, shift)
     if chunk_size is None:
         chunk_size = default_chunk_size(num_classes, hidden.shape[-1], hidden.dtype, tokens)
     opts = LinearOptions(
@@ -445,24 +458,17 @@ def linear_cross_entropy(
         )
 
 
-def _fused_ops_loss(
-    z: Tensor,
-    t: Tensor,
-    weight: Tensor | None,
-    opts: CrossEntropyOptions,
-    target: Tensor,
-    name_bad: bool,
+def _with_our_index_error(
+    compute: Callable[[], Tensor], target: Tensor, opts: CrossEntropyOptions, shift: bool = False
 ) -> Tensor:
-    """:func:`composed.cross_entropy`, where (on CPU) PyTorch's ops check the class indices:
-    with ``name_bad`` their IndexError ("Target 10 is out of bounds.") becomes fastxent's, which
-    names the position in the caller's ``target``, without PyTorch's traceback chained to it."""
+    """``compute()``, where (on CPU) PyTorch's ops check the class indices: their IndexError
+    ("Target 10 is out of bounds.") becomes fastxent's, which names the position in the caller's
+    ``target`` (``shift`` as in :func:`check_index_targets`), with no PyTorch traceback chained."""
     try:
-        return composed.cross_entropy(z, t, weight, opts)
+        return compute()
     except IndexError as error:
-        if not name_bad:
-            raise
         torch_error = error
-    check_index_targets(target, opts.num_classes, opts.ignore_index)  # raises fastxent's
+    check_index_targets(target, opts.num_classes, opts.ignore_index, shift)  # raises fastxent's
     raise torch_error
 
 
