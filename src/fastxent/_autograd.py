@@ -29,7 +29,9 @@ The Function turns the reduction into those two scales, calls the kernel once in
 only the gradient buffer. The first backward multiplies that buffer by ``grad_output`` in place
 and hands it to autograd: nothing else of size N×V is saved, and for "mean"/"sum" no N×V buffer
 is allocated in backward. Later backwards through a retained graph rescale the buffer into a new
-tensor; "none" (one factor per row) always scales into a new tensor.
+tensor; "none" (one factor per row) always scales into a new tensor. A float16 "mean" hands the
+kernel its scales divided by a power of two that backward multiplies back in with grad_output
+(:func:`deferred_mean`: the entries would otherwise fall below float16's range).
 """
 
 from __future__ import annotations
