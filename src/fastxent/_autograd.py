@@ -140,37 +140,47 @@ def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
 
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-_spare: torch.UntypedStorage | None = None  # the last CPU gradient buffer, for reuse
+_spares: list[torch.UntypedStorage] = []  # recent large CPU buffers, for reuse; newest last
+SPARES = 4  # how many are kept: a step's gradient, a linear walk's logits, ∂W and ∂h
 REUSE_MIN_BYTES = 1 << 20
 
 
-def gradient_buffer_like(z: Tensor) -> Tensor:
-    """An uninitialised buffer like ``z`` for the gradient; on CPU, the last one when it is free.
+def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty(shape)``, contiguous; on CPU, a kept storage of that size when it is free.
 
-    A fresh N×V buffer costs a page fault per 4 KiB page at first touch (glibc returns large
-    blocks to the system when they are freed), about as long as the kernel itself. So the CPU
-    buffer's storage is kept after the step, and handed out again for a gradient of the same size
-    once nothing else holds it: no tensor, view or .grad on it (its use count is 1, ours). The
-    CUDA caching allocator already does this for GPU memory. :func:`empty_cache` releases it.
+    A fresh large CPU buffer costs a page fault per 4 KiB page at first touch (glibc returns
+    large blocks to the system when they are freed): for a gradient about as long as the kernel
+    itself, for the linear walk's logits and ∂W a tenth of a step on two cores. So the storages of
+    the last :data:`SPARES` such buffers (1 MiB or more) are kept, and one is handed out again for
+    a buffer of the same size once nothing else holds it: no tensor, view or .grad on it (its
+    use count is 1, the list's). The CUDA caching allocator already does this for GPU memory.
+    :func:`empty_cache` releases them.
     """
-    global _spare
-    nbytes = z.numel() * z.element_size()
-    if z.device.type != "cpu" or not z.is_contiguous() or nbytes < REUSE_MIN_BYTES:
-        return torch.empty_like(z)
-    if _storage_use_count is None:
-        return torch.empty_like(z)
-    spare = _spare
-    if spare is not None and spare.nbytes() == nbytes and _storage_use_count(spare._cdata) == 1:
-        return torch.empty(0, dtype=z.dtype).set_(spare, 0, z.shape, z.stride())
-    buffer = torch.empty_like(z)
-    _spare = buffer.untyped_storage()
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes < REUSE_MIN_BYTES or _storage_use_count is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    for i, storage in enumerate(_spares):
+        if storage.nbytes() == nbytes and _storage_use_count(storage._cdata) == 1:
+            _spares.append(_spares.pop(i))  # now the most recently used
+            strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))  # contiguous
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
+    buffer = torch.empty(shape, dtype=dtype)
+    _spares.append(buffer.untyped_storage())
+    del _spares[:-SPARES]
     return buffer
 
 
+def gradient_buffer_like(z: Tensor) -> Tensor:
+    """An uninitialised buffer like ``z`` for its gradient (:func:`reusable_empty` when ``z`` is
+    contiguous; otherwise ``empty_like``, which keeps ``z``'s layout)."""
+    if not z.is_contiguous():
+        return torch.empty_like(z)
+    return reusable_empty(tuple(z.shape), z.dtype, z.device)
+
+
 def empty_cache() -> None:
-    """Release the CPU gradient buffer fastxent keeps for reuse (it is freed once unused)."""
-    global _spare
-    _spare = None
+    """Release the CPU buffers fastxent keeps for reuse (each is freed once unused)."""
+    _spares.clear()
 
 
 _functorch = getattr(torch._C, "_functorch", None)

@@ -45,6 +45,7 @@ from fastxent._autograd import (
     accumulation_dtype,
     deferred_mean,
     reduction_scales,
+    reusable_empty,
     scale_by_grad_output,
     times_deferred,
 )
@@ -300,13 +301,16 @@ def chunked_pass(
     dh = torch.zeros_like(h2) if need_h else None  # (B·T, D); untouched rows stay zero
     # ∂W is written, not added to, by the first chunk's dense update: no zero-fill pass then.
     first_writes_dw = opts.filter_eps is None and toks.num_counted > 0
-    new_dw = torch.empty if first_writes_dw else torch.zeros
-    dw = new_dw(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    dw = None
+    if need_w:  # kept for reuse on CPU (reusable_empty): the next step writes it again
+        dw = reusable_empty(tuple(weight.shape), acc, weight.device)
+        if not first_writes_dw:
+            dw.zero_()
     db = torch.zeros(num_classes, dtype=acc, device=weight.device) if need_b else None
 
     step = opts.chunk_size
     rows_max = min(step, toks.num_counted)
-    buf = torch.empty((rows_max, num_classes), dtype=hidden.dtype, device=hidden.device)
+    buf = reusable_empty((rows_max, num_classes), hidden.dtype, hidden.device)
     wt = weight.t()  # (D, V)
     for start in range(0, toks.num_counted, step):
         stop = min(start + step, toks.num_counted)
@@ -538,7 +542,9 @@ def vocab_pass(
     dh_used = dh[tok] if in_place else None
     if need_h and not in_place:
         dh_used = torch.zeros((num_tokens, dim), dtype=acc, device=device)
-    dw = torch.empty_like(weight) if need_w else None  # each block written once
+    dw = None  # each block written once
+    if need_w:
+        dw = reusable_empty(tuple(weight.shape), weight.dtype, weight.device)
     db = torch.empty(num_classes, dtype=acc, device=device) if need_b else None
     for block in blocks:
         zp, chain = logits(block)
