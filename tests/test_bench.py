@@ -203,7 +203,7 @@ def test_methods_flag_selects_backends_by_prefix():
     assert {c.kind for c in bench.cases_of(args)} == {"cross_entropy"}
     chosen = [m.name for m in bench.methods() if bench._selected(m.name, args.methods)]
     backends = [f"fastxent-{b}" for b in bench.functional.BACKENDS]
-    assert chosen == [*backends, "fastxent-linear", "fastxent-vocab"]
+    assert chosen == [*backends, "fastxent-linear", "fastxent-vocab", "fastxent-wide"]
 
 
 @pytest.mark.parametrize(
@@ -217,7 +217,11 @@ def test_default_run_shows_the_slow_linear_rows_as_skipped_and_flags_bring_them(
         assert left_out == []
         assert ("chunked", "linear") in why and ("fastxent-vocab", "linear") in why
     else:
-        assert left_out == [("fastxent-vocab", "linear"), ("chunked", "linear")]
+        assert left_out == [
+            ("fastxent-vocab", "linear"),
+            ("fastxent-wide", "linear"),
+            ("chunked", "linear"),
+        ]
         assert why[("fastxent-linear", "linear")] is None and why[("eager", "linear")] is None
 
 

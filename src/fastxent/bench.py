@@ -83,9 +83,10 @@ DEFAULT_BUDGET_S = 10.0  # timed seconds per peer and case before its runs are c
 # Linear rows the default CPU run leaves out (shown as skipped), so that it takes about a minute
 # on two cores: PyTorch's chunked path is the slowest peer by far, and the vocabulary walk is an
 # opt-in layout. --full and --methods run them.
-LEFT_OUT_BY_DEFAULT = ("chunked", "fastxent-vocab")
+LEFT_OUT_BY_DEFAULT = ("chunked", "fastxent-vocab", "fastxent-wide")
 MEMORY_PROCESSES = 2  # memory subprocesses at a time (peak RSS is per process; nothing is timed)
 VOCAB_BLOCK = 512  # classes per block of the linear vocabulary walk, the least-memory row
+WIDE_CHUNK = 1024  # tokens per chunk of the linear token walk's row that trades memory for time
 # Largest relative error (loss and gradient) a fastxent row may show before the run fails.
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 # Bytes of the tensor copied to measure the memory bandwidth (large enough to leave the caches).
@@ -259,6 +260,11 @@ def _fastxent_vocab_walk(inputs: dict[str, Tensor], device: torch.device) -> Run
     return Runner(lambda: fastxent.linear_cross_entropy(h, w, y, vocab_block=VOCAB_BLOCK), [h, w])
 
 
+def _fastxent_wide_chunks(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+    h, w, y = inputs["h"], inputs["w"], inputs["y"]
+    return Runner(lambda: fastxent.linear_cross_entropy(h, w, y, chunk_size=WIDE_CHUNK), [h, w])
+
+
 def _eager_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
     h, w, y = inputs["h"], inputs["w"], inputs["y"]
     return Runner(lambda: F.cross_entropy(F.linear(h, w), y), [h, w])
@@ -321,6 +327,14 @@ def methods() -> list[Method]:
             f"fastxent.linear_cross_entropy(vocab_block={VOCAB_BLOCK})",
             _fastxent_linear_why_not,
             _fastxent_vocab_walk,
+            True,
+        ),
+        Method(
+            "fastxent-wide",
+            "linear",
+            f"fastxent.linear_cross_entropy(chunk_size={WIDE_CHUNK})",
+            _fastxent_linear_why_not,
+            _fastxent_wide_chunks,
             True,
         ),
         Method("eager", "linear", "torch F.linear + F.cross_entropy", _can_run, _eager_linear),
@@ -909,7 +923,11 @@ def goal_checks(results: list[dict]) -> list[Goal]:
     linear = _rows_of(results, GOAL_LINEAR)
     if linear is not None:
         eager, chunked = linear.get("eager"), linear.get("chunked")
-        for name, walk in (("fastxent-linear", "token walk"), ("fastxent-vocab", "vocab walk")):
+        for name, walk in (
+            ("fastxent-linear", "token walk"),
+            ("fastxent-vocab", "vocab walk"),
+            ("fastxent-wide", f"token walk, {WIDE_CHUNK}-row chunks"),
+        ):
             fx = linear.get(name)
             add(
                 GOAL_LINEAR,
