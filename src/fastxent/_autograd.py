@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable
 
 import torch
@@ -141,6 +142,7 @@ def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 _spares: list[torch.UntypedStorage] = []  # recent large CPU buffers, for reuse; newest last
+_spares_lock = threading.Lock()
 SPARES = 4  # how many are kept: a step's gradient, a linear walk's logits, ∂W and ∂h
 REUSE_MIN_BYTES = 1 << 20
 
@@ -159,15 +161,16 @@ def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
     nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < REUSE_MIN_BYTES or _storage_use_count is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    for i, storage in enumerate(_spares):
-        if storage.nbytes() == nbytes and _storage_use_count(storage._cdata) == 1:
-            _spares.append(_spares.pop(i))  # now the most recently used
-            strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))  # contiguous
-            return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
-    buffer = torch.empty(shape, dtype=dtype)
-    _spares.append(buffer.untyped_storage())
-    del _spares[:-SPARES]
-    return buffer
+    with _spares_lock:  # two threads must not both take a storage whose use count is 1
+        for i, storage in enumerate(_spares):
+            if storage.nbytes() == nbytes and _storage_use_count(storage._cdata) == 1:
+                _spares.append(_spares.pop(i))  # now the most recently used
+                strides = tuple(math.prod(shape[k + 1 :]) for k in range(len(shape)))
+                return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
+        buffer = torch.empty(shape, dtype=dtype)
+        _spares.append(buffer.untyped_storage())
+        del _spares[:-SPARES]
+        return buffer
 
 
 def gradient_buffer_like(z: Tensor) -> Tensor:
@@ -180,7 +183,8 @@ def gradient_buffer_like(z: Tensor) -> Tensor:
 
 def empty_cache() -> None:
     """Release the CPU buffers fastxent keeps for reuse (each is freed once unused)."""
-    _spares.clear()
+    with _spares_lock:
+        _spares.clear()
 
 
 _functorch = getattr(torch._C, "_functorch", None)
