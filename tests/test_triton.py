@@ -641,3 +641,27 @@ def test_gpu_linear_under_autocast_with_float32_master_weights(autocast_dtype):
         err = (mine.cpu().double() - w).abs().max() / scale
         base_err = (base.cpu().double() - w).abs().max() / scale
         assert err <= base_err + 1e-2, f"{name}: {err:.2e} against eager {base_err:.2e}"
+
+
+@interpreter
+def test_linear_under_autocast_on_the_triton_kernel(small_tiles):
+    """Float32 master weights under bf16 autocast on the Triton kernel: the same loss and ∂h as
+    the call on inputs cast to bf16 by hand, and ∂W equal to that call's after one rounding to
+    bf16 (autocast hands over the float32 accumulator)."""
+    gen = torch.Generator().manual_seed(15)
+    hidden = torch.randn(2, 7, 16, generator=gen)
+    weight = torch.randn(423, 16, generator=gen) * 0.3
+    target = torch.randint(0, 423, (2, 7), generator=gen)
+    results = []
+    for autocast in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight)]
+        h, w = leaves if autocast else [x.to(torch.bfloat16) for x in leaves]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fastxent.linear_cross_entropy(
+                h, w, target, chunk_size=5, label_smoothing=0.1, backend="triton"
+            )
+        loss.backward()
+        results.append((loss.detach(), *(x.grad for x in leaves)))
+    (loss, dh, dw), (loss_cast, dh_cast, dw_cast) = results
+    assert dw.dtype == torch.float32 and torch.equal(loss, loss_cast) and torch.equal(dh, dh_cast)
+    assert torch.equal(dw.bfloat16().float(), dw_cast)
