@@ -81,8 +81,8 @@ DEFAULT_REPEATS, DEFAULT_WARMUP = 3, 1
 QUICK_REPEATS = 3
 DEFAULT_BUDGET_S = 10.0  # timed seconds per peer and case before its runs are cut (0: no cut)
 # Linear rows the default CPU run leaves out (shown as skipped), so that it takes about a minute
-# on two cores: PyTorch's chunked path is the slowest peer by far, and the vocabulary walk is an
-# opt-in layout. --full and --methods run them.
+# on two cores: PyTorch's chunked path is the slowest peer by far, and the vocabulary walk and
+# the wide chunks are opt-in settings. --full and --methods run them.
 LEFT_OUT_BY_DEFAULT = ("chunked", "fastxent-vocab", "fastxent-wide")
 MEMORY_PROCESSES = 2  # memory subprocesses at a time (peak RSS is per process; nothing is timed)
 VOCAB_BLOCK = 512  # classes per block of the linear vocabulary walk, the least-memory row
@@ -250,19 +250,14 @@ def _fastxent_linear_why_not(device: torch.device) -> str | None:
     return None
 
 
-def _fastxent_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
-    h, w, y = inputs["h"], inputs["w"], inputs["y"]
-    return Runner(lambda: fastxent.linear_cross_entropy(h, w, y), [h, w])
+def _fastxent_linear(**options) -> Callable[[dict[str, Tensor], torch.device], Runner]:
+    """The runner builder of ``fastxent.linear_cross_entropy(h, W, y, **options)``."""
 
+    def build(inputs: dict[str, Tensor], device: torch.device) -> Runner:
+        h, w, y = inputs["h"], inputs["w"], inputs["y"]
+        return Runner(lambda: fastxent.linear_cross_entropy(h, w, y, **options), [h, w])
 
-def _fastxent_vocab_walk(inputs: dict[str, Tensor], device: torch.device) -> Runner:
-    h, w, y = inputs["h"], inputs["w"], inputs["y"]
-    return Runner(lambda: fastxent.linear_cross_entropy(h, w, y, vocab_block=VOCAB_BLOCK), [h, w])
-
-
-def _fastxent_wide_chunks(inputs: dict[str, Tensor], device: torch.device) -> Runner:
-    h, w, y = inputs["h"], inputs["w"], inputs["y"]
-    return Runner(lambda: fastxent.linear_cross_entropy(h, w, y, chunk_size=WIDE_CHUNK), [h, w])
+    return build
 
 
 def _eager_linear(inputs: dict[str, Tensor], device: torch.device) -> Runner:
@@ -318,7 +313,7 @@ def methods() -> list[Method]:
             "linear",
             "fastxent.linear_cross_entropy",
             _fastxent_linear_why_not,
-            _fastxent_linear,
+            _fastxent_linear(),
             True,
         ),
         Method(
@@ -326,7 +321,7 @@ def methods() -> list[Method]:
             "linear",
             f"fastxent.linear_cross_entropy(vocab_block={VOCAB_BLOCK})",
             _fastxent_linear_why_not,
-            _fastxent_vocab_walk,
+            _fastxent_linear(vocab_block=VOCAB_BLOCK),
             True,
         ),
         Method(
@@ -334,7 +329,7 @@ def methods() -> list[Method]:
             "linear",
             f"fastxent.linear_cross_entropy(chunk_size={WIDE_CHUNK})",
             _fastxent_linear_why_not,
-            _fastxent_wide_chunks,
+            _fastxent_linear(chunk_size=WIDE_CHUNK),
             True,
         ),
         Method("eager", "linear", "torch F.linear + F.cross_entropy", _can_run, _eager_linear),
