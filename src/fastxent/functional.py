@@ -226,10 +226,12 @@ def cross_entropy(
     fused_ops = transformed or (
         uses_composed(backend, input.device, input.numel()) and not inplace_backward
     )
-    finish_target_check = None
-    # PyTorch's ops check the targets under torch.func, and on CPU (an IndexError, turned into
-    # ours below); the Triton kernel reads bad targets safely: on CUDA the check runs beside it.
+    # Who checks the class indices: PyTorch's ops under torch.func, and on the CPU fused-ops
+    # path (their IndexError turned into ours below); else fastxent, on CUDA beside the Triton
+    # kernel, which reads bad targets safely.
     torch_checks = transformed or (fused_ops and input.device.type == "cpu")
+    rename_torch_error = not soft and not transformed and torch_checks
+    finish_target_check = None
     if not soft and not torch_checks:
         finish_target_check = start_index_target_check(
             target, num_classes, ignore_index, defer=name == "triton" and not fused_ops
@@ -248,12 +250,12 @@ def cross_entropy(
     z = _rows(input, class_dim)  # (M, C)
     t = _rows(target, class_dim) if soft else target.reshape(-1).long()  # (M, C) or (M,)
     with autocast_off(input):
-        if fused_ops and (soft or transformed):
-            loss = composed.cross_entropy(z, t, weight, opts)
-        elif fused_ops:
+        if rename_torch_error:
             loss = _with_our_index_error(
                 lambda: composed.cross_entropy(z, t, weight, opts), target, opts
             )
+        elif fused_ops:
+            loss = composed.cross_entropy(z, t, weight, opts)
         else:
             (z,) = detached_without_grad_mode(z)
             loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
