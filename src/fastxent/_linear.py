@@ -241,8 +241,8 @@ class _Tokens:
 
 class Walked(NamedTuple):
     """What a walk returns: the row losses (M,), the gradients asked for (None otherwise), and
-    the factor :func:`~fastxent._autograd.deferred_mean` kept out of float16 gradients (their
-    true value is ``factor ×`` the one returned; None: nothing kept out)."""
+    the factor :func:`~fastxent._autograd.deferred_mean` kept out of a float16 mean (the true
+    losses and gradients are ``factor ×`` those returned; None: nothing kept out)."""
 
     losses: Tensor
     dh: Tensor | None
@@ -340,7 +340,7 @@ def chunked_pass(
             _dense_update(g, h, weight, tok, dh, dw, overwrite=start == 0)
         elif cols.numel():
             _sparse_update(g, h, weight, tok, cols, dh, dw)
-    return Walked(losses if factor is None else losses * factor, dh, dw, db, factor)
+    return Walked(losses, dh, dw, db, factor)
 
 
 def _dense_update(
@@ -527,11 +527,9 @@ def vocab_pass(
 
     losses = torch.zeros(toks.num_rows, dtype=acc, device=device)  # (M,); ignored rows stay 0
     losses[rows] = a * (lse * sum_t - sum_tz) + b * s * lse.square()
-    if factor is not None:
-        losses *= factor
     need_h, need_w, need_b = needs
     if not (need_h or need_w or need_b):
-        return Walked(losses, None, None, None)
+        return Walked(losses, None, None, None, factor)
 
     # Walk 2: g_b = o (a Σt + 2 b s lse) - a t_b, times dz'/dz (and the rows' grad_output).
     coef = a * sum_t + 2.0 * b * s * lse  # (K,)
@@ -640,7 +638,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if dh is not None and opts.reduce_hidden_grad is not None:
             opts.reduce_hidden_grad(dh)  # COLLECTIVE (vocab-parallel): Σ_r g W_r
         ctx.grads = (dh, *in_own_dtype(dw, db, weight, bias))
-        return losses.sum()
+        return losses.sum() if ctx.factor is None else losses.sum() * ctx.factor
 
     @staticmethod
     @once_differentiable
