@@ -143,7 +143,7 @@ def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 _spares: list[torch.UntypedStorage] = []  # recent large CPU buffers, for reuse; newest last
 _spares_lock = threading.Lock()
-SPARES = 4  # how many are kept: a step's gradient, a linear walk's logits, ∂W and ∂h
+SPARES = 4  # how many are kept: a step's gradient, a linear walk's logits and ∂W, one more
 REUSE_MIN_BYTES = 1 << 20
 
 

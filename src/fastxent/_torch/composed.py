@@ -14,7 +14,9 @@ where ``T`` is the softcap/logit scale (as in the row kernel), computed in float
 (float64 for float64), ``CE_Σ`` is ``F.cross_entropy`` with ``reduction="sum"`` (or ``"none"``),
 and "mean" multiplies by the same safe factors ``1/W`` and ``1/n`` as the row kernel
 (:func:`fastxent._autograd.reduction_scales`: 0 when nothing is counted, so a batch whose targets
-are all ignored gives loss 0 and gradient 0, not NaN). Autograd's gradient of the log-softmax,
+are all ignored gives loss 0 and gradient 0, not NaN). Where PyTorch's own "mean" is exactly that
+(on CPU, class indices without class weights or z-loss, some target counted) it is asked for
+directly instead. Autograd's gradient of the log-softmax,
 ``g - o Σg``, is the general ``o Σt - t``: targets need not sum to one.
 
 Unlike the row kernel this keeps the log-softmax, (M, V), for backward, and the linear form
