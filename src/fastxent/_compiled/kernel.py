@@ -5,7 +5,7 @@ One small graph per *variant* (dtype and which options are on) computes, for eve
 .. math::
 
     m = \max_{j < K} z'_j, \quad \mathrm{lse} = m + \log \textstyle\sum_j e^{z'_j - m}, \quad
-    E = \mathrm{lse} \textstyle\sum_j t_j - \sum_j t_j z'_j
+    E = (\mathrm{lse} - m) \textstyle\sum_j t_j - \sum_j t_j (z'_j - m)
 
 and writes ``∂ℓ/∂z = (o (a Σt + 2 b s lse) - a t) · dz'/dz`` into the ``grad`` buffer
 (``grad.copy_`` of a graph input is lowered to a store). Only row *reductions* leave the graph, so
@@ -117,10 +117,11 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
 
     ``y`` is (M,) class indices with ignored rows set to -1, or (M, V) probabilities; ``w`` is
     (V,) class weights (unused when ``v.weighted`` is False); ``k`` holds a, b, ε, s, c, α, Σw.
-    Returns the number of rows the shift does not suit, then ``(m, Σe, Σt, Σtz')`` as (M, 1)
-    columns (``Σt`` and ``Σtz'`` only where they need a pass over the row). Only reductions
-    leave the graph: a per-row pointwise output would split inductor's single loop over rows
-    into one loop per pass.
+    Returns the number of rows the shift does not suit, then ``(m, Σe, Σt, Σt(z'-m))`` as
+    (M, 1) columns (``Σt`` and ``Σt(z'-m)`` only where they need a pass over the row; relative
+    to ``m``, so that logits sharing a large offset lose no float32 precision to cancellation).
+    Only reductions leave the graph: a per-row pointwise output would split inductor's single
+    loop over rows into one loop per pass.
     """
     acc = k.dtype
     num_classes = z.shape[1]
@@ -140,7 +141,7 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
         if v.weighted:
             t = t * w
         sum_t = t.sum(dim=1, keepdim=True)
-        out += [sum_t, (t * zp).sum(dim=1, keepdim=True)]
+        out += [sum_t, (t * (zp - m)).sum(dim=1, keepdim=True)]
     else:
         yy = y.unsqueeze(1)  # (M, 1)
         counted = yy >= 0
@@ -151,7 +152,8 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
         sum_t = keep * w_y
         if v.smoothing:  # the uniform part (ε/V)·w, on counted rows only
             sum_t = sum_t + torch.where(counted, eps / num_classes, 0.0) * sum_w
-            out.append((zp * w if v.weighted else zp).sum(dim=1, keepdim=True))
+            zs = zp - m
+            out.append((zs * w if v.weighted else zs).sum(dim=1, keepdim=True))
 
     if v.split:
         grad.copy_(e)  # _scale_graph turns it into the gradient
@@ -265,24 +267,26 @@ def cross_entropy_rows(
     m, sum_e, *rest = (x.squeeze(1) for x in sums)
     m = _finite(m)
     redo = _redo_rows(z, target, weight, opts, ce_scale, z_scale, grad, sum_e, unsuited)
-    lse = m + sum_e.log()  # (M,)
+    log_sum_e = sum_e.log()  # (M,), lse - m
+    lse = m + log_sum_e  # (M,)
     s, eps, num_classes = opts.z_loss, opts.label_smoothing, z.shape[1]
 
     if opts.soft:
-        sum_t, sum_tz = rest
-        rows = a * (lse * sum_t - sum_tz)
+        sum_t, sum_tz = rest  # Σt, Σt(z' - m)
+        rows = a * (log_sum_e * sum_t - sum_tz)
         return redo(rows + b * s * lse.square() if v.z_loss else rows)
 
-    # Class indices: Σt and Σtz' from the gathered z'_y (and the graph's Σz' for smoothing).
+    # Class indices: Σt and Σt(z' - m) from the gathered z'_y (and the graph's Σ(z' - m)).
     w_y = counted.to(acc) if w is None else torch.where(counted, w[y_safe], 0.0)
     zp_y = _transform(v, z_y, opts.softcap, opts.logit_scale)
     sum_t = (1.0 - eps) * w_y
-    sum_tz = sum_t * zp_y
+    sum_tz = sum_t * (zp_y - m)
     if v.smoothing:
         smooth = counted.to(acc) * (eps / num_classes)
         sum_t = sum_t + smooth * k[6]
         sum_tz = sum_tz + smooth * rest[0]
-    rows = a * torch.where(counted, lse * sum_t - sum_tz, 0.0)  # ignored rows: 0, even non-finite
+    ce = log_sum_e * sum_t - sum_tz
+    rows = a * torch.where(counted, ce, 0.0)  # ignored rows: 0, even non-finite
     if v.z_loss:
         rows = rows + b * torch.where(counted, s * lse.square(), 0.0)
 

@@ -7,8 +7,11 @@ a few MB however large N×V is (no full-size float32 copy of bf16 logits). Per c
 
     z' = T(z), \quad m = \max_j z'_j, \quad \mathrm{lse} = m + \log \textstyle\sum_j e^{z'_j - m}
 
-    E = \mathrm{lse} \textstyle\sum_j t_j - \sum_j t_j z'_j, \qquad
+    E = (\mathrm{lse} - m) \textstyle\sum_j t_j - \sum_j t_j (z'_j - m), \qquad
     \partial E / \partial z'_i = o_i \textstyle\sum_j t_j - t_i
+
+The loss is summed relative to the shift ``m``: ``lse·Σt - Σ t z'`` would cancel two numbers of
+the size of the logits, and lose float32 precision when they share a large offset (1000 + z).
 
 For class-index targets ``t = (1-ε) w_y e_y + (ε/V) w`` is never materialised: ``Σ t`` and
 ``Σ t z'`` are a gather and a (weighted) row sum.
@@ -66,10 +69,12 @@ def cross_entropy_rows(
         m = zp.amax(dim=1, keepdim=True)
         pos_inf = m == torch.inf  # (n, 1); a +inf logit: log-softmax is inf - inf, NaN
         m = torch.where(torch.isfinite(m), m, 0.0)  # rows of ±inf: keep exp() finite
-        e = torch.exp(zp - m)  # (n, V), e_j = e^{z'_j - m}
+        zs = zp - m  # (n, V), z'_j - m
+        e = torch.exp(zs)  # (n, V), e_j = e^{z'_j - m}
         sum_e = e.sum(dim=1, keepdim=True)
         sum_e = torch.where(pos_inf, torch.nan, sum_e)  # NaN loss and gradient rows, as PyTorch
-        lse = (m + sum_e.log()).squeeze(1)  # (n,)
+        log_sum_e = sum_e.log().squeeze(1)  # (n,), lse - m
+        lse = m.squeeze(1) + log_sum_e  # (n,)
 
         if opts.soft:
             t = target[chunk].to(acc)  # (n, V)
@@ -79,23 +84,23 @@ def cross_entropy_rows(
                 t = t * w
             counted = None
             sum_t = t.sum(dim=1)
-            sum_tz = (t * zp).sum(dim=1)
+            sum_tz = (t * zs).sum(dim=1)  # Σ t (z' - m)
         else:
             y = target[chunk]
             counted = y != opts.ignore_index
             y_safe = torch.where(counted, y, 0)
             counted_f = counted.to(acc)
             w_y = counted_f if w is None else torch.where(counted, w[y_safe], 0.0)
-            z_y = zp.gather(1, y_safe.unsqueeze(1)).squeeze(1)
+            zs_y = zs.gather(1, y_safe.unsqueeze(1)).squeeze(1)  # z'_y - m
             sum_t = (1.0 - eps) * w_y
-            sum_tz = (1.0 - eps) * w_y * z_y
+            sum_tz = (1.0 - eps) * w_y * zs_y
             if eps:  # the uniform part (ε/V)·w, only on counted rows
                 row_w = num_classes if w is None else w.sum()
                 sum_t = sum_t + counted_f * (smooth * row_w)
-                z_sum = zp.sum(dim=1) if w is None else zp @ w
-                sum_tz = sum_tz + torch.where(counted, smooth * z_sum, 0.0)
+                zs_sum = zs.sum(dim=1) if w is None else zs @ w
+                sum_tz = sum_tz + torch.where(counted, smooth * zs_sum, 0.0)
 
-        ce = lse * sum_t - sum_tz  # E = -Σ t (z' - lse)
+        ce = log_sum_e * sum_t - sum_tz  # E = -Σ t (z' - lse), with m taken out of both terms
         zl = s * lse.square()
         if counted is not None:  # ignored rows add 0, whatever their logits (0·inf would be NaN)
             ce = torch.where(counted, ce, 0.0)

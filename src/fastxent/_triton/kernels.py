@@ -6,9 +6,12 @@ arithmetic in float32 (bf16/fp16 are widened on load, the gradient is rounded on
 
 1. Online softmax, one read: with ``m`` the running max and ``d = Σ_j e^{z'_j - m}``, a tile
    with max ``m_t`` updates ``m ← max(m, m_t)``, ``d ← d·e^{m_old - m} + Σ_tile e^{z'_j - m}``.
-   The sums the loss needs (``Σ t``, ``Σ t z'`` for probabilities; ``Σ w``, ``Σ w z'`` for
-   label smoothing) are gathered in the same loop; a class index ``y`` reads ``z_y`` directly.
-2. Only when a gradient is asked for: ``o_i = e^{z'_i - lse}`` and
+   The sums the loss needs (``Σ t``, ``Σ t (z' - r)`` for probabilities; ``Σ w``,
+   ``Σ w (z' - r)`` for label smoothing) are gathered in the same loop, relative to ``r``, the
+   first finite tile max: ``lse·Σt - Σ t z'`` would cancel two numbers the size of the logits
+   and lose float32 precision when they share a large offset, ``(lse - r)·Σt - Σ t (z' - r)``
+   does not. A class index ``y`` reads ``z_y`` directly.
+2. Only when a gradient is asked for: ``o_i = e^{(z'_i - m) - \log d}`` and
 
    .. math::
 
@@ -92,6 +95,7 @@ def cross_entropy_rows_kernel(
     # ---- pass 1: max, Σe, and the target sums, one read of the row ----
     m = float("-inf")
     d = 0.0
+    r = 0.0  # the reference of the target sums: the first finite shift
     acc_t = tl.zeros([BLOCK], dtype=tl.float32)  # Σ t (probabilities) or Σ w (smoothing)
     acc_tz = tl.zeros([BLOCK], dtype=tl.float32)  # Σ t z' (probabilities) or Σ w z' (smoothing)
     for start in range(0, V, BLOCK):
@@ -105,27 +109,30 @@ def cross_entropy_rows_kernel(
         shift_old = tl.where(tl.abs(m) < float("inf"), m, 0.0)
         shift = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)
         d = d * tl.exp(tl.minimum(shift_old - shift, 0.0)) + tl.sum(tl.exp(zp_max - shift), axis=0)
+        r = tl.where(tl.abs(m) < float("inf"), r, shift)  # frozen once the max is finite
         m = m_new
         if SOFT:
             t = _soft_targets(target_ptr + row * target_stride, weight_ptr, cols, mask, keep,
                               spread, HAS_SMOOTHING, HAS_WEIGHT)  # fmt: skip
             acc_t += t
-            acc_tz += tl.where(mask, t * zp, 0.0)
+            acc_tz += tl.where(mask, t * (zp - r), 0.0)
         elif HAS_SMOOTHING:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
                 acc_t += w
-                acc_tz += tl.where(mask, w * zp, 0.0)
+                acc_tz += tl.where(mask, w * (zp - r), 0.0)
             else:
-                acc_tz += tl.where(mask, zp, 0.0)
-    lse = tl.where(tl.abs(m) < float("inf"), m, 0.0) + tl.log(d)
-    lse = tl.where(m == float("inf"), float("nan"), lse)  # +inf: inf - inf, NaN as in PyTorch
+                acc_tz += tl.where(mask, zp - r, 0.0)
+    shift = tl.where(tl.abs(m) < float("inf"), m, 0.0)
+    log_d = tl.where(m == float("inf"), float("nan"), tl.log(d))  # +inf: inf - inf, NaN (PyTorch)
+    lse = shift + log_d
+    lse_r = (shift - r) + log_d  # lse - r
 
     # ---- the row's loss: a·E + b·s·lse² ----
     if SOFT:
         counted = 1.0
         sum_t = tl.sum(acc_t, axis=0)
-        ce = lse * sum_t - tl.sum(acc_tz, axis=0)
+        ce = lse_r * sum_t - tl.sum(acc_tz, axis=0)
     else:
         y = tl.load(target_ptr + row * target_stride)
         is_counted = y != ignore_index
@@ -139,13 +146,13 @@ def cross_entropy_rows_kernel(
         if HAS_WEIGHT:
             w_y = tl.where(is_counted, tl.load(weight_ptr + y), 0.0)
         sum_t = keep * w_y
-        ce = keep * w_y * (lse - zp_y)  # the one-hot part, (1-ε) w_y (lse - z'_y)
+        ce = keep * w_y * ((shift - zp_y) + log_d)  # the one-hot part, (1-ε) w_y (lse - z'_y)
         if HAS_SMOOTHING:  # the uniform part (ε/V) Σ_j w_j (lse - z'_j), counted rows only
             sum_w = V * 1.0
             if HAS_WEIGHT:
                 sum_w = tl.sum(acc_t, axis=0)
             sum_t += counted * spread * sum_w
-            ce += spread * (lse * sum_w - tl.sum(acc_tz, axis=0))
+            ce += spread * (lse_r * sum_w - tl.sum(acc_tz, axis=0))
     loss = a * ce
     if HAS_Z_LOSS:
         loss += b * z_loss * lse * lse
@@ -164,7 +171,7 @@ def cross_entropy_rows_kernel(
             mask = cols < V
             x = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
             zp = _transform(x, logit_scale, softcap, HAS_SOFTCAP, HAS_SCALE)
-            g = coef * tl.exp(zp - lse)
+            g = coef * tl.exp((zp - shift) - log_d)
             if SOFT:
                 t = _soft_targets(target_ptr + row * target_stride, weight_ptr, cols, mask, keep,
                                   spread, HAS_SMOOTHING, HAS_WEIGHT)  # fmt: skip
