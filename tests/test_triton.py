@@ -665,3 +665,16 @@ def test_linear_under_autocast_on_the_triton_kernel(small_tiles):
     (loss, dh, dw), (loss_cast, dh_cast, dw_cast) = results
     assert dw.dtype == torch.float32 and torch.equal(loss, loss_cast) and torch.equal(dh, dh_cast)
     assert torch.equal(dw.bfloat16().float(), dw_cast)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_strided_float32_class_weights(soft):
+    """A float32 weight that is a strided view (every other entry) is read by class, not by
+    memory position: the kernel once read w[y] at unit stride and got the wrong weights."""
+    z, target, _ = make_case(6, 9, soft)
+    weight = torch.arange(1.0, 19.0)[::2]  # (9,), stride 2
+    got = run(z, target, weight, reduction="none", label_smoothing=0.1)
+    want = run(z, target, weight.contiguous(), reduction="none", label_smoothing=0.1,
+               backend="torch")  # fmt: skip
+    assert_fp32_close(got[0], want[0])
+    assert_fp32_close(got[1], want[1])

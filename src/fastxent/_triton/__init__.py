@@ -105,7 +105,8 @@ def cross_entropy_rows(
     elif grad is not None:
         gk = _unit_stride(grad)
     tk = _unit_stride(target) if opts.soft else target
-    wk = None if weight is None else weight.to(device=z.device, dtype=torch.float32)
+    # The kernel reads w[y] at unit stride: a strided float32 view would be read wrongly.
+    wk = None if weight is None else weight.to(device=z.device, dtype=torch.float32).contiguous()
     rows = torch.empty(num_rows, dtype=torch.float32, device=z.device)
     block, num_warps = launch_config(num_classes)
     eps = opts.label_smoothing
