@@ -346,6 +346,56 @@ def test_filter_eps_zero_is_exact_and_eps_error_is_bounded():
     assert ((got[1] - exact[1]).abs() <= dh_bound).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vocab_walk_first_block_far_below_the_rest(dtype):
+    """A row whose first vocab block lies 1000 below the rest: the running sum starts at the
+    first finite max, e^{0 - m} is not formed (it overflowed to inf, and 0·inf made the loss
+    NaN for any block max below -88 in float32)."""
+    hidden = torch.tensor([[1.0], [2.0]], dtype=dtype)
+    weight = torch.tensor([[-1000.0], [-999.0], [0.5], [0.0]], dtype=dtype)
+    target = torch.tensor([2, 0])
+    want = oracle(hidden, weight, None, target)
+    got = ours(hidden, weight, None, target, vocab_block=2)
+    tol = F64 if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    assert_matches(got, want, **tol)
+
+
+@pytest.mark.parametrize("walk", [{"vocab_block": 50}, {"chunk_size": 5}], ids=["vocab", "tokens"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_float32_logits_with_a_large_common_offset(walk, soft):
+    """Logits 1000 + z (through the bias) lose nothing to cancellation: the errors against
+    float64 stay within 2x eager PyTorch's own float32 errors (lse·Σt - Σ t z' was 20x off)."""
+    hidden, weight, bias, target = make_case((13,), soft=soft, seed=3)
+    h, w, b = hidden.float(), weight.float(), (bias + 1000.0).float()
+    t = target.float() if soft else target
+    options = {"reduction": "none", "label_smoothing": 0.1}
+    want = oracle(h, w, b, target, **options)
+    got = ours(h, w, b, t, **options, **walk)
+    leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+    eager = F.cross_entropy(F.linear(*leaves), t, **options)
+    eager.backward(torch.ones_like(eager))
+    baseline = (eager.detach(), *(x.grad for x in leaves))
+    for g, e, x in zip(got, baseline, want, strict=True):
+        our_err, eager_err = ((y.double() - x).abs().max().item() for y in (g, e))
+        assert our_err <= 2 * eager_err + 1e-6 * max(1.0, x.abs().max().item())
+
+
+@pytest.mark.parametrize("filter_eps", [0.0, 1e-3])
+def test_filter_eps_lets_a_nan_through(filter_eps):
+    """A NaN hidden state makes ∂W NaN (as in PyTorch) and leaves the other rows' ∂h exact:
+    its vocab blocks are kept, where "max |g| >= eps" was False for NaN and skipped them all."""
+    hidden, weight, bias, target = make_case((13,), seed=4)
+    target[2] = 1  # every row counted: the NaN row's gradient reaches ∂W
+    hidden[5, 0] = float("nan")
+    got = ours(hidden, weight, bias, target, filter_eps=filter_eps, chunk_size=16)
+    want = ours(hidden, weight, bias, target, chunk_size=16)
+    assert torch.isnan(got[0]) and torch.isnan(got[2]).any() and torch.isnan(want[2]).any()
+    finite = torch.ones(13, dtype=torch.bool)
+    finite[5] = False
+    clean = oracle(hidden[finite], weight, bias, target[finite], reduction="sum")
+    torch.testing.assert_close(got[1][finite] * 13, clean[1], **F64)
+
+
 def test_module_form():
     """LinearCrossEntropyLoss holds the options and equals the functional form."""
     hidden, weight, bias, target = make_case((2, 6), num_classes=45, seed=13)

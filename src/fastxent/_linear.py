@@ -383,13 +383,14 @@ def _dense_update(
 
 
 def kept_blocks(g: Tensor, eps: float | Tensor) -> Tensor:
-    """Which ``FILTER_BLOCK``-class blocks of a chunk's gradient g (n, V) have some |g| >= eps:
-    (ceil(V / FILTER_BLOCK),) booleans."""
-    col_max = torch.maximum(g.amax(0), g.amin(0).neg())  # (V,) max_r |g_rj|
+    """Which ``FILTER_BLOCK``-class blocks of a chunk's gradient g (n, V) have some |g| >= eps
+    or a NaN (kept, so that it reaches the gradients as in PyTorch): (ceil(V / FILTER_BLOCK),)
+    booleans."""
+    col_max = torch.maximum(g.amax(0), g.amin(0).neg())  # (V,) max_r |g_rj|; NaN stays NaN
     pad = (-g.shape[1]) % FILTER_BLOCK
     if pad:
         col_max = torch.nn.functional.pad(col_max, (0, pad))
-    return col_max.view(-1, FILTER_BLOCK).amax(1) >= eps
+    return ~(col_max.view(-1, FILTER_BLOCK).amax(1) < eps)  # not "<": NaN blocks are kept
 
 
 def _kept_columns(g: Tensor, eps: float | Tensor) -> Tensor | None:
@@ -498,35 +499,44 @@ def vocab_pass(
     if not ce.soft:
         w_y = torch.ones(num_tokens, dtype=acc, device=device) if w is None else w[y]
 
-    # Walk 1: lse, and Σt z' (the target logit, the smoothing sum, or soft Σ t z').
+    # Walk 1: lse, and Σt (z' - r) (the target logit, the smoothing sum, or soft Σ t z'), taken
+    # relative to r, the first finite block max: lse·Σt - Σt z' would cancel two numbers the
+    # size of the logits, and lose float32 precision when they share a large offset.
     m = torch.full((num_tokens,), -math.inf, dtype=acc, device=device)
     m_safe = torch.zeros_like(m)
+    r = torch.zeros_like(m)
     sum_e = torch.zeros_like(m)
     sum_t = torch.zeros_like(m)
     sum_tz = torch.zeros_like(m)
     for block in blocks:
         zp, _ = logits(block)  # (K, B)
+        m_new = torch.maximum(m, zp.amax(dim=1))
+        m_new_safe = torch.where(torch.isfinite(m_new), m_new, 0.0)  # ±inf rows: keep exp finite
+        r = torch.where(torch.isfinite(m), r, m_new_safe)  # frozen once the max is finite
         if ce.soft:
             tb = targets(block)
             sum_t += tb.sum(dim=1)
-            sum_tz += (tb * zp).sum(dim=1)
+            sum_tz += (tb * (zp - r[:, None])).sum(dim=1)
         else:
             inside, col = target_column(block)
-            z_y = torch.where(inside, zp.gather(1, col).squeeze(1), 0.0)
+            z_y = torch.where(inside, zp.gather(1, col).squeeze(1) - r, 0.0)
             sum_tz += (1.0 - eps) * w_y * z_y
             if eps:
-                sum_tz += (eps / num_classes) * (zp.sum(dim=1) if w is None else zp @ w[block])
-        m_new = torch.maximum(m, zp.amax(dim=1))
-        m_new_safe = torch.where(torch.isfinite(m_new), m_new, 0.0)  # ±inf rows: keep exp finite
+                zs = zp - r[:, None]  # (K, B)
+                sum_tz += (eps / num_classes) * (zs.sum(dim=1) if w is None else zs @ w[block])
         e = zp.sub_(m_new_safe[:, None]).exp_()  # in place: z'_b is not needed any more
-        sum_e = sum_e * torch.exp(m_safe - m_new_safe) + e.sum(dim=1)
+        # S e^{m_old - m}; the exponent is capped at 0 for the first finite max (S = 0 then,
+        # and e^{0 - m} could overflow to inf, 0·inf = NaN).
+        sum_e = sum_e * torch.exp((m_safe - m_new_safe).clamp(max=0.0)) + e.sum(dim=1)
         m, m_safe = m_new, m_new_safe
-    lse = m_safe + sum_e.log()  # (K,)
+    log_sum_e = sum_e.log()  # (K,), lse - m
+    lse = m_safe + log_sum_e  # (K,)
     if not ce.soft:
         sum_t = (1.0 - eps) * w_y + (eps / num_classes) * (num_classes if w is None else w.sum())
 
     losses = torch.zeros(toks.num_rows, dtype=acc, device=device)  # (M,); ignored rows stay 0
-    losses[rows] = a * (lse * sum_t - sum_tz) + b * s * lse.square()
+    ce_rows = ((m_safe - r) + log_sum_e) * sum_t - sum_tz  # (lse - r) Σt - Σt (z' - r)
+    losses[rows] = a * ce_rows + b * s * lse.square()
     need_h, need_w, need_b = needs
     if not (need_h or need_w or need_b):
         return Walked(losses, None, None, None, factor)
@@ -546,7 +556,8 @@ def vocab_pass(
     db = torch.empty(num_classes, dtype=acc, device=device) if need_b else None
     for block in blocks:
         zp, chain = logits(block)
-        g = zp.sub_(lse[:, None]).exp_().mul_(coef[:, None])  # (K, B), in place of z'_b
+        # e^{(z' - m) - log S}: z' - lse directly would lose float32 precision when lse is large
+        g = zp.sub_(m_safe[:, None]).sub_(log_sum_e[:, None]).exp_().mul_(coef[:, None])  # (K, B)
         if ce.soft:
             g.sub_(a * targets(block))
         else:
