@@ -52,6 +52,7 @@ class Case:
     masked: bool = False  # row 0 is -inf on the whole slice of the last rank; ignored row 1 at 0
     nonfinite: bool = False  # NaN in ignored rows 0 and 1 and counted row 5, +inf in counted row 6
     grad_mode: str = "enabled"  # or the context the call runs in: "no_grad", "inference_mode"
+    offset: float = 0.0  # added to every logit: float32 keeps its precision relative to the max
 
 
 CASES = [
@@ -86,6 +87,13 @@ CASES = [
         {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0},
         weight=True,
         dtype=torch.float32,
+    ),
+    Case(
+        "float32_offset",
+        {"label_smoothing": 0.1},
+        weight=True,
+        dtype=torch.float32,
+        offset=1e4,
     ),
     # The gradient is recomputed in pass 2 (not kept from pass 1) for these two.
     Case("inplace_softcap", {"label_smoothing": 0.1, "softcap": 4.0}, weight=True, inplace=True),
@@ -126,6 +134,7 @@ def make_case(case: Case, world: int):
     """The full float64 logits (*shape, V), targets, weights and grad_output of ``case``."""
     g = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
     z = torch.randn(*case.shape, case.vocab, generator=g, dtype=torch.float64) * case.scale
+    z += case.offset
     y = torch.randint(0, case.vocab, case.shape, generator=g).reshape(-1)
     ignore_index = case.options.get("ignore_index", -100)
     # Targets on slice borders: the first and last class of every rank.

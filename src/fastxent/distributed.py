@@ -505,8 +505,9 @@ def vocab_parallel_rows(
         sums[chunk, 0] = e.sum(dim=1)
         z_y = zp.gather(1, local_y[chunk].unsqueeze(1)).squeeze(1)
         sums[chunk, 1] = torch.where(owned[chunk], z_y, 0.0)
-        if eps:
-            sums[chunk, 2] = zp.sum(dim=1) if w_local is None else zp @ w_local
+        if eps:  # Σ w (z' - m_r): relative to the max, not to cancel at a large common offset
+            zs = zp - m_safe.unsqueeze(1)
+            sums[chunk, 2] = zs.sum(dim=1) if w_local is None else zs @ w_local
         if keep_e:  # after the last read of zp, which may alias grad
             grad[chunk].copy_(e)
     local_max = torch.where(torch.isfinite(m), m, 0.0)  # (M,)
@@ -516,8 +517,14 @@ def vocab_parallel_rows(
     # Rescale S_r to the global max; a slice whose sum is 0 (all -inf) stays 0, and a NaN logit's
     # NaN sum stays NaN (so its row's loss and gradient are NaN on every rank, as in PyTorch).
     sums[:, 0] = torch.where(sums[:, 0] == 0, 0.0, sums[:, 0] * torch.exp(local_max - m))
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)  # COLLECTIVE: S, z'_y, Σz'
-    lse = torch.where(plus_inf, float("nan"), m + sums[:, 0].log())  # (M,)
+    # The target sums relative to the global max m: z'_y - m, and Σ w (z' - m) from Σ w (z' - m_r).
+    sums[:, 1] = torch.where(owned, sums[:, 1] - m, 0.0)
+    if eps:
+        local_w = num_local if w_local is None else w_local.sum()
+        sums[:, 2] += (local_max - m) * local_w
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)  # COLLECTIVE: S, z'_y, Σz' (- m)
+    log_sum_e = torch.where(plus_inf, float("nan"), sums[:, 0].log())  # (M,), lse - m
+    lse = m + log_sum_e  # (M,)
 
     # Row losses from the global sums, as in the single-device kernel.
     w_y = counted_f if w is None else torch.where(counted, w[torch.where(counted, target, 0)], 0.0)
@@ -527,7 +534,7 @@ def vocab_parallel_rows(
         row_w = opts.num_classes if w is None else w.sum()
         sum_t = sum_t + counted_f * (smooth * row_w)
         sum_tz = sum_tz + torch.where(counted, smooth * sums[:, 2], 0.0)
-    ce = torch.where(counted, lse * sum_t - sum_tz, 0.0)  # E = -Σ t (z' - lse); ignored: 0
+    ce = torch.where(counted, log_sum_e * sum_t - sum_tz, 0.0)  # -Σ t (z' - lse); ignored: 0
     zl = torch.where(counted, s * lse.square(), 0.0)
     rows = a * ce + b * zl
     if grad is None:
@@ -538,7 +545,7 @@ def vocab_parallel_rows(
     one_hot = torch.where(owned, -(1.0 - eps) * a * w_y, 0.0)  # (M,)
     uniform = smooth * a * (1.0 if w_local is None else w_local)  # scalar or (V_r,)
     # o = e·e^{m_r - lse}; the factor is inf only for a slice of -inf logits, where e = 0.
-    o_factor = torch.exp(local_max - lse)
+    o_factor = torch.exp((local_max - m) - log_sum_e)
     o_factor = torch.where(o_factor == float("inf"), 0.0, o_factor) * coef  # (M,)
     for start in range(0, num_rows, step):
         chunk = slice(start, start + step)
@@ -547,7 +554,8 @@ def vocab_parallel_rows(
             dzp_dz = transform(z[chunk].to(acc), opts)[1] if opts.softcap else None
         else:
             zp, dzp_dz = transform(z[chunk].to(acc), opts)  # (n, V_r)
-            g = torch.exp(zp - lse[chunk].unsqueeze(1)).mul_(coef[chunk].unsqueeze(1))
+            zs = zp - m[chunk].unsqueeze(1)  # (n, V_r); then - log S: z' - lse would round
+            g = zs.sub_(log_sum_e[chunk].unsqueeze(1)).exp_().mul_(coef[chunk].unsqueeze(1))
         g.scatter_add_(1, local_y[chunk].unsqueeze(1), one_hot[chunk].unsqueeze(1))
         if eps:
             g.sub_(counted_f[chunk].unsqueeze(1) * uniform)
