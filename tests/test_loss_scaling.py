@@ -98,3 +98,31 @@ def test_filter_eps_thresholds_the_true_float16_gradient():
         loss.backward()
         assert bool((leaves[1].grad == 0).all()) == skips_all, eps
     torch.testing.assert_close(loss.double(), F.cross_entropy(logits, target), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("walk", [{"chunk_size": 96}, {"vocab_block": 16}], ids=["tokens", "vocab"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_float16_weight_gradient_is_scaled_before_it_is_rounded(walk, reduction):
+    """∂W of float16 weights stays finite where PyTorch's is: it sums over tokens, so made in
+    forward without the mean's 1/N (or a grad_output of 1/N after a "sum") it passed 65504 and
+    became inf when cast to float16. It is now cast after backward's scaling."""
+    g = torch.Generator().manual_seed(0)
+    n, dim, num_classes = 512, 16, 32
+    hidden = (torch.randn(n, dim, generator=g) + 200.0).half()  # ∂W entries near -200
+    weight = (torch.randn(num_classes, dim, generator=g) * 0.02).half()
+    target = torch.zeros(n, dtype=torch.long)
+    scale = 1.0 if reduction == "mean" else 1.0 / n
+
+    def grads(fn, dtype, **kwargs):
+        h, w = (x.to(dtype).requires_grad_() for x in (hidden, weight))
+        (fn(h, w, target, reduction=reduction, **kwargs) * scale).backward()
+        return h.grad, w.grad
+
+    exact = grads(lambda h, w, t, **kw: F.cross_entropy(F.linear(h, w), t, **kw), torch.float64)
+    eager = grads(lambda h, w, t, **kw: F.cross_entropy(F.linear(h, w), t, **kw), torch.float16)
+    ours = grads(fastxent.linear_cross_entropy, torch.float16, backend="torch", **walk)
+    assert torch.isfinite(eager[1]).all() and exact[1].abs().max() > 100
+    for got, base, want in zip(ours, eager, exact, strict=True):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all()
+        base_err = float((base.double() - want).norm() / want.norm())
+        assert float((got.double() - want).norm() / want.norm()) <= 2 * base_err + 1e-3

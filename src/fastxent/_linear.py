@@ -551,8 +551,12 @@ def vocab_pass(
     if need_h and not in_place:
         dh_used = torch.zeros((num_tokens, dim), dtype=acc, device=device)
     dw = None  # each block written once
+    # float16's range is too small for ∂W before backward scales it (a sum over tokens, without
+    # the mean's 1/N or a grad_output < 1): float32 then, from the float32 g_b and h.
+    h_acc = h.to(acc) if need_w and hidden.dtype == torch.float16 else None  # (K, D)
     if need_w:
-        dw = reusable_empty(tuple(weight.shape), weight.dtype, weight.device)
+        dw_dtype = weight.dtype if h_acc is None else acc
+        dw = reusable_empty(tuple(weight.shape), dw_dtype, weight.device)
     db = torch.empty(num_classes, dtype=acc, device=device) if need_b else None
     for block in blocks:
         zp, chain = logits(block)
@@ -574,12 +578,14 @@ def vocab_pass(
             g.mul_(row_scale[:, None])
         if need_b:
             db[block] = g.sum(dim=0)
+        if h_acc is not None:
+            torch.mm(g.t(), h_acc, out=dw[block])  # (B, D) in float32, over all K tokens
         g = g.to(hidden.dtype)  # the matmuls run in the inputs' dtype
         if need_h and dh_used.dtype == g.dtype:
             dh_used.addmm_(g, weight[block])  # (K, D)
         elif need_h:
             dh_used += torch.mm(g, weight[block])  # half precision, accumulated in float32
-        if need_w:
+        if need_w and h_acc is None:
             torch.mm(g.t(), h, out=dw[block])  # (B, D), over all K tokens at once
     if need_h and not in_place:
         if isinstance(tok, slice):
@@ -602,14 +608,19 @@ def in_hidden_dtype(
 
 
 def in_own_dtype(
-    dw: Tensor | None, db: Tensor | None, weight: Tensor, bias: Tensor | None
+    dw: Tensor | None, db: Tensor | None, dtypes: tuple[torch.dtype, torch.dtype | None]
 ) -> tuple[Tensor | None, Tensor | None]:
-    """∂W and ∂b cast once to the dtypes of weight and bias. The token walk accumulates them in
-    float32 for half precision, so float32 master weights take that accumulator as it is."""
+    """∂W and ∂b cast once to ``dtypes``, those of weight and bias. The token walk accumulates
+    them in float32 for half precision, so float32 master weights take that accumulator as it
+    is."""
     return (
-        None if dw is None else dw.to(weight.dtype),
-        None if db is None else db.to(bias.dtype),
+        None if dw is None else dw.to(dtypes[0]),
+        None if db is None else db.to(dtypes[1]),
     )
+
+
+def dtypes_of(weight: Tensor, bias: Tensor | None) -> tuple[torch.dtype, torch.dtype | None]:
+    return weight.dtype, None if bias is None else bias.dtype
 
 
 def walk_of(opts: LinearOptions):
@@ -648,7 +659,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         )  # fmt: skip
         if dh is not None and opts.reduce_hidden_grad is not None:
             opts.reduce_hidden_grad(dh)  # COLLECTIVE (vocab-parallel): Σ_r g W_r
-        ctx.grads = (dh, *in_own_dtype(dw, db, weight, bias))
+        # ∂W and ∂b stay in their (float32) accumulators until backward has scaled them: cast
+        # first, a float16 ∂W summed over tokens overflows where the scaled one would not.
+        ctx.grads = (dh, dw, db)
+        ctx.dtypes = dtypes_of(weight, bias)
         return losses.sum() if ctx.factor is None else losses.sum() * ctx.factor
 
     @staticmethod
@@ -663,7 +677,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             )  # fmt: skip
             if dh is not None and opts.reduce_hidden_grad is not None:
                 opts.reduce_hidden_grad(dh)  # COLLECTIVE (vocab-parallel): Σ_r g W_r
-            dw, db = in_own_dtype(dw, db, weight, bias)
+            dw, db = in_own_dtype(dw, db, dtypes_of(weight, bias))
         else:
             if ctx.grads is None:
                 raise RuntimeError(
@@ -677,6 +691,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             for grad in (dh, dw, db):
                 if grad is not None:
                     scale_by_grad_output(grad, factor)
+            dw, db = in_own_dtype(dw, db, ctx.dtypes)
         if dh is not None:
             dh = dh.view(ctx.hidden_shape)
         return dh, dw, db, None, None, None, None
