@@ -353,6 +353,46 @@ def test_inplace_backward_refuses_a_leaf():
         fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
 
 
+@pytest.mark.parametrize("view", [lambda w: w.view(4, 10), lambda w: w[:3], lambda w: w.t().t()])
+def test_inplace_backward_refuses_a_view_of_a_leaf(view):
+    """A view shares the leaf's storage: writing the gradient there would overwrite the
+    parameter (PyTorch refuses in-place ops on such views too)."""
+    w = torch.randn(4, 10, requires_grad=True)
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"leaf tensor that requires grad .*through a view"):
+        fastxent.cross_entropy(view(w), torch.tensor([1, 2, 3, 4])[: view(w).shape[0]],
+                               inplace_backward=True)  # fmt: skip
+    assert torch.equal(w.detach(), before)
+
+
+def test_inplace_backward_refuses_expanded_logits():
+    z = (torch.randn(1, 10, requires_grad=True) * 1.0).expand(4, 10)
+    with pytest.raises(ValueError, match=r"expanded .*input\.contiguous"):
+        fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
+
+
+@pytest.mark.parametrize("backend", PATHS)
+def test_a_single_class_index_in_a_one_element_target(backend):
+    """(C,) logits take a (1,) target as PyTorch does: a 0-dim loss equal to the 0-dim target's."""
+    z = torch.randn(7, dtype=torch.float64)
+    for reduction in ("mean", "none"):
+        want = F.cross_entropy(z, torch.tensor([3]), reduction=reduction)
+        got = fastxent.cross_entropy(z, torch.tensor([3]), reduction=reduction, backend=backend)
+        assert got.shape == want.shape == ()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", PATHS)
+def test_negative_ignore_index_has_no_effect_on_probability_targets(backend):
+    """PyTorch refuses a class index as ignore_index with probabilities, not a negative one."""
+    z, target, _ = make_case((5, 7), soft=True, weighted=False)
+    want = F.cross_entropy(z, target, ignore_index=-1)
+    got = fastxent.cross_entropy(z, target, ignore_index=-1, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="ignore_index is only supported"):
+        fastxent.cross_entropy(z, target, ignore_index=0, backend=backend)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_backward_twice_through_a_retained_graph(reduction):
     """retain_graph: the second backward gives the same gradient (here accumulated twice)."""

@@ -40,6 +40,8 @@ T = torch.tensor([0, 1, 2, 3])
         ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int .* float 1.5"),
         ({"ignore_index": "1"}, TypeError, "ignore_index must be an int"),
         ({"ignore_index": True}, TypeError, "ignore_index must be an int, got True"),
+        ({"ignore_index": 2**63}, ValueError, "ignore_index must fit in int64"),
+        ({"ignore_index": -(2**63) - 1}, ValueError, "ignore_index must fit in int64"),
     ],
 )  # fmt: skip
 def test_bad_input_raises(kwargs, error, match):

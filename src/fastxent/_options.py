@@ -80,16 +80,50 @@ def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: 
 
 
 def check_ignore_index(ignore_index: int) -> int:
-    """``ignore_index`` as a Python int; TypeError for anything that is not an integer."""
+    """``ignore_index`` as a Python int; TypeError for anything that is not an integer,
+    ValueError for one that int64 targets cannot hold."""
     if isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}.")
     try:
-        return operator.index(ignore_index)
+        index = operator.index(ignore_index)
     except TypeError:
         raise TypeError(
             f"ignore_index must be an int (a class index, -100 by default), got "
             f"{type(ignore_index).__name__} {ignore_index!r}."
         ) from None
+    if not -(2**63) <= index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64 like the targets, got {index}.")
+    return index
+
+
+def check_soft_ignore_index(soft: bool, ignore_index: int) -> None:
+    """Probability targets have no class to ignore: a class index (>= 0) is refused there, as
+    PyTorch refuses it; a negative value, which names no class, has no effect (PyTorch's rule)."""
+    if soft and ignore_index >= 0:
+        raise ValueError(
+            "ignore_index is only supported with class-index targets; probability targets have "
+            f"no class to ignore (got ignore_index={ignore_index}; leave it at -100)."
+        )
+
+
+def check_inplace_logits(z: Tensor) -> None:
+    """``inplace_backward`` writes the gradient into ``z``'s storage: refused when that storage
+    belongs to a leaf that requires grad (the leaf itself or a view of it: PyTorch refuses in-place
+    ops there too), and when elements share memory (an expanded tensor)."""
+    base = z._base if z._is_view() else z
+    if z.requires_grad and base.is_leaf and base.requires_grad:
+        raise ValueError(
+            "inplace_backward=True would overwrite a leaf tensor that requires grad (your "
+            "parameters or data"
+            + (", through a view of it" if base is not z else "")
+            + "); use it on logits computed by the model, or pass inplace_backward=False."
+        )
+    if any(stride == 0 and size > 1 for size, stride in zip(z.shape, z.stride(), strict=True)):
+        raise ValueError(
+            "inplace_backward=True needs logits whose elements have memory of their own; these "
+            f"are expanded (shape {tuple(z.shape)}, strides {z.stride()}). Pass "
+            "input.contiguous() or inplace_backward=False."
+        )
 
 
 def check_scalars(

@@ -99,6 +99,7 @@ from fastxent._options import (
     CrossEntropyOptions,
     check_ignore_index,
     check_index_targets,
+    check_inplace_logits,
     check_logits,
     check_scalars,
     check_weight,
@@ -207,11 +208,8 @@ def vocab_parallel_cross_entropy(
             f"{tuple(local_logits.shape)} (the logits without their last, class dim), got "
             f"{tuple(target.shape)}."
         )
-    if inplace_backward and local_logits.requires_grad and local_logits.is_leaf:
-        raise ValueError(
-            "inplace_backward=True would overwrite a leaf tensor that requires grad; use it on "
-            "logits computed by the model, or pass inplace_backward=False."
-        )
+    if inplace_backward:
+        check_inplace_logits(local_logits)
     if vocab_start is not None and (not isinstance(vocab_start, int) or vocab_start < 0):
         raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}.")
 

@@ -20,8 +20,10 @@ from fastxent._options import (
     CrossEntropyOptions,
     check_ignore_index,
     check_index_targets,
+    check_inplace_logits,
     check_logits,
     check_scalars,
+    check_soft_ignore_index,
     check_targets,
     check_weight,
     legacy_reduction,
@@ -208,19 +210,13 @@ def cross_entropy(
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
+    if class_dim == 0 and isinstance(target, Tensor) and target.shape == (1,):
+        target = target.reshape(())  # PyTorch takes a (1,) class index for (C,) logits too
     soft = check_targets(input, target, class_dim)
     check_weight(weight, num_classes)
-    if soft and ignore_index != -100:
-        raise ValueError(
-            "ignore_index is only supported with class-index targets; probability targets have "
-            f"no class to ignore (got ignore_index={ignore_index})."
-        )
-    if inplace_backward and input.requires_grad and input.is_leaf:
-        raise ValueError(
-            "inplace_backward=True would overwrite a leaf tensor that requires grad (your "
-            "parameters or data); use it on logits computed by the model, or pass "
-            "inplace_backward=False."
-        )
+    check_soft_ignore_index(soft, ignore_index)
+    if inplace_backward:
+        check_inplace_logits(input)
     name, kernel = resolve_backend(backend, input.device, input.numel())
     transformed = under_torch_func(input, target, weight)  # PyTorch's ops check the targets
     fused_ops = transformed or (
@@ -415,11 +411,7 @@ def linear_cross_entropy(
     soft = check_inputs(hidden, weight, bias, target, shift, master_weights)
     num_classes = weight.shape[0]
     check_weight(class_weight, num_classes, "class_weight")
-    if soft and ignore_index != -100:
-        raise ValueError(
-            "ignore_index is only supported with class-index targets; probability targets have "
-            f"no class to ignore (got ignore_index={ignore_index})."
-        )
+    check_soft_ignore_index(soft, ignore_index)
     check_chunking(chunk_size, filter_eps, vocab_block)
     tokens = hidden.shape[:-1].numel()
     _, kernel = resolve_backend(backend, hidden.device, tokens * num_classes)
