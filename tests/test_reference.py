@@ -106,6 +106,20 @@ def test_all_ignored_gives_zero_not_nan():
     assert not grad.any()
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_ignored_row_with_non_finite_logits_adds_nothing(bad, reduction):
+    """As in PyTorch's nll_loss (and fastxent): an ignored row's logits never reach the loss."""
+    z = np.random.default_rng(0).normal(size=(4, 5))
+    z[1, 2] = bad
+    target = np.array([0, -100, 3, 4])
+    loss, _ = reference.cross_entropy(z, target, reduction=reduction)
+    want = torch.nn.functional.cross_entropy(
+        torch.from_numpy(z), torch.from_numpy(target), reduction=reduction
+    )
+    np.testing.assert_allclose(loss, want.numpy(), rtol=1e-12)
+
+
 def test_derivation_is_proved_by_sympy():
     steps = derivation_steps()
     assert len(steps) == 5

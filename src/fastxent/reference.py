@@ -112,6 +112,7 @@ def cross_entropy(
     o = softmax(zp)  # (M, p)
     with np.errstate(invalid="ignore"):  # 0·(-inf) terms are NaN in PyTorch too
         ce_rows = -(t * (zp - lse[:, None])).sum(axis=1)  # E = -Σ t_j log o_j
+    ce_rows = np.where(counted, ce_rows, 0.0)  # an ignored row adds 0, even with inf/NaN logits
     z_rows = np.where(counted, z_loss * lse**2, 0.0)  # s·lse² on the counted rows only
     dce = o * t.sum(axis=1, keepdims=True) - t  # ∂E/∂z'_i = o_i Σ_j t_j - t_i
     dz = np.where(counted[:, None], 2.0 * z_loss * lse[:, None] * o, 0.0)
