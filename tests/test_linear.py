@@ -396,6 +396,16 @@ def test_filter_eps_lets_a_nan_through(filter_eps):
     torch.testing.assert_close(got[1][finite] * 13, clean[1], **F64)
 
 
+@pytest.mark.parametrize(
+    "walk", [{}, {"chunk_size": 3}, {"vocab_block": 4}, {"filter_eps": 0.0}, {"backend": "auto"}]
+)
+def test_zero_hidden_features_give_the_bias_as_logits(walk):
+    """D = 0: the logits are the bias alone (PyTorch's result), whichever walk is asked for."""
+    hidden, weight, bias, target = make_case((6,), dim=0, num_classes=9)
+    walk = {"backend": BACKEND, **walk}
+    assert_matches(ours(hidden, weight, bias, target, **walk), oracle(hidden, weight, bias, target))
+
+
 def test_module_form():
     """LinearCrossEntropyLoss holds the options and equals the functional form."""
     hidden, weight, bias, target = make_case((2, 6), num_classes=45, seed=13)
@@ -462,6 +472,7 @@ def _call(**overrides):
         ({"hidden": torch.randn(8, dtype=torch.float64)}, ValueError, r"shape \(N, D\)"),
         ({"weight": torch.randn(20, 7, dtype=torch.float64)}, ValueError, "D = 8"),
         ({"weight": torch.randn(20, 8)}, TypeError, "weight must have hidden's dtype"),
+        ({"weight": torch.randn(0, 8, dtype=torch.float64)}, ValueError, r"no classes \(V = 0\)"),
         (
             {"bias": torch.randn(19, dtype=torch.float64)},
             ValueError,

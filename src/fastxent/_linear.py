@@ -144,6 +144,11 @@ def check_inputs(
         )
     _check_parameter_dtype("weight", weight, hidden, master_weights)
     num_classes = weight.shape[0]
+    if num_classes == 0:
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} has no rows, so no classes (V = 0): a softmax "
+            "needs at least one."
+        )
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}.")

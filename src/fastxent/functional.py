@@ -421,7 +421,8 @@ def linear_cross_entropy(
     walk_chosen = chunk_size is not None or filter_eps is not None or vocab_block is not None
     small = uses_composed(backend, hidden.device, tokens * num_classes, linear=True)
     transformed = under_torch_func(hidden, weight, bias, target, class_weight)
-    if transformed or (small and not walk_chosen):  # PyTorch's ops check the targets (on CPU)
+    # D = 0 (logits = bias) has nothing to walk: PyTorch's ops, which check the targets (on CPU).
+    if transformed or hidden.shape[-1] == 0 or (small and not walk_chosen):
 
         def compute() -> Tensor:
             with autocast_off(hidden):

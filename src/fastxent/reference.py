@@ -182,7 +182,8 @@ def linear_cross_entropy(
     num_classes, dim = w.shape
     used = h[..., :-1, :] if shift else h  # the hidden positions that have a loss
     y = target[..., 1:, :] if shift and soft else target[..., 1:] if shift else target
-    z = used.reshape(-1, dim) @ w.T + (0.0 if bias is None else np.asarray(bias, np.float64))
+    used_rows = used.reshape(int(np.prod(used.shape[:-1])), dim)  # (M, D); not -1: D may be 0
+    z = used_rows @ w.T + (0.0 if bias is None else np.asarray(bias, np.float64))
     y = y.reshape(-1, num_classes) if soft else y.reshape(-1)
     if grad_output is not None and options.get("reduction") == "none":
         grad_output = np.asarray(grad_output, dtype=np.float64).reshape(-1)
@@ -192,4 +193,4 @@ def linear_cross_entropy(
     d_hidden = np.zeros_like(h)
     d_used = d_hidden[..., :-1, :] if shift else d_hidden
     d_used[...] = (g @ w).reshape(used.shape)
-    return loss, d_hidden, g.T @ used.reshape(-1, dim), g.sum(axis=0)
+    return loss, d_hidden, g.T @ used_rows, g.sum(axis=0)
