@@ -299,10 +299,10 @@ def test_compile_failure_falls_back_to_portable_with_one_warning(monkeypatch, fa
     # after the first one ran; the call must still fall back whole.
     build = kernel.compiled_graph
 
-    def flaky(variant, graph=kernel._rows_graph):
+    def flaky(variant, graph=kernel._rows_graph, generation=0):
         if failing == "every graph" or graph is kernel._scale_graph:
             raise RuntimeError("no compiler today")
-        return build(variant, graph)
+        return build(variant, graph, generation)
 
     monkeypatch.setattr(kernel, "compiled_graph", flaky)
     monkeypatch.setattr(kernel, "_failed", set())
@@ -319,6 +319,72 @@ def test_compile_failure_falls_back_to_portable_with_one_warning(monkeypatch, fa
         warnings.simplefilter("error")
         run(z.float(), y, **options)
     assert len(kernel._failed) == 2
+
+
+class FailOnRecompileLimitHit(Exception):
+    """Stands in for torch._dynamo.exc.FailOnRecompileLimitHit."""
+
+
+@pytest.mark.parametrize("limited_generations", [1, kernel.GENERATIONS])
+def test_recompile_limit_starts_a_new_generation(monkeypatch, limited_generations):
+    """Dynamo's recompile limit (many size specialisations of one variant) gives the variant a
+    fresh compiled function, not the portable kernel for the rest of the process; only when
+    every generation has hit it does the call fall back (with the one warning)."""
+    build, built = kernel.compiled_graph, []
+
+    def limited(variant, graph=kernel._rows_graph, generation=0):
+        built.append(generation)
+        if generation < limited_generations:
+            raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+        return build(variant, graph, 0)
+
+    monkeypatch.setattr(kernel, "compiled_graph", limited)
+    monkeypatch.setattr(kernel, "_failed", set())
+    monkeypatch.setattr(kernel, "_generation", {})
+    monkeypatch.setattr(kernel, "_warned", False)
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(4, 50, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 50, (4,), generator=gen)
+    ref_loss, ref_grad = oracle(z, y, **GENERAL)
+    if limited_generations < kernel.GENERATIONS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss, grad = run(z, y, **GENERAL)
+        assert not kernel._failed and built == [0, 1]
+    else:
+        with pytest.warns(RuntimeWarning, match="falling back"):
+            loss, grad = run(z, y, **GENERAL)
+        assert len(kernel._failed) == 1 and built == list(range(kernel.GENERATIONS))
+    assert max_err(loss, ref_loss) <= 1e-12 and max_err(grad, ref_grad) <= 1e-12
+
+
+def test_calls_the_graph_does_not_take(shapes_passed_to):
+    """One row, one class, and the gradient into row-strided logits run the portable kernel
+    (the last failed to build in inductor: KeyError 'buf0'), with the right result and no
+    warning; a plain call runs the graph."""
+    portable = shapes_passed_to(kernel, "_portable")
+    leaf = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, 2, 3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for z, target in [
+            (torch.randn(1, 8, dtype=torch.float64), y[:1]),
+            (torch.randn(3, 1, dtype=torch.float64), torch.zeros(3, dtype=torch.long)),
+        ]:
+            loss, grad = run(z, target)
+            ref_loss, ref_grad = oracle(z, target)
+            assert max_err(loss, ref_loss) <= 1e-12 and max_err(grad, ref_grad) <= 1e-12
+        strided = (leaf * 1.0)[::2]
+        loss = fastxent.cross_entropy(
+            strided, y, softcap=5.0, inplace_backward=True, backend="compiled"
+        )
+        loss.backward()
+    ref_loss, ref_grad = oracle(leaf.detach()[::2], y, softcap=5.0)
+    assert max_err(loss, ref_loss) <= 1e-12
+    assert max_err(leaf.grad[::2], ref_grad) <= 1e-12
+    assert portable == [(1, 8), (3, 1), (3, 8)]
+    run(torch.randn(3, 8, dtype=torch.float64), y)
+    assert len(portable) == 3
 
 
 def test_unavailable_reason(monkeypatch):

@@ -204,9 +204,9 @@ def _scale_graph(grad: Tensor, w: Tensor, k: Tensor, counted: Tensor, inv_sum_e,
 
 
 @functools.cache
-def compiled_graph(v: Variant, graph=_rows_graph):
+def compiled_graph(v: Variant, graph=_rows_graph, generation: int = 0):
     """The compiled ``graph`` (``_rows_graph`` or ``_scale_graph``) of variant ``v``, built
-    once per process.
+    once per process (and ``generation``, see :func:`_call`).
 
     Dynamo keys its cache (and its recompile limit) on the code object, so every variant gets a
     function with a code object of its own, ``v`` bound as its last argument's default: variants
@@ -228,6 +228,44 @@ def renamed(code: types.CodeType, name: str) -> types.CodeType:
 
 _variants: list[Variant] = []  # in the order their graphs were built
 
+# Dynamo compiles a graph again for each specialisation of its sizes and strides (V <= 64, V >
+# 4096, a row stride other than V, ...) up to its recompile limit (8), then fails under
+# fullgraph. A variant that reaches it gets a fresh code object, one more generation, rather
+# than the portable kernel for the rest of the process; after GENERATIONS it falls back.
+GENERATIONS = 4
+_generation: dict[tuple[Variant, object], int] = {}
+
+
+def _call(v: Variant, graph, *args):
+    """``graph`` of variant ``v`` compiled and called on ``args``, in a new generation when
+    dynamo's recompile limit is hit; other errors propagate."""
+    while True:
+        generation = _generation.get((v, graph), 0)
+        try:
+            return compiled_graph(v, graph, generation)(*args)
+        except Exception as error:
+            hit_limit = "LimitHit" in type(error).__name__  # FailOn{Recompile,Cache}LimitHit
+            if not hit_limit or generation + 1 >= GENERATIONS:
+                raise
+            _generation[(v, graph)] = generation + 1
+
+
+def _suits_the_graph(z: Tensor, target: Tensor, opts: CrossEntropyOptions, v: Variant) -> bool:
+    """Whether the compiled graph takes this call; the portable kernel does the others:
+    - logits or probabilities strided along the classes (a column slice, a transpose): inductor
+      (torch 2.13) miscompiled such layouts into NaN rows (fp16 probability targets,
+      N = V = 64, where the shift's slice makes sizes static);
+    - a single row or class: nothing to gain from a compiled loop, and each would cost the
+      graph a specialisation of its own (dynamo specialises sizes 0 and 1);
+    - the gradient written into row-strided logits: inductor (torch 2.13) failed to build it
+      (KeyError 'buf0', with softcap and V <= 64).
+    """
+    if z.stride(1) != 1 or (opts.soft and target.stride(1) != 1):
+        return False
+    if z.shape[0] <= 1 or z.shape[1] <= 1:
+        return False
+    return not (v.inplace and not z.is_contiguous())
+
 
 def cross_entropy_rows(
     z: Tensor,
@@ -241,10 +279,7 @@ def cross_entropy_rows(
     """Row losses ``ce_scale·E + z_scale·s·lse²`` (M,), and ∂loss/∂z into ``grad`` if given."""
     acc = accumulation_dtype(z.dtype)
     v = Variant.of(z, target, weight, opts, grad)
-    if v in _failed or z.stride(1) != 1 or (opts.soft and target.stride(1) != 1):
-        # Logits or probabilities strided along the classes (a column slice, a transpose) take
-        # the portable kernel: inductor (torch 2.13) miscompiled such layouts into NaN rows
-        # (fp16 probability targets, N = V = 64, where the shift's slice makes sizes static).
+    if v in _failed or not _suits_the_graph(z, target, opts, v):
         return _portable(z, target, weight, opts, ce_scale, z_scale, grad)
     a, b = ce_scale.to(acc), z_scale.to(acc)
     w = None if weight is None else weight.to(device=z.device, dtype=acc)
@@ -259,7 +294,7 @@ def cross_entropy_rows(
         z_y = z[at_target].to(acc)  # (M,); read before the graph may overwrite z
         y = torch.where(counted, target, -1)
     try:
-        sums = compiled_graph(v)(z, y, k if w is None else w, k, None if v.inplace else grad)
+        sums = _call(v, _rows_graph, z, y, k if w is None else w, k, None if v.inplace else grad)
     except Exception as error:  # any failure to compile: run the portable kernel instead
         _fall_back(v, error)
         return _portable(z, target, weight, opts, ce_scale, z_scale, grad)
@@ -297,7 +332,7 @@ def cross_entropy_rows(
         if v.split:
             columns = (counted.unsqueeze(1), sum_e.reciprocal().unsqueeze(1), coef.unsqueeze(1))
             try:
-                compiled_graph(v, _scale_graph)(grad, k if w is None else w, k, *columns)
+                _call(v, _scale_graph, grad, k if w is None else w, k, *columns)
             except Exception as error:  # the second graph would not build: redo it all portably
                 _fall_back(v, error)
                 return _portable(z, target, weight, opts, ce_scale, z_scale, grad)
