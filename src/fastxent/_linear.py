@@ -628,6 +628,18 @@ def dtypes_of(weight: Tensor, bias: Tensor | None) -> tuple[torch.dtype, torch.d
     return weight.dtype, None if bias is None else bias.dtype
 
 
+def scaled_to(grad: Tensor | None, factor: Tensor, dtype: torch.dtype | None) -> Tensor | None:
+    """``grad · factor`` in ``dtype``: in place when ``grad`` has that dtype (skipped for a
+    factor of 1), else in one pass that scales and casts (a float32 accumulator to bf16/fp16:
+    scaled first, so a float16 sum over tokens that the factor brings into range stays finite)."""
+    if grad is None or grad.dtype == dtype:
+        if grad is not None:
+            scale_by_grad_output(grad, factor)
+        return grad
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    return torch.mul(grad, factor.to(grad.dtype), out=out)
+
+
 def walk_of(opts: LinearOptions):
     """The walk over tokens and classes that ``opts`` asks for."""
     return chunked_pass if opts.vocab_block is None else vocab_pass
@@ -693,10 +705,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dh, dw, db = ctx.grads
             ctx.grads = None
             factor = times_deferred(grad_loss, ctx.factor)
-            for grad in (dh, dw, db):
-                if grad is not None:
-                    scale_by_grad_output(grad, factor)
-            dw, db = in_own_dtype(dw, db, ctx.dtypes)
+            dh = scaled_to(dh, factor, None if dh is None else dh.dtype)
+            dw = scaled_to(dw, factor, ctx.dtypes[0])
+            db = scaled_to(db, factor, ctx.dtypes[1])
         if dh is not None:
             dh = dh.view(ctx.hidden_shape)
         return dh, dw, db, None, None, None, None
