@@ -380,6 +380,10 @@ def test_a_single_class_index_in_a_one_element_target(backend):
         got = fastxent.cross_entropy(z, torch.tensor([3]), reduction=reduction, backend=backend)
         assert got.shape == want.shape == ()
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    one_class = torch.randn(1, dtype=torch.float64)  # and (1,) probabilities of (1,) logits
+    p = torch.tensor([0.7], dtype=torch.float64)
+    got = fastxent.cross_entropy(one_class, p, backend=backend)
+    torch.testing.assert_close(got, F.cross_entropy(one_class, p), rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("backend", PATHS)

@@ -100,12 +100,17 @@ def test_filter_eps_thresholds_the_true_float16_gradient():
     torch.testing.assert_close(loss.double(), F.cross_entropy(logits, target), rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("walk", [{"chunk_size": 96}, {"vocab_block": 16}], ids=["tokens", "vocab"])
+@pytest.mark.parametrize(
+    "walk",
+    [{"chunk_size": 96}, {"chunk_size": 512}, {"vocab_block": 16}],
+    ids=["chunks", "one chunk", "vocab"],
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_linear_float16_weight_gradient_is_scaled_before_it_is_rounded(walk, reduction):
     """∂W of float16 weights stays finite where PyTorch's is: it sums over tokens, so made in
     forward without the mean's 1/N (or a grad_output of 1/N after a "sum") it passed 65504 and
-    became inf when cast to float16. It is now cast after backward's scaling."""
+    became inf when cast to float16 (across chunks), or in one chunk's float16 product. The
+    products run in float32, and the sum is cast after backward's scaling."""
     g = torch.Generator().manual_seed(0)
     n, dim, num_classes = 512, 16, 32
     hidden = (torch.randn(n, dim, generator=g) + 200.0).half()  # ∂W entries near -200

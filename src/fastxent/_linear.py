@@ -378,9 +378,15 @@ def _dense_update(
         else:
             torch.addmm(dw, g.t(), h, out_dtype=dw.dtype, out=dw)
         return
+    # float16's range cannot hold a sum over the chunk's tokens (made before backward's 1/N or
+    # grad_output < 1 scales it): its products run in float32; bf16's range can.
+    h_wide = h.to(dw.dtype) if g.dtype == torch.float16 else None  # (n, D)
     for v in range(0, dw.shape[0], WEIGHT_BLOCK):
         block = slice(v, v + WEIGHT_BLOCK)
-        part = torch.mm(g[:, block].t(), h)  # (Vb, D) in half precision, then float32
+        if h_wide is None:
+            part = torch.mm(g[:, block].t(), h)  # (Vb, D) in bf16, then float32
+        else:
+            part = torch.mm(g[:, block].t().to(dw.dtype), h_wide)  # (Vb, D) in float32
         if overwrite:
             dw[block].copy_(part)
         else:

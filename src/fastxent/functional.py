@@ -210,7 +210,12 @@ def cross_entropy(
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
-    if class_dim == 0 and isinstance(target, Tensor) and target.shape == (1,):
+    if (
+        class_dim == 0
+        and isinstance(target, Tensor)
+        and not target.is_floating_point()
+        and target.shape == (1,)
+    ):
         target = target.reshape(())  # PyTorch takes a (1,) class index for (C,) logits too
     soft = check_targets(input, target, class_dim)
     check_weight(weight, num_classes)
