@@ -282,7 +282,8 @@ def cross_entropy_rows(
     if v in _failed or not _suits_the_graph(z, target, opts, v):
         return _portable(z, target, weight, opts, ce_scale, z_scale, grad)
     a, b = ce_scale.to(acc), z_scale.to(acc)
-    w = None if weight is None else weight.to(device=z.device, dtype=acc)
+    # contiguous: a strided weight (weight[::2]) would cost the graph a specialisation of its own
+    w = None if weight is None else weight.to(device=z.device, dtype=acc).contiguous()
     sum_w = torch.full((1,), z.shape[1], dtype=acc) if w is None else w.sum().reshape(1)
     k = torch.cat([torch.stack([a, b]), _option_values(opts, acc), sum_w])  # a, b, ε, s, c, α, Σw
     if opts.soft:
