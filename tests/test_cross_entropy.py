@@ -606,12 +606,22 @@ def test_which_calls_take_the_fused_ops_on_each_device():
     z_loss=st.sampled_from([0.0, 1e-3]),
     softcap=st.sampled_from([None, 1.5, 30.0]),
     scale=st.floats(0.25, 2.0),
+    strided=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_property_matches_reference(
-    backend, n, v, soft, weighted, reduction, eps, z_loss, softcap, scale, seed
+    backend, n, v, soft, weighted, reduction, eps, z_loss, softcap, scale, strided, seed
 ):
+    """Random options on random shapes; ``strided``: logits, targets and weights as strided
+    views (every other column or entry) of larger tensors."""
     z, target, weight = make_case((n, v), soft, weighted, seed=seed)
+    if strided:
+
+        def spread(x):  # the same values, every other element of a tensor twice as wide
+            return None if x is None else x.repeat_interleave(2, dim=-1)[..., ::2]
+
+        z, weight = spread(z), spread(weight)
+        target = spread(target) if soft else target.repeat_interleave(2)[::2]
     kwargs = {
         "reduction": reduction,
         "label_smoothing": eps,
