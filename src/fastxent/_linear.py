@@ -467,8 +467,10 @@ def vocab_pass(
         \partial\ell/\partial h \mathrel{+}= g_b W_b
 
     Four matmuls instead of three, but ∂W_b is written once, by one matmul over all K tokens
-    (for bf16/fp16 its float32 accumulation happens inside that matmul, so there is no float32
-    copy of ∂W), and nothing larger than a few (K, B) blocks is held beside the gradients.
+    (for bf16 its float32 accumulation happens inside that matmul, so there is no float32 copy
+    of ∂W; float16 ∂W is computed in float32, its range being too small for a sum over tokens
+    before backward's scaling), and nothing larger than a few (K, B) blocks is held beside the
+    gradients.
     ``kernel`` is unused: the block math needs the row's lse before the row is complete.
     """
     from fastxent._torch.kernel import transform

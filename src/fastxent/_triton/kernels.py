@@ -97,7 +97,7 @@ def cross_entropy_rows_kernel(
     d = 0.0
     r = 0.0  # the reference of the target sums: the first finite shift
     acc_t = tl.zeros([BLOCK], dtype=tl.float32)  # Σ t (probabilities) or Σ w (smoothing)
-    acc_tz = tl.zeros([BLOCK], dtype=tl.float32)  # Σ t z' (probabilities) or Σ w z' (smoothing)
+    acc_tz = tl.zeros([BLOCK], dtype=tl.float32)  # Σ t (z' - r), or Σ w (z' - r) (smoothing)
     for start in range(0, V, BLOCK):
         cols = start + offs
         mask = cols < V
