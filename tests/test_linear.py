@@ -408,6 +408,20 @@ def test_zero_hidden_features_give_the_bias_as_logits(walk):
     assert_matches(ours(hidden, weight, bias, target, **walk), oracle(hidden, weight, bias, target))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize("walk", [{"chunk_size": 2}, {"vocab_block": 4}, FUSED_OPS])
+def test_narrow_integer_targets(dtype, walk):
+    """int32/int16/uint8 class indices act as int64 ones, also with an ignore_index beyond
+    their range: in int32, 2**40 wrapped to 0 and class-0 targets were silently ignored."""
+    hidden, weight, bias, _ = make_case((6,), num_classes=9)
+    target = torch.tensor([0, 3, 0, 8, 1, 0])
+    for ignore_index in (-100, 2**40):
+        want = ours(hidden, weight, bias, target, ignore_index=ignore_index, **walk)
+        got = ours(hidden, weight, bias, target.to(dtype), ignore_index=ignore_index, **walk)
+        assert_matches(got, want)
+    assert_matches(want, oracle(hidden, weight, bias, target))
+
+
 def test_module_form():
     """LinearCrossEntropyLoss holds the options and equals the functional form."""
     hidden, weight, bias, target = make_case((2, 6), num_classes=45, seed=13)

@@ -395,6 +395,10 @@ def linear_cross_entropy(
     master_weights = compute_dtype is not None
     if master_weights:  # F.linear's cast under autocast; weight and bias are cast in the walk
         hidden = hidden.to(compute_dtype)
+    if isinstance(target, Tensor) and _is_integer(target):
+        # int64, as cross_entropy's: in int32 `target != ignore_index` wraps an ignore_index
+        # beyond int32 (2**40 ignored class 0), and uint8/int16 failed inside the walks' gather.
+        target = target.long()
     if process_group is not None:
         from fastxent.distributed import vocab_parallel_linear_cross_entropy
 
@@ -470,6 +474,10 @@ def _with_our_index_error(
         torch_error = error
     check_index_targets(target, opts.num_classes, opts.ignore_index, shift)  # raises fastxent's
     raise torch_error
+
+
+def _is_integer(x: Tensor) -> bool:
+    return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
 
 
 def _rows(x: Tensor, class_dim: int) -> Tensor:
