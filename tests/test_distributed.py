@@ -291,6 +291,14 @@ ERROR_CASES = {
             _local(r, w), _y, weight=torch.ones(SHARDS[w][r], dtype=torch.float64)
         ),
     ),
+    "empty_shard": _raises_everywhere(  # the last rank holds no class: no rank may hang
+        ValueError,
+        "every rank must hold at least one class",
+        lambda r, w: vocab_parallel_cross_entropy(
+            torch.randn(4, 0 if r == w - 1 else 11, dtype=torch.float64),  # 11: no cached layout
+            torch.tensor([0, 1, 2, 0]),
+        ),
+    ),
     "one_dim_logits": _raises_everywhere(
         ValueError,
         r"shape \(N, V_local\)",

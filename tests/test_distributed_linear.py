@@ -181,6 +181,15 @@ ERROR_CASES = {
         r"bias must have shape \(\d+,\), one entry per row of weight, got shape \(1001,\)",
         lambda r, w: _call(*_inputs(r, w)[:2], _y, torch.zeros(V, dtype=torch.float64)),
     ),
+    "empty_shard": _raises_everywhere(  # the last rank holds no class: no rank may hang
+        ValueError,
+        "every rank must hold at least one class",
+        lambda r, w: _call(
+            torch.randn(4, D, dtype=torch.float64),
+            torch.randn(0 if r == w - 1 else 11, D, dtype=torch.float64),  # 11: no cached layout
+            torch.tensor([0, 1, 2, 0]),
+        ),
+    ),
     "class_weight_local": _raises_everywhere(
         ValueError,
         r"class_weight must have shape \(1001,\)",

@@ -117,11 +117,13 @@ def check_inputs(
     target: Tensor,
     shift: bool,
     master_weights: bool = False,
+    any_classes: bool = False,
 ) -> bool:
     """Check kinds, dtypes and shapes; return True for probability targets.
 
     ``hidden`` (N, D) or (B, T, D) float; ``weight`` (V, D) and ``bias`` (V,) of its dtype and
     device; ``target`` the tokens' shape (N,)/(B, T) of class indices or (..., V) probabilities.
+    ``any_classes``: V = 0 is let through (one rank's shard; the caller checks the whole).
     With ``master_weights`` (under autocast) weight and bias may have any floating dtype but
     float64: the walk casts them to hidden's dtype and returns their gradients in their own.
     """
@@ -144,7 +146,7 @@ def check_inputs(
         )
     _check_parameter_dtype("weight", weight, hidden, master_weights)
     num_classes = weight.shape[0]
-    if num_classes == 0:
+    if num_classes == 0 and not any_classes:
         raise ValueError(
             f"weight of shape {tuple(weight.shape)} has no rows, so no classes (V = 0): a softmax "
             "needs at least one."

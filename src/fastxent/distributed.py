@@ -83,6 +83,7 @@ as :func:`fastxent.cross_entropy` does for the target range.
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 
 import torch
@@ -213,7 +214,9 @@ def vocab_parallel_cross_entropy(
     if vocab_start is not None and (not isinstance(vocab_start, int) or vocab_start < 0):
         raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}.")
 
-    z = local_logits.reshape(-1, local_logits.shape[-1])  # (N, V_r)
+    # (N, V_r); not reshape(-1, V_r): a rank with no class (V_r = 0) must reach the layout
+    # all-gather, which refuses it on every rank, instead of failing alone and hanging the rest.
+    z = local_logits.reshape(math.prod(rows_shape), local_logits.shape[-1])
     y = target.reshape(-1).long()  # (N,)
     vocab_start, sizes = _shard_layout(y, z.shape[1], vocab_start, group, z.device, validate)
     vocab_size = sum(sizes)
@@ -302,7 +305,8 @@ def vocab_parallel_linear_cross_entropy(
         )
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
     ignore_index = check_ignore_index(ignore_index)
-    if check_inputs(hidden, local_weight, bias, target, shift, master_weights):
+    # A shard without classes passes here and is refused on every rank by the layout gather.
+    if check_inputs(hidden, local_weight, bias, target, shift, master_weights, any_classes=True):
         raise TypeError(
             "linear_cross_entropy with a process_group takes global class indices (an int64 "
             f"tensor) as target; probability targets are not supported, got dtype {target.dtype}."
