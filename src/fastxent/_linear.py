@@ -117,13 +117,13 @@ def check_inputs(
     target: Tensor,
     shift: bool,
     master_weights: bool = False,
-    any_classes: bool = False,
+    allow_no_classes: bool = False,
 ) -> bool:
     """Check kinds, dtypes and shapes; return True for probability targets.
 
     ``hidden`` (N, D) or (B, T, D) float; ``weight`` (V, D) and ``bias`` (V,) of its dtype and
     device; ``target`` the tokens' shape (N,)/(B, T) of class indices or (..., V) probabilities.
-    ``any_classes``: V = 0 is let through (one rank's shard; the caller checks the whole).
+    ``allow_no_classes``: V = 0 is let through (one rank's shard; the caller checks the whole).
     With ``master_weights`` (under autocast) weight and bias may have any floating dtype but
     float64: the walk casts them to hidden's dtype and returns their gradients in their own.
     """
@@ -146,7 +146,7 @@ def check_inputs(
         )
     _check_parameter_dtype("weight", weight, hidden, master_weights)
     num_classes = weight.shape[0]
-    if num_classes == 0 and not any_classes:
+    if num_classes == 0 and not allow_no_classes:
         raise ValueError(
             f"weight of shape {tuple(weight.shape)} has no rows, so no classes (V = 0): a softmax "
             "needs at least one."
@@ -623,19 +623,14 @@ def in_hidden_dtype(
 
 
 def in_own_dtype(
-    dw: Tensor | None, db: Tensor | None, dtypes: tuple[torch.dtype, torch.dtype | None]
+    dw: Tensor | None, db: Tensor | None, weight: Tensor, bias: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None]:
-    """∂W and ∂b cast once to ``dtypes``, those of weight and bias. The token walk accumulates
-    them in float32 for half precision, so float32 master weights take that accumulator as it
-    is."""
+    """∂W and ∂b cast once to the dtypes of weight and bias. The token walk accumulates them in
+    float32 for half precision, so float32 master weights take that accumulator as it is."""
     return (
-        None if dw is None else dw.to(dtypes[0]),
-        None if db is None else db.to(dtypes[1]),
+        None if dw is None else dw.to(weight.dtype),
+        None if db is None else db.to(bias.dtype),
     )
-
-
-def dtypes_of(weight: Tensor, bias: Tensor | None) -> tuple[torch.dtype, torch.dtype | None]:
-    return weight.dtype, None if bias is None else bias.dtype
 
 
 def scaled_to(grad: Tensor | None, factor: Tensor, dtype: torch.dtype | None) -> Tensor | None:
@@ -689,7 +684,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # ∂W and ∂b stay in their (float32) accumulators until backward has scaled them: cast
         # first, a float16 ∂W summed over tokens overflows where the scaled one would not.
         ctx.grads = (dh, dw, db)
-        ctx.dtypes = dtypes_of(weight, bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return losses.sum() if ctx.factor is None else losses.sum() * ctx.factor
 
     @staticmethod
@@ -704,7 +699,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             )  # fmt: skip
             if dh is not None and opts.reduce_hidden_grad is not None:
                 opts.reduce_hidden_grad(dh)  # COLLECTIVE (vocab-parallel): Σ_r g W_r
-            dw, db = in_own_dtype(dw, db, dtypes_of(weight, bias))
+            dw, db = in_own_dtype(dw, db, weight, bias)
         else:
             if ctx.grads is None:
                 raise RuntimeError(
@@ -715,7 +710,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dh, dw, db = ctx.grads
             ctx.grads = None
             factor = times_deferred(grad_loss, ctx.factor)
-            dh = scaled_to(dh, factor, None if dh is None else dh.dtype)
+            if dh is not None:
+                scale_by_grad_output(dh, factor)
             dw = scaled_to(dw, factor, ctx.dtypes[0])
             db = scaled_to(db, factor, ctx.dtypes[1])
         if dh is not None:

@@ -79,6 +79,11 @@ def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: 
     return legacy
 
 
+def holds_class_indices(target: Tensor) -> bool:
+    """Whether ``target``'s dtype is an integer one (not floating, complex or bool)."""
+    return not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
+
+
 def check_ignore_index(ignore_index: int) -> int:
     """``ignore_index`` as a Python int; TypeError for anything that is not an integer,
     ValueError for one that int64 targets cannot hold."""
@@ -265,7 +270,7 @@ def check_target_kind(
                 "target.detach()."
             )
         return True
-    if target.is_complex() or target.dtype == torch.bool:
+    if not holds_class_indices(target):
         raise TypeError(
             f"target must hold class indices (int64) or probabilities (float), got {target.dtype}."
         )

@@ -104,6 +104,7 @@ from fastxent._options import (
     check_logits,
     check_scalars,
     check_weight,
+    holds_class_indices,
 )
 from fastxent._torch.kernel import rows_per_chunk, transform
 
@@ -197,7 +198,7 @@ def vocab_parallel_cross_entropy(
         )
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+    if not holds_class_indices(target):
         raise TypeError(
             "vocab_parallel_cross_entropy takes global class indices (an int64 tensor) as "
             f"target; probability targets are not supported, got dtype {target.dtype}."
@@ -306,7 +307,9 @@ def vocab_parallel_linear_cross_entropy(
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
     ignore_index = check_ignore_index(ignore_index)
     # A shard without classes passes here and is refused on every rank by the layout gather.
-    if check_inputs(hidden, local_weight, bias, target, shift, master_weights, any_classes=True):
+    if check_inputs(
+        hidden, local_weight, bias, target, shift, master_weights, allow_no_classes=True
+    ):
         raise TypeError(
             "linear_cross_entropy with a process_group takes global class indices (an int64 "
             f"tensor) as target; probability targets are not supported, got dtype {target.dtype}."

@@ -26,6 +26,7 @@ from fastxent._options import (
     check_soft_ignore_index,
     check_targets,
     check_weight,
+    holds_class_indices,
     legacy_reduction,
     start_index_target_check,
 )
@@ -213,7 +214,7 @@ def cross_entropy(
     if (
         class_dim == 0
         and isinstance(target, Tensor)
-        and not target.is_floating_point()
+        and holds_class_indices(target)
         and target.shape == (1,)
     ):
         target = target.reshape(())  # PyTorch takes a (1,) class index for (C,) logits too
@@ -395,7 +396,7 @@ def linear_cross_entropy(
     master_weights = compute_dtype is not None
     if master_weights:  # F.linear's cast under autocast; weight and bias are cast in the walk
         hidden = hidden.to(compute_dtype)
-    if isinstance(target, Tensor) and _is_integer(target):
+    if isinstance(target, Tensor) and holds_class_indices(target):
         # int64, as cross_entropy's: in int32 `target != ignore_index` wraps an ignore_index
         # beyond int32 (2**40 ignored class 0), and uint8/int16 failed inside the walks' gather.
         target = target.long()
@@ -474,10 +475,6 @@ def _with_our_index_error(
         torch_error = error
     check_index_targets(target, opts.num_classes, opts.ignore_index, shift)  # raises fastxent's
     raise torch_error
-
-
-def _is_integer(x: Tensor) -> bool:
-    return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
 
 
 def _rows(x: Tensor, class_dim: int) -> Tensor:
