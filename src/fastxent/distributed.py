@@ -506,12 +506,12 @@ def vocab_parallel_rows(
         zp, _ = transform(z[chunk].to(acc), opts)  # (n, V_r)
         m[chunk] = zp.amax(dim=1)
         m_safe = torch.where(torch.isfinite(m[chunk]), m[chunk], 0.0)  # ±inf: keep exp() finite
-        e = torch.exp(zp - m_safe.unsqueeze(1))  # (n, V_r)
+        zs = zp - m_safe.unsqueeze(1)  # (n, V_r), z' - m_r
+        e = torch.exp(zs)  # (n, V_r)
         sums[chunk, 0] = e.sum(dim=1)
         z_y = zp.gather(1, local_y[chunk].unsqueeze(1)).squeeze(1)
         sums[chunk, 1] = torch.where(owned[chunk], z_y, 0.0)
         if eps:  # Σ w (z' - m_r): relative to the max, not to cancel at a large common offset
-            zs = zp - m_safe.unsqueeze(1)
             sums[chunk, 2] = zs.sum(dim=1) if w_local is None else zs @ w_local
         if keep_e:  # after the last read of zp, which may alias grad
             grad[chunk].copy_(e)
