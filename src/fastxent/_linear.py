@@ -19,9 +19,11 @@ With "mean"/"sum" the three gradients are complete after forward and backward on
 afterwards: forward computes the losses only, and backward recomputes each chunk's logits with
 the rows of the gradient multiplied by ``grad_output``.
 
-Memory beyond the inputs and the gradients themselves: one chunk of logits (by default at most
-64 MB or half of ∂W, whichever is more: :func:`default_chunk_size`), the row kernel's
-temporaries, and an (n, D) block.
+Memory beyond the inputs and the gradients themselves: one chunk of logits (by default, on CPU
+a sixth of ∂W's bytes or 16 MiB, elsewhere half of ∂W or 64 MB, whichever is more:
+:func:`default_chunk_size`), the row kernel's temporaries, and an (n, D) block. On CPU the
+float32 chunk products ``h_c Wᵀ`` and ``g_c W`` are oneDNN's (:func:`small_rows_linear`), which
+keeps their speed at the few rows that this budget allows.
 
 With the vocabulary split across ranks (:mod:`fastxent.distributed`) the same walk runs on every
 rank with the vocab-parallel row kernel and the local ``W_r``, ``b_r``: ∂W_r and ∂b_r are then
@@ -31,6 +33,7 @@ complete on each rank, while ``g_c W_r`` is one rank's share of ∂h, summed ove
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +56,10 @@ from fastxent._options import CrossEntropyOptions, check_target_kind
 
 CHUNK_BYTES = 64 << 20  # logits of one chunk: 64 MB, or half of ∂W's accumulator if that is more
 CHUNK_ROWS_MULTIPLE = 64  # default chunks are made even in multiples of this many rows
+# On CPU, where chunks of few rows keep the matmuls' rate (small_rows_linear), a chunk holds a
+# sixth of ∂W's bytes, or 16 MiB when that is more (fewer, larger calls for a small V·D).
+CPU_CHUNK_SHARE = 6
+CPU_CHUNK_MIN_BYTES = 16 << 20
 FILTER_BLOCK = 128  # vocabulary entries per block for filter_eps (a multiple of GPU tile widths)
 WEIGHT_BLOCK = 8192  # vocab rows per half-precision ∂W product before its float32 accumulation
 # On CUDA, ∂W += gᵀh for half-precision g, h goes straight into the float32 accumulator
@@ -81,17 +88,28 @@ class LinearOptions:
 
 
 def default_chunk_size(
-    num_classes: int, dim: int, dtype: torch.dtype, num_tokens: int | None = None
+    num_classes: int,
+    dim: int,
+    dtype: torch.dtype,
+    num_tokens: int | None = None,
+    device_type: str = "cuda",
 ) -> int:
-    """Tokens per chunk: one chunk of logits within ``max(CHUNK_BYTES, bytes(∂W) / 2)``.
+    """Tokens per chunk: one chunk of logits within a budget that ∂W's size sets.
 
     Every chunk reads and writes all of ∂W's accumulator (V×D, float32 for half-precision
     weights) once, while its three matmuls do ``6·n·V·D`` FLOPs: the share of that traffic falls
-    as ``1/n`` whatever V and D are, and is large when ``n`` is small against the machine's
-    FLOPs per byte (~15 on a 2-core CPU, ~160 in bf16 on an H100/H200). A fixed byte budget
-    gives few rows at large V (64 MB is 131 bf16 rows at V = 256000); so chunks may also hold
-    as many logits as half of ∂W, memory of the same order as the gradient that has to exist:
-    ``D · acc_itemsize / (2 · itemsize)`` rows (D rows for bf16 with float32 accumulation).
+    as ``1/n`` whatever V and D are. So the budget is counted in rows: ``R = D · acc_itemsize /
+    itemsize`` rows of logits have ∂W's bytes (D rows for bf16 with float32 accumulation).
+
+    * ``max(CHUNK_BYTES, R / 2 rows)`` by default: a GPU does ~160 bf16 FLOPs per byte
+      (H100/H200), so chunks must be wide (a fixed 64 MB is only 131 bf16 rows at V = 256000).
+    * ``max(CPU_CHUNK_MIN_BYTES, R / CPU_CHUNK_SHARE rows)`` for float32 on CPU
+      (``device_type="cpu"``) where oneDNN's products are used (:func:`small_rows_linear`):
+      they keep their rate on chunks of ~64 rows, so the chunk can be small beside ∂W: at
+      N = 2048, D = 512, V = 65536, 82-row chunks of 20.5 MiB beside ∂W's 128 MiB, at ~1.1x the
+      time of three unchunked matmuls (``python benchmarks/linear_chunks.py``). bf16 on CPU
+      keeps the wide budget: its float32 ∂W accumulation is one more pass over ∂W per chunk
+      (170-row chunks took 1.26x the time of 512-row ones at that shape).
 
     Given ``num_tokens``, the same number of chunks is made even: ``ceil(N / k)`` rows for the
     ``k`` chunks the limit needs, rounded up to a multiple of ``CHUNK_ROWS_MULTIPLE`` within it
@@ -99,10 +117,13 @@ def default_chunk_size(
     chunks 50.5 ms, 2304-row ones 53.5 ms, ``benchmarks/gpu_tune.py --part linear``).
     """
     item = dtype.itemsize
-    acc_item = accumulation_dtype(dtype).itemsize
-    by_budget = CHUNK_BYTES // (item * max(1, num_classes))
-    by_weight_grad = dim * acc_item // (2 * item)
-    limit = max(1, by_budget, by_weight_grad)
+    weight_grad_rows = dim * accumulation_dtype(dtype).itemsize // item
+    if device_type == "cpu" and dtype == torch.float32 and _onednn_linear() is not None:
+        min_bytes, share = CPU_CHUNK_MIN_BYTES, CPU_CHUNK_SHARE
+    else:
+        min_bytes, share = CHUNK_BYTES, 2
+    by_budget = min_bytes // (item * max(1, num_classes))
+    limit = max(1, by_budget, weight_grad_rows // share)
     if not num_tokens:
         return limit
     even = -(-num_tokens // -(-num_tokens // limit))  # ceil(N / k), k = ceil(N / limit)
@@ -281,6 +302,40 @@ def _take(x: Tensor, index: slice | Tensor, offset: int = 0) -> Tensor:
     return x.index_select(0, index + offset if offset else index)
 
 
+LinearProduct = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+@functools.cache
+def _onednn_linear() -> LinearProduct | None:
+    """oneDNN's float32 ``x wᵀ + b`` (the op torch.compile's CPU linear lowers to), or None when
+    this PyTorch build lacks it or it disagrees with ``torch.addmm`` on a small check."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise.default
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(shape, generator=gen) for shape in ((3, 5), (4, 5), (4,)))
+        agrees = torch.allclose(op(x, w, b, "none", [], ""), torch.addmm(b, x, w.t()), 1e-5, 1e-6)
+    except (AttributeError, RuntimeError):
+        return None
+    return (lambda x, w, b: op(x, w, b, "none", [], "")) if agrees else None
+
+
+def small_rows_linear(hidden: Tensor, weight: Tensor) -> LinearProduct | None:
+    """The product for a chunk's logits ``h Wᵀ + b`` and its ``∂h = g W`` (as ``g (Wᵀ)ᵀ``),
+    when it is oneDNN's: float32 on CPU with a contiguous W; None means ``torch.mm``.
+
+    Chunks of few rows are what keep the walk's memory small, and MKL's sgemm (torch.mm on CPU)
+    runs them far below its large-matrix rate (each call re-packs all of W), while oneDNN keeps
+    its rate down to ~64 rows. ``python benchmarks/linear_chunks.py`` times both.
+    """
+    if hidden.device.type != "cpu" or hidden.dtype != torch.float32:
+        return None
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
+        return None
+    return _onednn_linear()
+
+
 def chunked_pass(
     hidden: Tensor,
     weight: Tensor,
@@ -317,18 +372,22 @@ def chunked_pass(
 
     step = opts.chunk_size
     rows_max = min(step, toks.num_counted)
-    buf = reusable_empty((rows_max, num_classes), hidden.dtype, hidden.device)
+    linear = small_rows_linear(hidden, weight)
+    # torch.mm writes into one kept buffer; oneDNN allocates each chunk's logits itself.
+    buf = None if linear else reusable_empty((rows_max, num_classes), hidden.dtype, hidden.device)
     wt = weight.t()  # (D, V)
     for start in range(0, toks.num_counted, step):
         stop = min(start + step, toks.num_counted)
         tok, rows = toks.chunk(start, stop)
         h = _take(h2, tok)  # (n, D)
         y = _take(t2, tok, toks.shift) if opts.ce.soft else _take(toks.y, rows)  # (n, V) | (n,)
-        z = buf[: stop - start]  # (n, V)
-        if bias is None:
-            torch.mm(h, wt, out=z)
+        z = g = None  # the last chunk's logits are freed before this chunk's exist
+        if linear is not None:
+            z = linear(h, weight, bias)  # (n, V)
+        elif bias is None:
+            z = torch.mm(h, wt, out=buf[: stop - start])
         else:
-            torch.addmm(bias, h, wt, out=z)
+            z = torch.addmm(bias, h, wt, out=buf[: stop - start])
         losses[rows] = kernel(
             z, y, class_weight, opts.ce, ce_scale, z_scale, z if any_grad else None
         )
@@ -344,7 +403,7 @@ def chunked_pass(
             eps = opts.filter_eps if factor is None else opts.filter_eps / factor
             cols = _kept_columns(g, eps)
         if cols is None:
-            _dense_update(g, h, weight, tok, dh, dw, overwrite=start == 0)
+            _dense_update(g, h, weight, tok, dh, dw, overwrite=start == 0, linear=linear)
         elif cols.numel():
             _sparse_update(g, h, weight, tok, cols, dh, dw)
     return Walked(losses, dh, dw, db, factor)
@@ -358,11 +417,18 @@ def _dense_update(
     dh: Tensor | None,
     dw: Tensor | None,
     overwrite: bool = False,
+    linear: LinearProduct | None = None,
 ) -> None:
     """dh[tok] = g W;  dW += gᵀ h, or dW = gᵀ h with ``overwrite`` (float32 accumulation for
-    half-precision weights)."""
+    half-precision weights). ``linear``: :func:`small_rows_linear`'s product for g W."""
     if dh is not None:
-        if isinstance(tok, slice):
+        if linear is not None:
+            dh_rows = linear(g, weight.t(), None)  # (n, D)
+            if isinstance(tok, slice):
+                dh[tok] = dh_rows
+            else:
+                dh.index_copy_(0, tok, dh_rows)
+        elif isinstance(tok, slice):
             torch.mm(g, weight, out=dh[tok])
         else:
             dh.index_copy_(0, tok, torch.mm(g, weight))

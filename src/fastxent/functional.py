@@ -312,11 +312,11 @@ def linear_cross_entropy(
     (hidden[:, :-1] with target[:, 1:]; an (N, D) input is one sequence), read by index without
     copying the hidden states. "none" returns the tokens' shape (one fewer per sequence with shift).
 
-    Memory beyond the inputs and gradients: one chunk of logits (``chunk_size=None`` keeps it
-    within 64 MB, or within half of ∂W's float32 accumulator where that allows more rows: every
-    chunk rewrites ∂W, so few rows would make that traffic dominate), the row kernel's
-    temporaries and an (n, D) block. ∂W accumulates in float32 for bf16/fp16 weights and is cast
-    once at the end.
+    Memory beyond the inputs and gradients: one chunk of logits, the row kernel's temporaries
+    and an (n, D) block. ``chunk_size=None`` sizes the chunk by ∂W's float32 accumulator, since
+    every chunk rewrites ∂W and few rows would make that traffic dominate: on CPU a sixth of
+    its bytes (at least 16 MiB), on CUDA half of them (at least 64 MB). ∂W accumulates in
+    float32 for bf16/fp16 weights and is cast once at the end.
 
     Args:
         hidden: (N, D) or (B, T, D) floating hidden states. Under ``torch.autocast`` they
@@ -330,7 +330,7 @@ def linear_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale: as in
             :func:`cross_entropy`. Ignored tokens are skipped before the matmul.
         shift: next-token shift, see above.
-        chunk_size: tokens per chunk; None picks it as above (64 MB or half of ∂W).
+        chunk_size: tokens per chunk; None picks it as above (by ∂W's size and the device).
         filter_eps: None (exact, the default) or ``eps >= 0``: within a chunk, skip the ∂h and ∂W
             matmul contributions of vocab blocks where ``|g| < eps`` for every row. Pays off on
             peaked (trained) distributions; the loss and ∂b stay exact.
@@ -448,7 +448,9 @@ def linear_cross_entropy(
     if not soft:
         check_index_targets(target, num_classes, ignore_index, shift)
     if chunk_size is None:
-        chunk_size = default_chunk_size(num_classes, hidden.shape[-1], hidden.dtype, tokens)
+        chunk_size = default_chunk_size(
+            num_classes, hidden.shape[-1], hidden.dtype, tokens, hidden.device.type
+        )
     opts = LinearOptions(
         ce=ce_opts,
         chunk_size=chunk_size,
