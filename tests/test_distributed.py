@@ -3,7 +3,9 @@
 Two process groups are spawned (2 and 3 ranks on CPU); each runs every case, writes its loss and
 gradient slice to a file, and the test process compares them with :mod:`fastxent.reference` on
 the full logits. Error cases run inside the workers with ``pytest.raises``; those detected by the
-layout all-gather pass ``validate=True``, since the layout of the group is cached by then.
+layout all-gather pass ``validate=True``, since the layout of the group is cached by then. Bad
+input on one rank only runs on two more ranks, whose collectives time out after a few seconds:
+every rank must raise (none may be left waiting in a collective).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import functools
 import subprocess
 import sys
+import time
 import traceback
 import zlib
 from dataclasses import dataclass, field
@@ -53,6 +56,9 @@ class Case:
     nonfinite: bool = False  # NaN in ignored rows 0 and 1 and counted row 5, +inf in counted row 6
     grad_mode: str = "enabled"  # or the context the call runs in: "no_grad", "inference_mode"
     offset: float = 0.0  # added to every logit: float32 keeps its precision relative to the max
+    # Rows of -inf on every rank (0 and 1 are ignored rows). With any, row 6 is -inf on rank 0's
+    # slice and 1e3 lower elsewhere, so that the factor e^{m_r - lse} of rank 0 overflows.
+    dead: tuple[int, ...] = ()
 
 
 CASES = [
@@ -82,6 +88,13 @@ CASES = [
     Case("small_vocab", {"label_smoothing": 0.2}, vocab=7, shape=(5,), weight=True),
     Case("masked_slice", {}, masked=True),
     Case("nonfinite", {"reduction": "none", "z_loss": 1e-3}, nonfinite=True),
+    # Rows of -inf logits: NaN gradient (ignored rows too) and loss (counted rows), as PyTorch.
+    Case("dead_rows", {"reduction": "none", "label_smoothing": 0.1, "z_loss": 1e-3}, dead=(0, 5)),
+    Case("dead_rows_float32", {}, weight=True, dtype=torch.float32, dead=(0,)),
+    Case(
+        "dead_rows_inplace", {"reduction": "none"}, dtype=torch.float32, inplace=True, dead=(0, 5)
+    ),
+    Case("dead_rows_bfloat16", {"reduction": "none"}, dtype=torch.bfloat16, dead=(0, 5)),
     Case(
         "float32",
         {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 5.0},
@@ -146,6 +159,13 @@ def make_case(case: Case, world: int):
         z.reshape(-1, case.vocab)[0, start : start + size] = float("-inf")
         y[0] = 0
         z.reshape(-1, case.vocab)[1, 0] = float("-inf")  # ignored row 1, masked where it is read
+    if case.dead:
+        rows = z.reshape(-1, case.vocab)
+        rows[list(case.dead)] = float("-inf")
+        start, size = slices(case, world)[0]
+        rows[6] -= 1e3
+        rows[6, start : start + size] = float("-inf")
+        y[6] = case.vocab - 1  # on the last rank's slice
     if case.nonfinite:  # each on a different rank's slice: the first, the last, the first
         rows = z.reshape(-1, case.vocab)
         rows[0, 0] = rows[1, case.vocab - 1] = rows[5, 3] = float("nan")
@@ -258,7 +278,7 @@ ERROR_CASES = {
     "targets_differ": _raises_everywhere(
         ValueError,
         "target must be the same on every rank",
-        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y + r, validate=True),
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), (_y + r) % 1001, validate=True),
     ),
     "rows_differ": _raises_everywhere(
         ValueError,
@@ -317,6 +337,151 @@ ERROR_CASES = {
         lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y, reduction="avg"),
     ),
 }
+
+
+# --------------------------------------------------------------------------- bad input on one rank
+
+# Every collective of these checks gives up after CHECK_TIMEOUT, so that a rank left waiting for
+# one that raised fails its check in seconds; the whole run is killed after ONE_RANK_DEADLINE.
+CHECK_TIMEOUT = timedelta(seconds=5)
+ONE_RANK_DEADLINE = 240.0
+# Each check runs as the first call on a fresh group (whose layout every rank all-gathers), and
+# with validate=True on a group whose layout is cached.
+MODES = ("first_call", "validate")
+ELSEWHERE = "rank 1 of the group passed inputs that failed its checks"
+
+
+def bad_on_rank_1(exc, own, others, call):
+    """A check of ``call(rank, world, group, validate, bad)`` with bad input on rank 1 only: every
+    rank raises ``exc``, rank 1 its own error (matching ``own``), the others one matching
+    ``others``. A good call with validate=True follows on the same group: it all-gathers, so it
+    fails unless every rank left the bad call at the same point."""
+
+    def check(rank: int, world: int, group, validate: bool) -> None:
+        if validate:  # cache the group's layout: then only validate=True makes the all-gather
+            call(rank, world, group, False, False)
+        with pytest.raises(exc, match=own if rank == 1 else others):
+            call(rank, world, group, validate, rank == 1)
+        call(rank, world, group, True, False)
+
+    return check
+
+
+def run_one_rank_worker(rank: int, world: int, init_file: str, out_dir: str, checks) -> None:
+    """One rank: every check of ``checks`` in every mode, each on a new group -> rank{r}.pt."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+    results = {}
+    for name, check in checks.items():
+        for mode in MODES:
+            group = dist.new_group(list(range(world)), timeout=CHECK_TIMEOUT)
+            try:
+                check(rank, world, group, mode == "validate")
+                results[name, mode] = None
+            except BaseException:  # pytest.raises failing raises a BaseException
+                results[name, mode] = traceback.format_exc()
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def spawn_with_deadline(base: Path, worker, world: int) -> list[dict]:
+    """Per-rank results of ``worker`` on ``world`` spawned ranks; the ranks are killed and the test
+    fails if they have not finished after ONE_RANK_DEADLINE seconds."""
+    context = mp.spawn(
+        worker, args=(world, str(base / "init"), str(base)), nprocs=world, join=False
+    )
+    deadline = time.monotonic() + ONE_RANK_DEADLINE
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):  # raises if one raised
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+                process.join()
+            pytest.fail(f"the {world} ranks did not finish in {ONE_RANK_DEADLINE} s")
+    return [torch.load(base / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _ce_call(bad: dict, weight=None):
+    """``call`` for :func:`bad_on_rank_1`: vocab_parallel_cross_entropy of the rank's logits, _y
+    and ``weight``, where ``bad`` (argument name -> f(rank, world)) replaces those of a bad rank."""
+
+    def call(rank: int, world: int, group, validate: bool, is_bad: bool) -> None:
+        args = {"local_logits": _local(rank, world), "target": _y, "weight": weight}
+        if is_bad:
+            args.update({name: value(rank, world) for name, value in bad.items()})
+        vocab_parallel_cross_entropy(**args, group=group, validate=validate)
+
+    return call
+
+
+_ones = torch.ones(1001, dtype=torch.float64)
+ONE_RANK_CASES = {
+    "target_shape": bad_on_rank_1(
+        ValueError,
+        r"target must have shape \(4,\)",
+        ELSEWHERE,
+        _ce_call({"target": lambda r, w: _y[:3]}),
+    ),
+    "probability_target": bad_on_rank_1(
+        TypeError,
+        "probability targets are not supported",
+        ELSEWHERE,
+        _ce_call({"target": _local}),
+    ),
+    "logits_not_a_tensor": bad_on_rank_1(
+        TypeError,
+        "local_logits must be a torch.Tensor, got list",
+        ELSEWHERE,
+        _ce_call({"local_logits": lambda r, w: [[0.0]]}),
+    ),
+    "bad_reduction": bad_on_rank_1(
+        ValueError,
+        "reduction must be one of",
+        ELSEWHERE,
+        _ce_call({"reduction": lambda r, w: "avg"}),
+    ),
+    "vocab_start_negative": bad_on_rank_1(
+        ValueError,
+        "vocab_start must be None or an int >= 0, got -3",
+        ELSEWHERE,
+        _ce_call({"vocab_start": lambda r, w: -3}),
+    ),
+    "target_out_of_range": bad_on_rank_1(
+        IndexError,
+        r"target\[2\] = 1001 is out of range: the input has 1001 classes",
+        r"rank 1 of the group passed a target with class indices outside \[0, 1001\)",
+        _ce_call({"target": lambda r, w: torch.tensor([0, 5, 1001, 7])}),
+    ),
+    "weight_length": bad_on_rank_1(
+        ValueError,
+        r"weight must have shape \(1001,\), one weight per class, got shape \(601,\)",
+        r"rank 1 of the group passed a weight that does not have shape \(1001,\)",
+        _ce_call({"weight": lambda r, w: _ones[: SHARDS[w][r]]}, _ones),
+    ),
+    "weight_on_one_rank": bad_on_rank_1(
+        ValueError,
+        r"weight must be given on every rank or on none .* got lengths \[-1, 1001\]",
+        r"weight must be given on every rank or on none .* got lengths \[-1, 1001\]",
+        _ce_call({"weight": lambda r, w: _ones}),
+    ),
+    "logits_dtype": bad_on_rank_1(
+        TypeError,
+        r"local_logits must have the same dtype on every rank of the group; got "
+        r"\[torch.float64, torch.float32\] on ranks 0..1",
+        r"local_logits must have the same dtype on every rank of the group; got "
+        r"\[torch.float64, torch.float32\] on ranks 0..1",
+        _ce_call({"local_logits": lambda r, w: _local(r, w).float()}),
+    ),
+}
+
+
+def _one_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    run_one_rank_worker(rank, world, init_file, out_dir, ONE_RANK_CASES)
 
 
 def count_collectives(call) -> dict[str, int]:
@@ -425,15 +590,21 @@ def spawned(tmp_path_factory) -> dict[int, list[dict]]:
     return spawn_groups(tmp_path_factory.mktemp("dist"), _worker)
 
 
+@pytest.fixture(scope="module")
+def one_rank_spawned(tmp_path_factory) -> list[dict]:
+    """Per-rank results of the bad-input-on-rank-1 checks, on 2 ranks."""
+    return spawn_with_deadline(tmp_path_factory.mktemp("dist_one_rank"), _one_rank_worker, 2)
+
+
 def _reference(case: Case, world: int):
     """Loss and full gradient of ``case`` (the full logits), float64."""
     z, y, weight, grad_output = make_case(case, world)
     z = z.to(case.dtype).double()  # the logits and weights the ranks see
     weight = None if weight is None else weight.to(case.dtype).double()
-    if case.masked or case.nonfinite:  # PyTorch's autograd: the semantics of non-finite logits
+    if case.masked or case.nonfinite or case.dead:  # PyTorch's autograd: non-finite logits
         zz = z.clone().requires_grad_()
         options = {k: v for k, v in case.options.items() if k != "z_loss"}
-        loss = F.cross_entropy(zz.reshape(-1, case.vocab), y.reshape(-1), **options)
+        loss = F.cross_entropy(zz.reshape(-1, case.vocab), y.reshape(-1), weight, **options)
         if case.options.get("z_loss"):  # s·lse² on counted rows, as fastxent defines it ("none")
             counted = y.reshape(-1) != case.options.get("ignore_index", -100)
             lse = torch.logsumexp(zz.reshape(-1, case.vocab), dim=1)
@@ -482,12 +653,43 @@ def test_vocab_parallel_matches_reference(spawned, world, case):
         assert float(want_loss) == 0.0 and not want_grad.any()
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.dead], ids=lambda c: c.name)
+@pytest.mark.parametrize("world", WORLDS)
+def test_vocab_parallel_dead_rows_match_single_device(spawned, world, case):
+    """Rows of -inf logits: every rank's loss and gradient slice have the NaNs, and the values, of
+    single-device fastxent.cross_entropy on the full logits in the same dtype."""
+    z, y, weight, grad_output = make_case(case, world)
+    full = z.to(case.dtype).requires_grad_()
+    w = None if weight is None else weight.to(case.dtype)
+    loss = fastxent.cross_entropy(full, y, w, **case.options)
+    loss.backward(None if grad_output is None else grad_output.to(loss.dtype))
+    assert full.grad[0].isnan().all()  # the ignored row of -inf logits
+    loss_tol, grad_tol = TOLERANCE[case.dtype]
+    if case.dtype == torch.bfloat16:  # two roundings to bf16 of float32 values computed two ways
+        grad_tol = {"rtol": 2 * 2**-7, "atol": 1e-6}  # 2 units in the last place
+    for rank, result in enumerate(spawned[world]):
+        got = result["cases"][case.name]
+        start, size = slices(case, world)[rank]
+        want = full.grad[..., start : start + size]
+        torch.testing.assert_close(got["loss"], loss.detach(), equal_nan=True, **loss_tol)
+        torch.testing.assert_close(got["grad"], want, equal_nan=True, **grad_tol)
+
+
 @pytest.mark.parametrize("name", list(ERROR_CASES))
 @pytest.mark.parametrize("world", WORLDS)
 def test_vocab_parallel_errors(spawned, world, name):
     """Each bad call raises the expected error on every rank (and no rank hangs)."""
     for rank, result in enumerate(spawned[world]):
         assert result["errors"][name] is None, f"rank {rank}:\n{result['errors'][name]}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(ONE_RANK_CASES))
+def test_bad_input_on_one_rank_raises_on_every_rank(one_rank_spawned, name, mode):
+    """Bad input on rank 1 only: rank 1 raises its own error, rank 0 one naming rank 1 (or both
+    the same one), on the first call for a group's layout and with validate=True; no rank waits."""
+    failures = {r: result[name, mode] for r, result in enumerate(one_rank_spawned)}
+    assert not any(failures.values()), "\n".join(f"rank {r}:\n{f}" for r, f in failures.items())
 
 
 @pytest.mark.parametrize("world", WORLDS)

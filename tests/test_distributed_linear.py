@@ -6,6 +6,8 @@ and writes its loss and gradients to a file. The test process compares them with
 ``test_linear`` (the float64 logits by F.linear, then :mod:`fastxent.reference`): the loss and
 ∂h on every rank, ∂W and ∂b as the rank's slice. Error cases run inside the workers; those
 detected by the layout all-gather pass ``validate=True``, since the layout is cached by then.
+Bad input on one rank of two (:func:`test_distributed.bad_on_rank_1`) must raise on both, within
+a short process-group timeout.
 """
 
 from __future__ import annotations
@@ -19,12 +21,17 @@ import torch.distributed as dist
 
 import fastxent
 from test_distributed import (
+    ELSEWHERE,
+    MODES,
     SHARDS,
     WORLDS,
     _raises_everywhere,
+    bad_on_rank_1,
     count_collectives,
+    run_one_rank_worker,
     run_worker,
     spawn_groups,
+    spawn_with_deadline,
 )
 from test_linear import oracle
 
@@ -210,7 +217,7 @@ ERROR_CASES = {
     "targets_differ": _raises_everywhere(
         ValueError,
         "target must be the same on every rank",
-        lambda r, w: _call(*_inputs(r, w)[:2], _y + r, validate=True),
+        lambda r, w: _call(*_inputs(r, w)[:2], (_y + r) % V, validate=True),
     ),
     "rows_differ": _raises_everywhere(
         ValueError,
@@ -242,6 +249,94 @@ ERROR_CASES = {
 }
 
 
+def _linear_call(bad: dict, class_weight=None):
+    """``call`` for :func:`~test_distributed.bad_on_rank_1`: linear_cross_entropy of the rank's
+    hidden, weight and bias with _y and ``class_weight``; ``bad`` (argument name -> f(rank,
+    world)) replaces the arguments of a bad rank."""
+
+    def call(rank: int, world: int, group, validate: bool, is_bad: bool) -> None:
+        hidden, weight, bias = _inputs(rank, world)
+        args = {
+            "hidden": hidden,
+            "weight": weight,
+            "target": _y,
+            "bias": bias,
+            "class_weight": class_weight,
+        }
+        if is_bad:
+            args.update({name: value(rank, world) for name, value in bad.items()})
+        fastxent.linear_cross_entropy(**args, process_group=group, validate=validate)
+
+    return call
+
+
+_ones = torch.ones(V, dtype=torch.float64)
+ONE_RANK_CASES = {
+    "hidden_size": bad_on_rank_1(
+        ValueError,
+        r"weight must have shape \(V, D\) with D = 8 \(hidden's last dimension\), got shape "
+        r"\(601, 9\)",
+        ELSEWHERE,
+        _linear_call(
+            {"weight": lambda r, w: torch.randn(SHARDS[w][r], D + 1, dtype=torch.float64)}
+        ),
+    ),
+    "bias_length": bad_on_rank_1(
+        ValueError,
+        r"bias must have shape \(601,\), one entry per row of weight, got shape \(1001,\)",
+        ELSEWHERE,
+        _linear_call({"bias": lambda r, w: torch.zeros(V, dtype=torch.float64)}),
+    ),
+    "other_backend": bad_on_rank_1(
+        ValueError,
+        "backend must be 'auto' or 'torch', got 'triton'",
+        ELSEWHERE,
+        _linear_call({"backend": lambda r, w: "triton"}),
+    ),
+    "target_out_of_range": bad_on_rank_1(
+        IndexError,
+        r"target\[2\] = 1001 is out of range: the input has 1001 classes",
+        r"rank 1 of the group passed a target with class indices outside \[0, 1001\)",
+        _linear_call({"target": lambda r, w: torch.tensor([0, 5, 1001, 7])}),
+    ),
+    "class_weight_length": bad_on_rank_1(
+        ValueError,
+        r"class_weight must have shape \(1001,\), one weight per class, got shape \(601,\)",
+        r"rank 1 of the group passed a class_weight that does not have shape \(1001,\)",
+        _linear_call({"class_weight": lambda r, w: _ones[: SHARDS[w][r]]}, _ones),
+    ),
+    "hidden_dtype": bad_on_rank_1(
+        TypeError,
+        r"hidden must have the same dtype on every rank of the group; got "
+        r"\[torch.float64, torch.float32\]",
+        r"hidden must have the same dtype on every rank of the group; got "
+        r"\[torch.float64, torch.float32\]",
+        _linear_call(
+            {
+                "hidden": lambda r, w: _inputs(r, w)[0].float(),
+                "weight": lambda r, w: _inputs(r, w)[1].float(),
+                "bias": lambda r, w: _inputs(r, w)[2].float(),
+            }
+        ),
+    ),
+    "hidden_dim": bad_on_rank_1(  # a consistent (N, D + 1) hidden and (V_r, D + 1) weight
+        ValueError,
+        r"hidden.shape\[-1\] \(D\) must be the same on every rank of the group; got \[8, 9\]",
+        r"hidden.shape\[-1\] \(D\) must be the same on every rank of the group; got \[8, 9\]",
+        _linear_call(
+            {
+                "hidden": lambda r, w: torch.randn(4, D + 1, dtype=torch.float64),
+                "weight": lambda r, w: torch.randn(SHARDS[w][r], D + 1, dtype=torch.float64),
+            }
+        ),
+    ),
+}
+
+
+def _one_rank_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    run_one_rank_worker(rank, world, init_file, out_dir, ONE_RANK_CASES)
+
+
 def _collectives(rank: int, world: int) -> dict[str, dict[str, int]]:
     """Collectives of forward + backward ("mean", 7 rows in 3 chunks) on a fresh group."""
     group = dist.new_group(list(range(world)))  # a layout key no earlier call has used
@@ -268,6 +363,12 @@ def _collectives(rank: int, world: int) -> dict[str, dict[str, int]]:
 def spawned(tmp_path_factory) -> dict[int, list[dict]]:
     """World size -> per-rank results. Both process groups start at once and run every case."""
     return spawn_groups(tmp_path_factory.mktemp("dist_linear"), _worker)
+
+
+@pytest.fixture(scope="module")
+def one_rank_spawned(tmp_path_factory) -> list[dict]:
+    """Per-rank results of the bad-input-on-rank-1 checks, on 2 ranks."""
+    return spawn_with_deadline(tmp_path_factory.mktemp("dist_linear_one_rank"), _one_rank_worker, 2)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -327,6 +428,15 @@ def test_vocab_parallel_linear_errors(spawned, world, name):
     """Each bad call raises the expected error on every rank (and no rank hangs)."""
     for rank, result in enumerate(spawned[world]):
         assert result["errors"][name] is None, f"rank {rank}:\n{result['errors'][name]}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(ONE_RANK_CASES))
+def test_linear_bad_input_on_one_rank_raises_on_every_rank(one_rank_spawned, name, mode):
+    """Bad input on rank 1 only: rank 1 raises its own error, rank 0 one naming rank 1 (or both
+    the same one), on the first call for a group's layout and with validate=True; no rank waits."""
+    failures = {r: result[name, mode] for r, result in enumerate(one_rank_spawned)}
+    assert not any(failures.values()), "\n".join(f"rank {r}:\n{f}" for r, f in failures.items())
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -39,9 +39,11 @@ Communication, all inside forward (backward only scales the kept gradient, as in
 :class:`fastxent._autograd.CrossEntropyFunction`, which this module reuses unchanged):
 
 * the first call for a layout key ``(group, V_r, vocab_start)`` also makes one ``all_gather`` of
-  six int64 per rank: rows, local vocabulary size, ``vocab_start`` and three checksums of the
-  targets, to derive and check the shard layout and the targets (eight for the fused projection,
-  which also checks ``chunk_size`` and ``hidden.requires_grad``). The layout ``(vocab_start,
+  eleven int64 per rank: whether the rank's own input checks passed (else its exception's class),
+  the logits' dtype, rows, local vocabulary size, ``vocab_start``, the length of the class
+  weights, the least and the largest counted target and three checksums of the targets, to
+  check every rank's inputs and derive the shard layout (fourteen for the fused projection, which
+  also compares ``chunk_size``, ``hidden.requires_grad`` and ``D``). The layout ``(vocab_start,
   sizes of all ranks)`` is then cached for that key and later calls skip the all-gather and its
   checks (and their host sync);
 * every call makes one MAX ``all_reduce`` of an ``(N,)`` tensor in the accumulation dtype: the
@@ -71,13 +73,20 @@ The fused projection ``fastxent.linear_cross_entropy(h, W_r, y, b_r, process_gro
 chunks with this row kernel (one MAX and one SUM all-reduce per chunk) and does the ``∂h``
 all-reduce itself, once, at the end of forward; slices follow rank order there.
 
-Errors that depend on one rank only (shard layout, row count, mismatched targets) are detected
-after the all-gather, so every rank raises the same exception instead of one rank hanging; that
-is on the first call for a layout and on every call with ``validate=True``. The target check
-compares checksums (it catches any realistic mismatch, it is not a proof); the scalar options
-(``ignore_index``, ``reduction``, smoothing, ...) and ``weight`` must be the same on every rank and
-are not compared. Validation reads small results on the host (the layout and the target range),
-as :func:`fastxent.cross_entropy` does for the target range.
+Bad input raises on every rank, not on one rank while the others wait in a collective until the
+process group times out, on the calls that make the all-gather (the first for a layout, and every
+call with ``validate=True``): each rank runs its own checks first and sends their verdict in the
+all-gather. A rank whose input fails (a wrong shape or dtype, a target out of range, class weights
+of the wrong length, an option out of range, ...) raises its own error, and every other rank an
+error of the same class that names it; what differs between ranks (dtype, shard layout, row
+count, targets, weights given on some ranks only, the options of the fused projection above)
+raises the same error on every rank. On the other calls nothing is compared: an error raised on
+some ranks only leaves the others waiting in their next collective (pass ``validate=True`` on
+every rank to have it raised everywhere). The target check compares checksums (it catches any
+realistic mismatch, it is not a proof); the scalar options (``ignore_index``, ``reduction``,
+smoothing, ...) and the values of ``weight`` must be the same on every rank and are not compared.
+Validation reads small results on the host (the all-gather's, and the target range), as
+:func:`fastxent.cross_entropy` does for the target range.
 """
 
 from __future__ import annotations
@@ -85,6 +94,8 @@ from __future__ import annotations
 import functools
 import math
 import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -142,8 +153,11 @@ def vocab_parallel_cross_entropy(
     with ``t = (1-ε) w_y e_y + (ε/V) w`` over the global vocabulary of ``V`` classes. Forward
     makes one MAX and one SUM all-reduce of per-row statistics; backward communicates nothing.
     The first call for a layout key ``(group, V_r, vocab_start)`` also makes a tiny all-gather
-    that derives and checks the shard layout, the row count and the targets on every rank, and
-    caches the layout; later calls with the same key skip it (see :mod:`fastxent.distributed`).
+    that derives and checks the shard layout, the dtype, the row count and the targets on every
+    rank, and caches the layout; later calls with the same key skip it. On the calls that make it,
+    bad input on any rank raises on every rank: that rank raises its own error, the others one of
+    the same class naming it (see :mod:`fastxent.distributed`). A row of ``-inf`` logits on every
+    rank gets a NaN gradient, ignored or not, and a NaN loss if counted, as in PyTorch.
 
     Shapes: ``local_logits`` is ``(N, V_r)`` or ``(..., V_r)`` with classes on the LAST dim (for
     ``(B, T, V_r)`` the leading dims are flattened into rows); ``target`` is
@@ -163,9 +177,10 @@ def vocab_parallel_cross_entropy(
         ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale: as in
             :func:`fastxent.cross_entropy`, with ``V`` the global vocabulary size.
         inplace_backward: write this rank's gradient into ``local_logits`` during forward.
-        validate: make the all-gather and its checks (layout, row count, targets) on every call,
-            not only on the first call for a layout; for debugging inputs that may differ
-            between ranks, which otherwise can hang NCCL. The same on every rank.
+        validate: make the all-gather and its checks (every rank's input checks, layout, dtype,
+            row count, targets) on every call, not only on the first call for a layout; for
+            debugging inputs that may be wrong or differ on some ranks only, which otherwise
+            leave the other ranks waiting in a collective. The same on every rank.
 
     Returns:
         The loss, the same on every rank: a scalar for "mean"/"sum", float32 (float64 for
@@ -188,41 +203,37 @@ def vocab_parallel_cross_entropy(
             "vocab_parallel_cross_entropy needs an initialised torch.distributed process group; "
             "call torch.distributed.init_process_group (e.g. under torchrun) first."
         )
-    check_logits(local_logits, "local_logits")
-    check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
-    ignore_index = check_ignore_index(ignore_index)
-    if local_logits.dim() < 2:
-        raise ValueError(
-            "local_logits must have shape (N, V_local) or (..., V_local) with the classes on the "
-            f"last dim, got shape {tuple(local_logits.shape)}."
+    # This rank's checks; a failure reaches every rank through the layout all-gather (if made).
+    try:
+        rows_shape, z, y, ignore_index = _check_cross_entropy(
+            local_logits,
+            target,
+            vocab_start,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            z_loss,
+            softcap,
+            logit_scale,
+            inplace_backward,
         )
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
-    if not holds_class_indices(target):
-        raise TypeError(
-            "vocab_parallel_cross_entropy takes global class indices (an int64 tensor) as "
-            f"target; probability targets are not supported, got dtype {target.dtype}."
+        mine: _RankInputs | Exception = _RankInputs(
+            y=y,
+            num_local=z.shape[1],
+            vocab_start=vocab_start,
+            dtype=z.dtype,
+            ignore_index=ignore_index,
+            weight_length=_weight_length(weight, "weight"),
+            check_classes=functools.partial(
+                _check_classes, weight=weight, name="weight", target=y, ignore_index=ignore_index
+            ),
         )
-    rows_shape = tuple(local_logits.shape[:-1])
-    if tuple(target.shape) != rows_shape:
-        raise ValueError(
-            f"target must have shape {rows_shape} for local_logits of shape "
-            f"{tuple(local_logits.shape)} (the logits without their last, class dim), got "
-            f"{tuple(target.shape)}."
-        )
-    if inplace_backward:
-        check_inplace_logits(local_logits)
-    if vocab_start is not None and (not isinstance(vocab_start, int) or vocab_start < 0):
-        raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}.")
-
-    # (N, V_r); not reshape(-1, V_r): a rank with no class (V_r = 0) must reach the layout
-    # all-gather, which refuses it on every rank, instead of failing alone and hanging the rest.
-    z = local_logits.reshape(math.prod(rows_shape), local_logits.shape[-1])
-    y = target.reshape(-1).long()  # (N,)
-    vocab_start, sizes = _shard_layout(y, z.shape[1], vocab_start, group, z.device, validate)
+    except Exception as error:  # raised after the all-gather, or now if there is none
+        mine = error
+    key = _layout_key(local_logits, -1, vocab_start)
+    device = _device_of(local_logits, target)
+    vocab_start, sizes = _shard_layout(mine, key, group, device, validate)
     vocab_size = sum(sizes)
-    check_weight(weight, vocab_size)
-    check_index_targets(y, vocab_size, ignore_index)
     opts = CrossEntropyOptions.of(
         vocab_size,
         False,
@@ -284,10 +295,12 @@ def vocab_parallel_linear_cross_entropy(
     (the dropped contributions are those of its own vocab blocks). Class-index targets only.
 
     The first call for a layout key ``(group, V_r)`` also makes the all-gather of
-    :mod:`fastxent.distributed`, which checks the layout, the row count, the targets,
-    ``chunk_size`` and ``hidden.requires_grad`` on every rank and caches the layout; later calls
-    skip it, so each forward makes 2 all-reduces per token chunk plus the one of ∂h.
-    ``validate=True`` makes the all-gather and its checks on every call. ``master_weights``
+    :mod:`fastxent.distributed`, which checks the layout, hidden's dtype and ``D``, the row
+    count, the targets, ``chunk_size`` and ``hidden.requires_grad`` on every rank and caches the
+    layout; later calls skip it, so each forward makes 2 all-reduces per token chunk plus the one
+    of ∂h. On the calls that make it, bad input on any rank (shapes, dtypes, targets, options)
+    raises on every rank. ``validate=True`` makes the all-gather and its checks on every call.
+    ``master_weights``
     (set under autocast, which has cast ``hidden``) lets the weight and bias keep their own
     floating dtype: they are cast for the matmuls and get their gradients in it.
     """
@@ -304,39 +317,52 @@ def vocab_parallel_linear_cross_entropy(
             "linear_cross_entropy with a process_group needs an initialised torch.distributed "
             "process group; call torch.distributed.init_process_group (e.g. under torchrun) first."
         )
-    check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
-    ignore_index = check_ignore_index(ignore_index)
-    # A shard without classes passes here and is refused on every rank by the layout gather.
-    if check_inputs(
-        hidden, local_weight, bias, target, shift, master_weights, allow_no_classes=True
-    ):
-        raise TypeError(
-            "linear_cross_entropy with a process_group takes global class indices (an int64 "
-            f"tensor) as target; probability targets are not supported, got dtype {target.dtype}."
+    # This rank's checks; a failure reaches every rank through the layout all-gather (if made).
+    try:
+        check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+        ignore_index = check_ignore_index(ignore_index)
+        # A shard without classes passes here and is refused on every rank by the layout gather.
+        if check_inputs(
+            hidden, local_weight, bias, target, shift, master_weights, allow_no_classes=True
+        ):
+            raise TypeError(
+                "linear_cross_entropy with a process_group takes global class indices (an int64 "
+                "tensor) as target; probability targets are not supported, got dtype "
+                f"{target.dtype}."
+            )
+        check_chunking(chunk_size, filter_eps)
+        if backend not in ("auto", "torch"):
+            raise ValueError(
+                "with a process_group the vocab-parallel PyTorch row kernel is used; backend must "
+                f"be 'auto' or 'torch', got {backend!r}."
+            )
+        y = (target[..., 1:] if shift else target).reshape(-1).long()  # (M,) loss rows' targets
+        needs_hidden = torch.is_grad_enabled() and hidden.requires_grad
+        mine: _RankInputs | Exception = _RankInputs(
+            y=y,
+            num_local=local_weight.shape[0],
+            vocab_start=None,
+            dtype=hidden.dtype,
+            ignore_index=ignore_index,
+            weight_length=_weight_length(class_weight, "class_weight"),
+            check_classes=functools.partial(
+                _check_classes,
+                weight=class_weight,
+                name="class_weight",
+                target=target,
+                ignore_index=ignore_index,
+                shift=shift,
+            ),
+            agreed=(chunk_size or 0, int(needs_hidden), hidden.shape[-1]),
+            dtype_of="hidden",
+            weight_name="class_weight",
         )
-    check_chunking(chunk_size, filter_eps)
-    if backend not in ("auto", "torch"):
-        raise ValueError(
-            "with a process_group the vocab-parallel PyTorch row kernel is used; backend must be "
-            f"'auto' or 'torch', got {backend!r}."
-        )
-    y = (target[..., 1:] if shift else target).reshape(-1).long()  # (M,) the loss rows' targets
-    needs_hidden = torch.is_grad_enabled() and hidden.requires_grad
-    vocab_start, sizes = _shard_layout(
-        y,
-        local_weight.shape[0],
-        None,
-        group,
-        hidden.device,
-        validate,
-        agreed={
-            "chunk_size (0 = None)": chunk_size or 0,
-            "hidden.requires_grad": int(needs_hidden),
-        },
-    )
+    except Exception as error:  # raised after the all-gather, or now if there is none
+        mine = error
+    key = _layout_key(local_weight, 0, None)
+    device = _device_of(hidden, local_weight, target)
+    vocab_start, sizes = _shard_layout(mine, key, group, device, validate, _LINEAR_AGREED)
     vocab_size = sum(sizes)
-    check_weight(class_weight, vocab_size, "class_weight")
-    check_index_targets(target, vocab_size, ignore_index, shift)
     opts = LinearOptions(
         ce=CrossEntropyOptions.of(
             vocab_size,
@@ -349,7 +375,10 @@ def vocab_parallel_linear_cross_entropy(
             logit_scale,
         ),
         # The same on every rank: a rank with fewer chunks would leave the others' all-reduces.
-        chunk_size=chunk_size or default_chunk_size(max(sizes), hidden.shape[-1], hidden.dtype),
+        chunk_size=chunk_size
+        or default_chunk_size(
+            max(sizes), hidden.shape[-1], hidden.dtype, device_type=hidden.device.type
+        ),
         shift=shift,
         filter_eps=None if filter_eps is None else float(filter_eps),
         reduce_hidden_grad=functools.partial(dist.all_reduce, group=group),
@@ -369,65 +398,215 @@ _LAYOUTS: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[tuple[int, int | Non
 )
 
 
-def _shard_layout(
-    y: Tensor,
-    num_local: int,
+# The values the fused projection's ranks must agree on, in the order of _RankInputs.agreed.
+_LINEAR_AGREED = ("chunk_size (0 = None)", "hidden.requires_grad", "hidden.shape[-1] (D)")
+# A rank whose checks failed sends 1 + the index here of its exception's class (0: passed), so
+# that every rank raises the same class; other exceptions reach the other ranks as RuntimeError.
+_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError, IndexError, RuntimeError)
+# Every dtype of this torch build, in a fixed order: the all-gather carries an index into it.
+_DTYPES = sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+_HEADER = 8  # failed, dtype, rows, V_r, vocab_start, weight length, least and largest target
+_TOO = "; this rank raises too, so that no rank is left waiting in a collective."
+
+
+@dataclass(frozen=True)
+class _RankInputs:
+    """What a rank whose inputs passed its own checks brings to the layout all-gather.
+
+    ``y`` (M,): the loss rows' targets; ``weight_length``: see :func:`_weight_length`;
+    ``check_classes(V)``: this rank's checks that need the global vocabulary size ``V`` (the
+    class weights' shape, the target range), raising its own error; ``agreed``: the values of
+    the names given to :func:`_shard_layout`, which must be equal on every rank; ``dtype_of`` and
+    ``weight_name`` name the inputs in the errors.
+    """
+
+    y: Tensor
+    num_local: int
+    vocab_start: int | None
+    dtype: torch.dtype
+    ignore_index: int
+    weight_length: int
+    check_classes: Callable[[int], None]
+    agreed: tuple[int, ...] = ()
+    dtype_of: str = "local_logits"
+    weight_name: str = "weight"
+
+
+def _check_cross_entropy(
+    local_logits: Tensor,
+    target: Tensor,
     vocab_start: int | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    logit_scale: float,
+    inplace_backward: bool,
+) -> tuple[tuple[int, ...], Tensor, Tensor, int]:
+    """The checks of :func:`vocab_parallel_cross_entropy` that need no other rank. Returns the
+    rows' shape, the logits as rows ``(N, V_r)``, the targets ``(N,)`` in int64 and ignore_index."""
+    check_logits(local_logits, "local_logits")
+    check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    ignore_index = check_ignore_index(ignore_index)
+    if local_logits.dim() < 2:
+        raise ValueError(
+            "local_logits must have shape (N, V_local) or (..., V_local) with the classes on the "
+            f"last dim, got shape {tuple(local_logits.shape)}."
+        )
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
+    if not holds_class_indices(target):
+        raise TypeError(
+            "vocab_parallel_cross_entropy takes global class indices (an int64 tensor) as "
+            f"target; probability targets are not supported, got dtype {target.dtype}."
+        )
+    rows_shape = tuple(local_logits.shape[:-1])
+    if tuple(target.shape) != rows_shape:
+        raise ValueError(
+            f"target must have shape {rows_shape} for local_logits of shape "
+            f"{tuple(local_logits.shape)} (the logits without their last, class dim), got "
+            f"{tuple(target.shape)}."
+        )
+    if inplace_backward:
+        check_inplace_logits(local_logits)
+    if vocab_start is not None and (not isinstance(vocab_start, int) or vocab_start < 0):
+        raise ValueError(f"vocab_start must be None or an int >= 0, got {vocab_start!r}.")
+    # (N, V_r); not reshape(-1, V_r): a rank with no class (V_r = 0) must reach the layout
+    # all-gather, which refuses it on every rank, instead of failing alone and hanging the rest.
+    z = local_logits.reshape(math.prod(rows_shape), local_logits.shape[-1])
+    return rows_shape, z, target.reshape(-1).long(), ignore_index
+
+
+def _weight_length(weight: Tensor | None, name: str) -> int:
+    """The number of classes that ``weight`` fits, for the all-gather: -1 for None (any), -2 for a
+    tensor that is not 1-D (none). What :func:`check_weight` refuses whatever that number is (not
+    a floating tensor, requiring grad) raises here, before the all-gather."""
+    if weight is None:
+        return -1
+    if isinstance(weight, Tensor) and weight.dim() != 1:
+        return -2  # refused once V is known, which the error then names
+    check_weight(weight, weight.numel() if isinstance(weight, Tensor) else 0, name)
+    return weight.numel()
+
+
+def _check_classes(
+    num_classes: int,
+    *,
+    weight: Tensor | None,
+    name: str,
+    target: Tensor,
+    ignore_index: int,
+    shift: bool = False,
+) -> None:
+    """The checks that need the global vocabulary size: the shape of the class weights and the
+    range of the targets (of ``target[..., 1:]`` with ``shift``)."""
+    check_weight(weight, num_classes, name)
+    check_index_targets(target, num_classes, ignore_index, shift)
+
+
+def _layout_key(x: object, dim: int, vocab_start: object) -> tuple[int, int | None] | None:
+    """The layout cache key ``(x.shape[dim], vocab_start)``, taken before the inputs are checked;
+    None (never cached: the rank all-gathers) when they give none."""
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        return None
+    if vocab_start is not None and not isinstance(vocab_start, int):
+        return None
+    return x.shape[dim], vocab_start
+
+
+def _device_of(*inputs: object) -> torch.device:
+    """Where the all-gather's tensor lives: on the first input that is a tensor, else the CPU."""
+    return next((x.device for x in inputs if isinstance(x, Tensor)), torch.device("cpu"))
+
+
+def _shard_layout(
+    mine: _RankInputs | Exception,
+    key: tuple[int, int | None] | None,
     group,
     device: torch.device,
     validate: bool,
-    agreed: dict[str, int] | None = None,
+    agreed: tuple[str, ...] = (),
 ) -> Layout:
     """``(vocab_start, local sizes of all ranks)``, from :data:`_LAYOUTS` or one all-gather.
 
-    The first call for a group and ``(num_local, vocab_start)``, and every call with
-    ``validate``, all-gathers each rank's row count ``len(y)``, slice size, ``vocab_start`` (-1 for
-    None), three checksums of its targets (Σy, Σy², Σ i·y; int64 wrap-around is the same on every
-    rank) and the values of ``agreed`` (name -> int that must be equal on every rank), so that a
-    wrong layout, different targets or a disagreement raise the same error on every rank. A
-    layout that passes is cached for its key; other calls return it without communicating.
+    ``mine`` is this rank's checked inputs, or the exception its checks raised. The first call for
+    a group and layout ``key``, and every call with ``validate``, make the all-gather of
+    :func:`_gather_layout`, so that every rank raises if the inputs of any rank are wrong; a
+    layout that passes is cached for its key. Other calls take the cached layout without
+    communicating, and raise this rank's errors on this rank only.
     """
     cached = _LAYOUTS.setdefault(dist.group.WORLD if group is None else group, {})
-    key = (num_local, vocab_start)
     if not validate and key in cached:
-        return cached[key]
-    cached[key] = layout = _gather_layout(y, num_local, vocab_start, group, device, agreed or {})
+        if isinstance(mine, Exception):
+            raise mine
+        layout = cached[key]
+    else:
+        layout = cached[key] = _gather_layout(mine, group, device, agreed)
+    mine.check_classes(sum(layout[1]))  # after the all-gather, this passes on every rank
     return layout
 
 
 def _gather_layout(
-    y: Tensor,
-    num_local: int,
-    vocab_start: int | None,
+    mine: _RankInputs | Exception,
     group,
     device: torch.device,
-    agreed: dict[str, int],
-) -> tuple[int, list[int]]:
-    """The all-gather and checks of :func:`_shard_layout`."""
+    agreed: tuple[str, ...],
+) -> Layout:
+    """The all-gather and checks of :func:`_shard_layout`.
+
+    Each rank sends ``_HEADER + len(agreed) + 3`` int64: whether its own checks failed (and the
+    class of their exception), its dtype, row count ``len(y)``, slice size, ``vocab_start`` (-1 for
+    None), the length of its class weights, its least and largest counted target, the values of
+    ``agreed`` (names of ints that must be equal on every rank) and three checksums of its targets
+    (Σy, Σy², Σ i·y; int64 wrap-around is the same on every rank). Every rank then reaches the
+    same verdict: a rank whose inputs are wrong raises its own error and the others one that names
+    it; a wrong layout, or dtypes, rows, targets or agreed values that differ between ranks, raise
+    the same error on every rank.
+    """
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    num_rows = y.numel()
-    y = y.to(device)
-    i = torch.arange(1, num_rows + 1, device=device)
-    mine = torch.tensor(
-        [num_rows, num_local, -1 if vocab_start is None else vocab_start, *agreed.values()],
-        device=device,
-    )
-    mine = torch.cat([mine, torch.stack([y.sum(), (y * y).sum(), (i * y).sum()])])  # int64
-    everyone = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(everyone, mine, group=group)  # COLLECTIVE: shard layout and target checksums
-    columns = list(zip(*(t.tolist() for t in everyone), strict=True))
-    rows, sizes, starts = columns[:3]
-    values, checksums = columns[3 : 3 + len(agreed)], columns[3 + len(agreed) :]
+    if isinstance(mine, Exception):  # only the verdict: the other values are not compared
+        kinds = enumerate(_ERRORS, 1)
+        code = next((i for i, kind in kinds if isinstance(mine, kind)), len(_ERRORS))
+        sent = torch.tensor([code] + [0] * (_HEADER + len(agreed) + 2), device=device)
+    else:
+        y = mine.y.to(device)  # (M,)
+        counted = torch.where(y != mine.ignore_index, y, 0)  # (M,) ignored rows as class 0
+        i = torch.arange(1, y.numel() + 1, device=device)
+        start = -1 if mine.vocab_start is None else mine.vocab_start
+        header = [0, _DTYPES.index(mine.dtype), y.numel(), mine.num_local, start]
+        sent = torch.cat(
+            [
+                torch.tensor([*header, mine.weight_length], device=device),
+                torch.stack(torch.cat([counted, counted.new_zeros(1)]).aminmax()),
+                torch.tensor(mine.agreed, dtype=torch.int64, device=device),
+                torch.stack([y.sum(), (y * y).sum(), (i * y).sum()]),
+            ]
+        )  # int64
+    everyone = [torch.empty_like(sent) for _ in range(world)]
+    dist.all_gather(everyone, sent, group=group)  # COLLECTIVE: verdicts, layout, target checksums
+    table = [t.tolist() for t in everyone]
+    if isinstance(mine, Exception):
+        raise mine  # the other ranks learn of it from the all-gather
+    failed = [r for r, row in enumerate(table) if row[0]]
+    if failed:
+        raise _ERRORS[table[failed[0]][0] - 1](
+            f"{_who(failed)} of the group passed inputs that failed its checks (see the error "
+            f"raised there){_TOO}"
+        )
+    columns = list(zip(*table, strict=True))
+    dtypes, rows, sizes, starts, weights, least, largest = columns[1:_HEADER]
+    values, checksums = columns[_HEADER : _HEADER + len(agreed)], columns[_HEADER + len(agreed) :]
     ranks = f"ranks 0..{world - 1}"
+    if len(set(dtypes)) != 1:
+        raise TypeError(
+            f"{mine.dtype_of} must have the same dtype on every rank of the group; got "
+            f"[{', '.join(str(_DTYPES[d]) for d in dtypes)}] on {ranks}."
+        )
     if len(set(rows)) != 1:
         raise ValueError(
             f"every rank must pass the same rows (sequence parallelism is not supported); got "
             f"row counts {list(rows)} on {ranks}."
-        )
-    if any(len(set(c)) != 1 for c in checksums):
-        raise ValueError(
-            "target must be the same on every rank of the group (global class ids); the ranks "
-            "passed different targets."
         )
     for name, column in zip(agreed, values, strict=True):
         if len(set(column)) != 1:
@@ -440,9 +619,43 @@ def _gather_layout(
             f"every rank must hold at least one class; local vocabulary sizes are {list(sizes)} "
             f"on {ranks}."
         )
+    vocab_start = _vocab_start(rank, starts, sizes, ranks)
     vocab_size = sum(sizes)
+    # The checks that need V: each failing rank raises its own error, from check_classes.
+    if len({n == -1 for n in weights}) != 1:
+        raise ValueError(
+            f"{mine.weight_name} must be given on every rank or on none (the same global "
+            f"({vocab_size},) weights); got lengths {list(weights)} on {ranks} (-1 = None)."
+        )
+    for bad, kind, what in (
+        (
+            [r for r, n in enumerate(weights) if n not in (-1, vocab_size)],
+            ValueError,
+            f"a {mine.weight_name} that does not have shape ({vocab_size},)",
+        ),
+        (
+            [r for r in range(world) if least[r] < 0 or largest[r] >= vocab_size],
+            IndexError,
+            f"a target with class indices outside [0, {vocab_size})",
+        ),
+    ):
+        if bad:
+            if rank in bad:
+                mine.check_classes(vocab_size)  # raises this rank's own error
+            raise kind(f"{_who(bad)} of the group passed {what} (see the error raised there){_TOO}")
+    if any(len(set(c)) != 1 for c in checksums):
+        raise ValueError(
+            "target must be the same on every rank of the group (global class ids); the ranks "
+            "passed different targets."
+        )
+    return vocab_start, list(sizes)
+
+
+def _vocab_start(rank: int, starts: tuple[int, ...], sizes: tuple[int, ...], ranks: str) -> int:
+    """This rank's first class: in rank order when no rank gave ``vocab_start`` (-1), else the
+    one it gave; the given slices must tile ``[0, V)``."""
     if all(s == -1 for s in starts):
-        return sum(sizes[:rank]), list(sizes)
+        return sum(sizes[:rank])
     if any(s == -1 for s in starts):
         raise ValueError(
             f"vocab_start must be given on every rank or on none; got {list(starts)} on {ranks} "
@@ -454,11 +667,16 @@ def _gather_layout(
             slices = [(s, s + n) for s, n in zip(starts, sizes, strict=True)]
             raise ValueError(
                 f"the vocabulary slices [vocab_start, vocab_start + V_local) of {ranks} are "
-                f"{slices} for shard sizes {list(sizes)}; they must tile [0, {vocab_size}) "
+                f"{slices} for shard sizes {list(sizes)}; they must tile [0, {sum(sizes)}) "
                 f"without gap or overlap."
             )
         expected += size
-    return starts[rank], list(sizes)
+    return starts[rank]
+
+
+def _who(ranks: list[int]) -> str:
+    """``rank 1`` or ``ranks [1, 2]``."""
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
 
 
 def vocab_parallel_rows(
@@ -549,9 +767,12 @@ def vocab_parallel_rows(
     coef = torch.where(counted, a * sum_t + 2.0 * s * b * lse, 0.0)  # (M,)
     one_hot = torch.where(owned, -(1.0 - eps) * a * w_y, 0.0)  # (M,)
     uniform = smooth * a * (1.0 if w_local is None else w_local)  # scalar or (V_r,)
-    # o = e·e^{m_r - lse}; the factor is inf only for a slice of -inf logits, where e = 0.
+    # o = e·e^{m_r - lse}. The factor is inf for a slice of -inf logits (e = 0) whose row is finite
+    # on another rank: 0 there. A row of -inf logits on every rank (S = 0) gets NaN, the 0/0 of
+    # the single-device kernel (ignored rows too: PyTorch's log-softmax backward gives them NaN).
     o_factor = torch.exp((local_max - m) - log_sum_e)
-    o_factor = torch.where(o_factor == float("inf"), 0.0, o_factor) * coef  # (M,)
+    o_factor = torch.where(o_factor == float("inf"), 0.0, o_factor)
+    o_factor = torch.where(sums[:, 0] == 0, float("nan"), o_factor) * coef  # (M,)
     for start in range(0, num_rows, step):
         chunk = slice(start, start + step)
         if keep_e:
