@@ -4,6 +4,7 @@
     python benchmarks/linear_chunks.py --chunks 0 --vocab-blocks 512,1024
     python benchmarks/linear_chunks.py --chunks 256,1024 --bare
     python benchmarks/linear_chunks.py --chunks 64,128 --bare --tiles 1024,4096
+    python benchmarks/linear_chunks.py --chunks 64,82,128 --torch-mm
 
 Smaller chunks hold fewer logits but rewrite d_weight (V×D) once per chunk. ``--vocab-blocks``
 adds the vocabulary walk (``vocab_block=B``: four matmuls, d_weight written once). ``--bare``
@@ -12,17 +13,21 @@ once): what chunking costs the matmuls themselves. ``--tiles T`` adds, per chunk
 matmuls walked by vocabulary tiles of T classes so that each tile of W is read once per chunk
 instead of twice (∂h and ∂W of this chunk and the logits of the next, while the tile is in
 cache; the chunk's logits are held transposed, (V, rows), so a tile is a contiguous block).
+``--torch-mm`` adds, per chunk size, the walk with torch.mm (MKL's sgemm) for the chunk's
+logits and ∂h instead of oneDNN's linear, which the walk uses for float32 on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
 
 import fastxent
+from fastxent import _linear
 
 
 def main() -> None:
@@ -34,6 +39,7 @@ def main() -> None:
     parser.add_argument("--vocab-blocks", default="", help="vocab_block values, comma-separated")
     parser.add_argument("--bare", action="store_true", help="also time the chunked matmuls alone")
     parser.add_argument("--tiles", default="", help="vocabulary tiles of the tiled matmuls")
+    parser.add_argument("--torch-mm", action="store_true", help="also walk with torch.mm products")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
@@ -48,10 +54,11 @@ def main() -> None:
         torch.mm(z, w.detach(), out=dh)
         torch.mm(z.T, h.detach(), out=dw)
 
-    def fused(**walk):
+    def fused(torch_mm: bool = False, **walk):
         def step() -> None:
             h.grad = w.grad = None
-            fastxent.linear_cross_entropy(h, w, y, **walk).backward()
+            with torch_mm_products() if torch_mm else contextlib.nullcontext():
+                fastxent.linear_cross_entropy(h, w, y, **walk).backward()
 
         return step
 
@@ -93,6 +100,8 @@ def main() -> None:
     steps = {"3 matmuls": matmuls}
     for chunk in (int(c) or None for c in args.chunks.split(",") if c):
         steps[f"chunk {chunk or 'default'}"] = fused(chunk_size=chunk)
+        if args.torch_mm:
+            steps[f"  torch.mm {chunk or 'default'}"] = fused(True, chunk_size=chunk)
         if args.bare and chunk:
             steps[f"  matmuls only {chunk}"] = bare(chunk)
         for tile in (int(t) for t in args.tiles.split(",") if t and chunk):
@@ -112,6 +121,17 @@ def main() -> None:
     for name, runs in times.items():
         median = statistics.median(runs)
         print(f"  {name:18s} median {median * 1e3:8.1f} ms   × floor {median / floor:5.3f}")
+
+
+@contextlib.contextmanager
+def torch_mm_products():
+    """The token walk with torch.mm's products (as without oneDNN) for as long as it lasts."""
+    chosen = _linear.small_rows_linear
+    _linear.small_rows_linear = lambda hidden, weight: None
+    try:
+        yield
+    finally:
+        _linear.small_rows_linear = chosen
 
 
 if __name__ == "__main__":

@@ -30,7 +30,10 @@ import split_gradient  # noqa: E402
 @pytest.mark.parametrize(
     ("script", "flags"),
     [
-        (linear_chunks, ["--n", "64", "--d", "16", "--v", "512", "--chunks", "16,0", "--bare"]),
+        (
+            linear_chunks,
+            ["--n", "64", "--d", "16", "--v", "512", "--chunks", "16,0", "--bare", "--torch-mm"],
+        ),
         (linear_chunks, ["--n", "40", "--d", "8", "--v", "96", "--chunks", "16", "--tiles", "32"]),
         (linear_filter, ["--n", "64", "--d", "16", "--v", "512", "--probs", "1e-2"]),
         (row_buffer, ["--n", "64", "--v", "512", "--dtype", "float32"]),
