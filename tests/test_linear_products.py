@@ -179,3 +179,20 @@ def test_cpu_default_chunk_is_what_a_call_uses(monkeypatch):
     target = torch.randint(0, 40000, (300,))
     fastxent.linear_cross_entropy(hidden, weight, target, backend="torch").backward()
     assert seen == [default_chunk_size(40000, 64, torch.float32, 300, "cpu")]
+
+
+def test_the_walk_under_torch_compile():
+    """torch.compile traces the walk; its matmuls are then inductor's (oneDNN's linear op is
+    lowered only for frozen weights: inductor raised an AssertionError on it here)."""
+    hidden, weight, bias, target = make_case(
+        (40,), dim=16, num_classes=301, seed=9, dtype=torch.float32
+    )
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+
+    def loss_of(h, w, b):
+        return fastxent.linear_cross_entropy(h, w, target, b, chunk_size=16)
+
+    loss = torch.compile(loss_of)(*leaves)
+    loss.backward()
+    got = (loss.detach(), *(x.grad for x in leaves))
+    assert_close_f32(got, oracle(hidden, weight, bias, target))

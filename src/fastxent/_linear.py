@@ -104,7 +104,7 @@ def default_chunk_size(
     * ``max(CHUNK_BYTES, R / 2 rows)`` by default: a GPU does ~160 bf16 FLOPs per byte
       (H100/H200), so chunks must be wide (a fixed 64 MB is only 131 bf16 rows at V = 256000).
     * ``max(CPU_CHUNK_MIN_BYTES, R / CPU_CHUNK_SHARE rows)`` for float32 on CPU
-      (``device_type="cpu"``) where oneDNN's products are used (:func:`small_rows_linear`):
+      (``device_type="cpu"``) where oneDNN's products are used (:func:`onednn_products`):
       they keep their rate on chunks of ~64 rows, so the chunk can be small beside ∂W: at
       N = 2048, D = 512, V = 65536, 82-row chunks of 20.5 MiB beside ∂W's 128 MiB, at ~1.1x the
       time of three unchunked matmuls (``python benchmarks/linear_chunks.py``). bf16 on CPU
@@ -118,7 +118,7 @@ def default_chunk_size(
     """
     item = dtype.itemsize
     weight_grad_rows = dim * accumulation_dtype(dtype).itemsize // item
-    if device_type == "cpu" and dtype == torch.float32 and _onednn_linear() is not None:
+    if onednn_products(device_type, dtype):
         min_bytes, share = CPU_CHUNK_MIN_BYTES, CPU_CHUNK_SHARE
     else:
         min_bytes, share = CHUNK_BYTES, 2
@@ -321,15 +321,24 @@ def _onednn_linear() -> LinearProduct | None:
     return (lambda x, w, b: op(x, w, b, "none", [], "")) if agrees else None
 
 
+def onednn_products(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the token walk's chunk products are oneDNN's (:func:`small_rows_linear`): float32
+    on CPU with oneDNN in the build, and not while torch.compile traces the call (inductor
+    lowers oneDNN's linear only for frozen weights; its own matmuls serve there)."""
+    if device_type != "cpu" or dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    return _onednn_linear() is not None
+
+
 def small_rows_linear(hidden: Tensor, weight: Tensor) -> LinearProduct | None:
     """The product for a chunk's logits ``h Wᵀ + b`` and its ``∂h = g W`` (as ``g (Wᵀ)ᵀ``),
-    when it is oneDNN's: float32 on CPU with a contiguous W; None means ``torch.mm``.
+    when it is oneDNN's (:func:`onednn_products`, and W contiguous); None means ``torch.mm``.
 
     Chunks of few rows are what keep the walk's memory small, and MKL's sgemm (torch.mm on CPU)
     runs them far below its large-matrix rate (each call re-packs all of W), while oneDNN keeps
-    its rate down to ~64 rows. ``python benchmarks/linear_chunks.py`` times both.
+    its rate down to ~64 rows. ``python benchmarks/linear_chunks.py --torch-mm`` times both.
     """
-    if hidden.device.type != "cpu" or hidden.dtype != torch.float32:
+    if not onednn_products(hidden.device.type, hidden.dtype):
         return None
     if weight.dtype != torch.float32 or not weight.is_contiguous():
         return None
