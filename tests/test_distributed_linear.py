@@ -305,6 +305,18 @@ ONE_RANK_CASES = {
         r"rank 1 of the group passed a class_weight that does not have shape \(1001,\)",
         _linear_call({"class_weight": lambda r, w: _ones[: SHARDS[w][r]]}, _ones),
     ),
+    "vocab_block": bad_on_rank_1(  # checked in linear_cross_entropy before, on rank 1 alone
+        ValueError,
+        "vocab_block is for one device; with process_group the vocabulary is already split",
+        ELSEWHERE,
+        _linear_call({"vocab_block": lambda r, w: 64}),
+    ),
+    "ignore_index": bad_on_rank_1(  # the same
+        TypeError,
+        r"ignore_index must be an int \(a class index, -100 by default\), got float 1.5",
+        ELSEWHERE,
+        _linear_call({"ignore_index": lambda r, w: 1.5}),
+    ),
     "hidden_dtype": bad_on_rank_1(
         TypeError,
         r"hidden must have the same dtype on every rank of the group; got "

@@ -311,14 +311,6 @@ def test_vocab_walk_all_ignored_gives_zero_loss_and_gradient():
     assert not dh.any() and not dw.any() and not db.any()
 
 
-def test_vocab_walk_refuses_a_process_group():
-    hidden, weight, bias, target = make_case((2, 4), num_classes=20, seed=14)
-    with pytest.raises(ValueError, match="vocab_block is for one device"):
-        fastxent.linear_cross_entropy(
-            hidden, weight, target, bias, vocab_block=4, process_group=object()
-        )
-
-
 def peaked_case(tokens=64, dim=64, num_classes=2048, sharpness=40.0, seed=12):
     """Hidden states correlated with their target's weight row: a peaked (trained-like) softmax."""
     g = torch.Generator().manual_seed(seed)

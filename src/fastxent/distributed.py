@@ -272,6 +272,7 @@ def vocab_parallel_linear_cross_entropy(
     backend: str = "auto",
     validate: bool = False,
     master_weights: bool = False,
+    vocab_block: int | None = None,
 ) -> Tensor:
     r"""``fastxent.linear_cross_entropy(..., process_group=group)``: the vocab-parallel path.
 
@@ -319,6 +320,11 @@ def vocab_parallel_linear_cross_entropy(
         )
     # This rank's checks; a failure reaches every rank through the layout all-gather (if made).
     try:
+        if vocab_block is not None:
+            raise ValueError(
+                "vocab_block is for one device; with process_group the vocabulary is already "
+                "split across ranks (leave vocab_block None)."
+            )
         check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
         ignore_index = check_ignore_index(ignore_index)
         # A shard without classes passes here and is refused on every rank by the layout gather.

@@ -389,7 +389,6 @@ def linear_cross_entropy(
         default_chunk_size,
     )
 
-    ignore_index = check_ignore_index(ignore_index)
     compute_dtype = None  # what autocast runs F.linear in; it leaves float64 alone
     if isinstance(hidden, Tensor) and hidden.is_floating_point() and hidden.dtype != torch.float64:
         compute_dtype = autocast_dtype(hidden.device)
@@ -400,23 +399,19 @@ def linear_cross_entropy(
         # int64, as cross_entropy's: in int32 `target != ignore_index` wraps an ignore_index
         # beyond int32 (2**40 ignored class 0), and uint8/int16 failed inside the walks' gather.
         target = target.long()
-    if process_group is not None:
+    if process_group is not None:  # every input check there, so that a failure reaches all ranks
         from fastxent.distributed import vocab_parallel_linear_cross_entropy
 
-        if vocab_block is not None:
-            raise ValueError(
-                "vocab_block is for one device; with process_group the vocabulary is already "
-                "split across ranks (leave vocab_block None)."
-            )
         with autocast_off(hidden):
             return vocab_parallel_linear_cross_entropy(
                 hidden, weight, target, bias, group=process_group, class_weight=class_weight,
                 ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                 z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, shift=shift,
                 chunk_size=chunk_size, filter_eps=filter_eps, backend=backend, validate=validate,
-                master_weights=master_weights,
+                master_weights=master_weights, vocab_block=vocab_block,
             )  # fmt: skip
 
+    ignore_index = check_ignore_index(ignore_index)
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
     soft = check_inputs(hidden, weight, bias, target, shift, master_weights)
     num_classes = weight.shape[0]
