@@ -19,8 +19,8 @@ With "mean"/"sum" the three gradients are complete after forward and backward on
 afterwards: forward computes the losses only, and backward recomputes each chunk's logits with
 the rows of the gradient multiplied by ``grad_output``.
 
-Memory beyond the inputs and the gradients themselves: one chunk of logits (by default, on CPU
-a sixth of ∂W's bytes or 16 MiB, elsewhere half of ∂W or 64 MB, whichever is more:
+Memory beyond the inputs and the gradients themselves: one chunk of logits (by default, for
+float32 on CPU a sixth of ∂W's bytes or 16 MiB, else half of ∂W or 64 MB, whichever is more:
 :func:`default_chunk_size`), the row kernel's temporaries, and an (n, D) block. On CPU the
 float32 chunk products ``h_c Wᵀ`` and ``g_c W`` are oneDNN's (:func:`small_rows_linear`), which
 keeps their speed at the few rows that this budget allows.
@@ -56,8 +56,8 @@ from fastxent._options import CrossEntropyOptions, check_target_kind
 
 CHUNK_BYTES = 64 << 20  # logits of one chunk: 64 MB, or half of ∂W's accumulator if that is more
 CHUNK_ROWS_MULTIPLE = 64  # default chunks are made even in multiples of this many rows
-# On CPU, where chunks of few rows keep the matmuls' rate (small_rows_linear), a chunk holds a
-# sixth of ∂W's bytes, or 16 MiB when that is more (fewer, larger calls for a small V·D).
+# float32 on CPU, where chunks of few rows keep the matmuls' rate (onednn_products), a chunk
+# holds a sixth of ∂W's bytes, or 16 MiB when that is more (fewer, larger calls for a small V·D).
 CPU_CHUNK_SHARE = 6
 CPU_CHUNK_MIN_BYTES = 16 << 20
 FILTER_BLOCK = 128  # vocabulary entries per block for filter_eps (a multiple of GPU tile widths)

@@ -314,9 +314,10 @@ def linear_cross_entropy(
 
     Memory beyond the inputs and gradients: one chunk of logits, the row kernel's temporaries
     and an (n, D) block. ``chunk_size=None`` sizes the chunk by ∂W's float32 accumulator, since
-    every chunk rewrites ∂W and few rows would make that traffic dominate: on CPU a sixth of
-    its bytes (at least 16 MiB), on CUDA half of them (at least 64 MB). ∂W accumulates in
-    float32 for bf16/fp16 weights and is cast once at the end.
+    every chunk rewrites ∂W and few rows would make that traffic dominate: for float32 on CPU
+    a sixth of its bytes (at least 16 MiB; its matmuls are oneDNN's, which keep their speed on
+    few rows), otherwise half of them (at least 64 MB). ∂W accumulates in float32 for bf16/fp16
+    weights and is cast once at the end.
 
     Args:
         hidden: (N, D) or (B, T, D) floating hidden states. Under ``torch.autocast`` they
