@@ -180,16 +180,21 @@ def make_case(case: Case, world: int):
 # --------------------------------------------------------------------------- worker processes
 
 
-def run_worker(rank, world, init_file, out_dir, cases, run_case, error_cases, extra) -> None:
-    """One rank of a gloo group: every case, every error check, then ``extra`` -> rank{r}.pt."""
+def init_gloo(rank: int, world: int, init_file: str, timeout_s: float) -> None:
+    """This process as ``rank`` of a ``world``-rank gloo group (one torch thread)."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,
-        timeout=timedelta(seconds=30),
+        timeout=timedelta(seconds=timeout_s),
     )
+
+
+def run_worker(rank, world, init_file, out_dir, cases, run_case, error_cases, extra) -> None:
+    """One rank of a gloo group: every case, every error check, then ``extra`` -> rank{r}.pt."""
+    init_gloo(rank, world, init_file, 30)
     results: dict = {"cases": {}, "errors": {}}
     for case in cases:
         results["cases"][case.name] = run_case(case, rank, world)
@@ -369,14 +374,7 @@ def bad_on_rank_1(exc, own, others, call):
 
 def run_one_rank_worker(rank: int, world: int, init_file: str, out_dir: str, checks) -> None:
     """One rank: every check of ``checks`` in every mode, each on a new group -> rank{r}.pt."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, world, init_file, 60)
     results = {}
     for name, check in checks.items():
         for mode in MODES:
