@@ -543,13 +543,14 @@ def _shard_layout(
     communicating, and raise this rank's errors on this rank only.
     """
     cached = _LAYOUTS.setdefault(dist.group.WORLD if group is None else group, {})
-    if not validate and key in cached:
-        if isinstance(mine, Exception):
-            raise mine
-        layout = cached[key]
-    else:
-        layout = cached[key] = _gather_layout(mine, group, device, agreed)
-    mine.check_classes(sum(layout[1]))  # after the all-gather, this passes on every rank
+    if validate or key not in cached:
+        # The all-gather compares every rank's class-weight length and target range with V.
+        cached[key] = _gather_layout(mine, group, device, agreed)
+        return cached[key]
+    if isinstance(mine, Exception):
+        raise mine
+    layout = cached[key]
+    mine.check_classes(sum(layout[1]))
     return layout
 
 
