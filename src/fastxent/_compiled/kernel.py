@@ -94,8 +94,10 @@ class Variant:
             # buffer's round trip was slower than a second exp when a max pass came first
             # (benchmarks/row_buffer.py, N = 4096, V = 8192-131072: 0.87-0.95x the time in five
             # of six runs, one equal) and is level since the shift needs none (0.96-1.02x);
-            # for bf16 the buffer is faster (recomputing took 1.14x).
-            recompute_exp=grad is z or z.dtype == torch.float32,
+            # for bf16 the buffer is faster (recomputing took 1.14x). With z-loss the gradient's
+            # coefficient (log Σe) needs a loop of its own between the passes, and the buffer
+            # would then hold e for all rows: (M, V) in float32.
+            recompute_exp=grad is z or z.dtype == torch.float32 or opts.z_loss != 0.0,
             # Two graphs, for float32/64 into a separate buffer: the first stores e while it
             # streams z in (loads and stores overlap), the second scales in place; 0.82-0.85x the
             # time of one graph (benchmarks/split_gradient.py). Not for half precision (e
@@ -126,10 +128,15 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
     acc = k.dtype
     num_classes = z.shape[1]
     a, b, eps, s, cap, alpha, sum_w = (k[i] for i in range(7))
-    zp = _transform(v, z.to(acc), cap, alpha)  # (M, V); accumulate wide, cast back at the store
-    m_head = zp[:, :SHIFT_COLUMNS].amax(dim=1, keepdim=True)  # (M, 1); a reduction may leave
+
+    def z_prime(columns=slice(None)) -> Tensor:  # (M, V); accumulate wide, cast back at the store
+        # a node of its own at each use: on CPU inductor stores a node that holds a tanh or exp
+        # and has several users for all rows (a float32 (M, V) buffer) instead of recomputing it
+        return _transform(v, z[:, columns].to(acc), cap, alpha)
+
+    m_head = z_prime(slice(SHIFT_COLUMNS)).amax(dim=1, keepdim=True)
     m = _finite(m_head)  # the shift, see above; pointwise, so recomputed outside
-    e = torch.exp(zp - m)  # (M, V); kept in a row buffer when the gradient pass reuses it
+    e = torch.exp(z_prime() - m)  # (M, V); kept in a row buffer when the gradient pass reuses it
     sum_e = e.sum(dim=1, keepdim=True)  # (M, 1)
     out = [m_head, sum_e]
     keep = 1.0 - eps
@@ -141,7 +148,7 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
         if v.weighted:
             t = t * w
         sum_t = t.sum(dim=1, keepdim=True)
-        out += [sum_t, (t * (zp - m)).sum(dim=1, keepdim=True)]
+        out += [sum_t, (t * (z_prime() - m)).sum(dim=1, keepdim=True)]
     else:
         yy = y.unsqueeze(1)  # (M, 1)
         counted = yy >= 0
@@ -152,7 +159,7 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
         sum_t = keep * w_y
         if v.smoothing:  # the uniform part (ε/V)·w, on counted rows only
             sum_t = sum_t + torch.where(counted, eps / num_classes, 0.0) * sum_w
-            zs = zp - m
+            zs = z_prime() - m
             out.append((zs * w if v.weighted else zs).sum(dim=1, keepdim=True))
 
     if v.split:
@@ -165,7 +172,7 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
         if not v.soft:
             coef = torch.where(counted, coef, 0.0)
         if v.recompute_exp:  # see Variant.of
-            e = torch.exp(zp - m)
+            e = torch.exp(z_prime() - m)
         g = e * (1.0 / sum_e) * coef  # (M, V); o = e/Σe first: coef/Σe alone could be subnormal
         if v.soft:
             g = g - a * t
@@ -173,7 +180,7 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
             u = torch.where(counted, a * eps / num_classes, 0.0)
             g = g - (u * w if v.weighted else u)
         if v.softcap or v.scaled:
-            g = g * _chain(v, zp, cap, alpha)
+            g = g * _chain(v, z_prime(), cap, alpha)
         # Rows the shift does not suit are redone outside; z keeps them intact for that.
         kept = z if v.inplace else 0.0
         (z if v.inplace else grad).copy_(torch.where(shift_suits(sum_e), g, kept))
