@@ -311,6 +311,33 @@ def test_vocab_walk_all_ignored_gives_zero_loss_and_gradient():
     assert not dh.any() and not dw.any() and not db.any()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_vocab_walk_holds_one_block_beside_the_gradients(dtype, peak_bytes_allocated):
+    # What vocab_block is for: beside ∂h and ∂W, one (N, B) block of float32 logits at a time
+    # (for half precision with its product and gradient in the inputs' dtype, and ∂h's float32
+    # accumulator), and the workspace of a block's matmul (about half a block here). A second
+    # block held while the next is made adds 4 bytes per block entry, more than that slack.
+    n, dim, num_classes, block = 256, 128, 4096, 512
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(n, dim, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(num_classes, dim, generator=gen) / dim**0.5).to(dtype).requires_grad_()
+    target = torch.randint(0, num_classes, (n,), generator=gen)
+
+    def step():
+        fastxent.linear_cross_entropy(hidden, weight, target, vocab_block=block).backward()
+
+    step()
+    hidden.grad = weight.grad = None
+    fastxent.empty_cache()  # ∂W must be allocated by the step, to be counted
+    size = hidden.element_size()
+    grads = (n + num_classes) * dim * size
+    accumulator = n * dim * 4 if dtype == torch.bfloat16 else 0
+    one_block = n * block * (4 if dtype == torch.float32 else 4 + 2 * size)
+    workspace = n * block * 2
+    peak = peak_bytes_allocated(step)
+    assert grads <= peak <= grads + accumulator + one_block + workspace, peak
+
+
 def peaked_case(tokens=64, dim=64, num_classes=2048, sharpness=40.0, seed=12):
     """Hidden states correlated with their target's weight row: a peaked (trained-like) softmax."""
     g = torch.Generator().manual_seed(seed)

@@ -619,6 +619,7 @@ def vocab_pass(
         # and e^{0 - m} could overflow to inf, 0·inf = NaN).
         sum_e = sum_e * torch.exp((m_safe - m_new_safe).clamp(max=0.0)) + e.sum(dim=1)
         m, m_safe = m_new, m_new_safe
+        del zp, e  # this block is freed before the next one is made: one block at a time
     log_sum_e = sum_e.log()  # (K,), lse - m
     lse = m_safe + log_sum_e  # (K,)
     if not ce.soft:
@@ -634,9 +635,10 @@ def vocab_pass(
     # Walk 2: g_b = o (a Σt + 2 b s lse) - a t_b, times dz'/dz (and the rows' grad_output).
     coef = a * sum_t + 2.0 * b * s * lse  # (K,)
     row_scale = None if grad_rows is None else _take(grad_rows, rows).to(acc)  # (K,)
-    dh = torch.zeros_like(h2) if need_h else None  # (B·T, D); untouched rows stay zero
-    # ∂h of the K tokens (K, D): accumulated in place in dh when it can, else beside it.
-    in_place = need_h and isinstance(tok, slice) and dh.dtype == acc
+    # ∂h of the K tokens (K, D): accumulated in place in dh (B·T, D) when it can, else beside
+    # it, and dh is then made only after the walk, so that it never sits beside the blocks.
+    in_place = need_h and isinstance(tok, slice) and h2.dtype == acc
+    dh = torch.zeros_like(h2) if in_place else None  # untouched rows stay zero
     dh_used = dh[tok] if in_place else None
     if need_h and not in_place:
         dh_used = torch.zeros((num_tokens, dim), dtype=acc, device=device)
@@ -677,7 +679,9 @@ def vocab_pass(
             dh_used += torch.mm(g, weight[block])  # half precision, accumulated in float32
         if need_w and h_acc is None:
             torch.mm(g.t(), h, out=dw[block])  # (B, D), over all K tokens at once
+        del zp, g, chain  # as in walk 1
     if need_h and not in_place:
+        dh = torch.zeros_like(h2)
         if isinstance(tok, slice):
             dh[tok] = dh_used
         else:
