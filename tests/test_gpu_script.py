@@ -39,3 +39,7 @@ def test_small_run_checks_fastxent_and_writes_every_task(tmp_path):
         # The script's bar (bf16 logits against float32 PyTorch): loss 1e-4, gradient 2 ulps.
         assert ours["loss_rel_error"] < 1e-4 and ours["grad_rel_error"] < 2 * 2.0**-7, ours
         assert ours["forward_backward_s"] > 0 and run["floor_s"] > 0
+        if run["task"] != "cross_entropy":  # the vocabulary walk meets the same bar
+            lean = next(row for name, row in rows.items() if name.startswith("fastxent vocab"))
+            assert "skipped" not in lean, lean
+            assert lean["loss_rel_error"] < 1e-4 and lean["grad_rel_error"] < 2 * 2.0**-7, lean
