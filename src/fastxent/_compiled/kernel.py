@@ -28,7 +28,10 @@ into ``grad`` in the same loop that sums it, so the row's loads and the stores o
 time of the single graph (benchmarks/split_gradient.py, N = 4096, V = 8192-131072; 0.94-0.96x
 with every option on). Otherwise ``e`` feeds the sum and, for half-precision input, the
 gradient too: inductor keeps it in a row-sized buffer, one exp per logit; for float32 (and with
-``inplace``, where inductor cannot keep it beside the store) the gradient pass recomputes it.
+``inplace``, where inductor cannot keep it beside the store, or z-loss, whose log Σe splits the
+row loop so that the buffer would hold all rows) the gradient pass recomputes it. Likewise z'
+is traced afresh at each use: on CPU inductor stores a node that holds a tanh or exp and has
+several users for all rows, which for softcap's z' was a float32 copy of the logits.
 Class-index targets are never expanded: ``z'_y`` is gathered and the one-hot part of the gradient
 (M entries) is written after the graph; the per-row loss is (M,)-sized eager work.
 
