@@ -137,6 +137,21 @@ def test_peak_memory_sees_a_known_allocation():
     assert size - (1 << 20) <= extra < size + (16 << 20)  # RSS counts pages, not bytes
 
 
+def test_allocated_peak_counts_what_is_live_at_once():
+    size = 1 << 20
+    kept = []
+
+    def steps():
+        first = torch.empty(size // 4)  # 1 MiB, freed by Python before the next two exist
+        del first
+        kept.append(torch.empty(size // 4))
+        second = torch.empty(size // 2)  # 2 MiB beside the kept 1 MiB: the peak, 3 MiB
+        del second
+
+    assert bench.allocated_peak_bytes(steps) == 3 * size
+    assert bench.allocated_peak_bytes(lambda: None) == 0
+
+
 @pytest.mark.skipif(bench.cpu_memory_reason() is not None, reason="needs Linux clear_refs")
 def test_peak_memory_counts_a_reused_fastxent_gradient():
     """A warm step leaves fastxent's gradient buffer kept for reuse; it must still be counted.

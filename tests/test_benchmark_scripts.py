@@ -18,6 +18,7 @@ import fastxent
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import kernel_memory  # noqa: E402
 import linear_autocast  # noqa: E402
 import linear_chunks  # noqa: E402
 import linear_filter  # noqa: E402
@@ -87,3 +88,12 @@ def _grads(h, w, y, eps):
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
     fastxent.linear_cross_entropy(hr, wr, y, filter_eps=eps, chunk_size=64).backward()
     return hr.grad, wr.grad
+
+
+def test_kernel_memory_script_reports_row_sized_extra(monkeypatch, capsys):
+    flags = ["--n", "16", "--v", "512", "--dtypes", "bfloat16", "--options", "all"]
+    monkeypatch.setattr(sys, "argv", [kernel_memory.__file__, *flags, "--targets", "index"])
+    kernel_memory.main()
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[:3] == ["bfloat16", "index", "all"]
+    assert all(0.0 <= float(x) < 1.0 for x in row[3:]), row  # no (M, V)-sized temporary

@@ -17,6 +17,7 @@ import fastxent
 from fastxent import reference
 from fastxent._compiled import kernel, unavailable_reason
 from fastxent._options import CrossEntropyOptions
+from fastxent.bench import allocated_peak_bytes
 
 pytestmark = pytest.mark.skipif(
     unavailable_reason(torch.device("cpu")) is not None,
@@ -410,9 +411,7 @@ def test_unavailable_reason(monkeypatch):
     ids=["plain", "all", "uncapped", "soft-all"],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_step_holds_the_gradient_and_no_logits_sized_temporary(
-    options, soft, dtype, peak_bytes_allocated
-):
+def test_step_holds_the_gradient_and_no_logits_sized_temporary(options, soft, dtype):
     # The step must hold one (N, V) gradient and row-sized work; any full-size temporary (a
     # z.to(float32), a float32 scatter_ into a bf16 gradient, a second float32 buffer beside the
     # split variant's, a float32 z' = c·tanh(z/c) or e^{z'-m} that inductor stores for all rows
@@ -433,7 +432,7 @@ def test_step_holds_the_gradient_and_no_logits_sized_temporary(
     z.grad = None
     fastxent.empty_cache()  # the step must allocate its gradient, to be counted
     grad_bytes = n * v * z.element_size()
-    peak = peak_bytes_allocated(step)
+    peak = allocated_peak_bytes(step)
     assert grad_bytes <= peak < grad_bytes + n * v * 2
     expected_grad = oracle(z.detach(), y, **options)[1]
     assert max_err(z.grad, expected_grad) <= LOW_PRECISION_TOL[dtype]
@@ -441,7 +440,7 @@ def test_step_holds_the_gradient_and_no_logits_sized_temporary(
 
 @pytest.mark.parametrize("options", [{}, GENERAL], ids=["plain", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inplace_backward_allocates_nothing_logits_sized(options, dtype, peak_bytes_allocated):
+def test_inplace_backward_allocates_nothing_logits_sized(options, dtype):
     # "Zero extra with inplace_backward": the gradient goes into the logits' own storage, and
     # the step allocates only per-row vectors (well under one (N, V) buffer).
     gen = torch.Generator().manual_seed(10)
@@ -459,7 +458,7 @@ def test_inplace_backward_allocates_nothing_logits_sized(options, dtype, peak_by
     logits = leaf * 1.0  # a non-leaf, as a model's output would be
     expected_grad = oracle(logits.detach(), y, **options)[1]
     grads = []
-    peak = peak_bytes_allocated(lambda: grads.append(step(logits)))
+    peak = allocated_peak_bytes(lambda: grads.append(step(logits)))
     assert grads[0].data_ptr() == logits.data_ptr()
     assert peak < n * v * logits.element_size() / 8
     assert max_err(grads[0], expected_grad) <= LOW_PRECISION_TOL[dtype]

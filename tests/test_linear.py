@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import fastxent
 from fastxent import reference
 from fastxent._linear import CHUNK_BYTES, _kept_columns, default_chunk_size
+from fastxent.bench import allocated_peak_bytes
 
 BACKEND = "torch"
 F64 = {"rtol": 1e-10, "atol": 1e-12}  # float64: chunked sums reorder additions only
@@ -312,7 +313,7 @@ def test_vocab_walk_all_ignored_gives_zero_loss_and_gradient():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_vocab_walk_holds_one_block_beside_the_gradients(dtype, peak_bytes_allocated):
+def test_vocab_walk_holds_one_block_beside_the_gradients(dtype):
     # What vocab_block is for: beside ∂h and ∂W, one (N, B) block of float32 logits at a time
     # (for half precision with its product and gradient in the inputs' dtype, and ∂h's float32
     # accumulator), and the workspace of a block's matmul (about half a block here). A second
@@ -334,7 +335,7 @@ def test_vocab_walk_holds_one_block_beside_the_gradients(dtype, peak_bytes_alloc
     accumulator = n * dim * 4 if dtype == torch.bfloat16 else 0
     one_block = n * block * (4 if dtype == torch.float32 else 4 + 2 * size)
     workspace = n * block * 2
-    peak = peak_bytes_allocated(step)
+    peak = allocated_peak_bytes(step)
     assert grads <= peak <= grads + accumulator + one_block + workspace, peak
 
 

@@ -49,6 +49,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -539,6 +540,32 @@ def peak_extra_bytes(runner: Runner, device: torch.device) -> int:
     del out
     runner.clear()
     return max(extra, 0)
+
+
+def allocated_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes held through PyTorch's CPU allocator while ``fn()`` runs, above the
+    start: exact and deterministic, unlike the resident set size (no page or glibc effects).
+
+    Read from the profiler's memory events, one per allocation and per free, each with the
+    allocator's running total; the Chrome trace keeps them in order. (An op's own memory count
+    would miss buffers that compiled code allocates outside any op and Python frees later.)
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    totals = [
+        (e["args"]["Total Allocated"], e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0  # CPU
+    ]
+    if not totals:
+        return 0
+    start = totals[0][0] - totals[0][1]
+    return max(0, max(total for total, _ in totals) - start)
 
 
 def _reset_compiled_code() -> None:
