@@ -25,6 +25,7 @@ import linear_filter  # noqa: E402
 import row_buffer  # noqa: E402
 import row_passes  # noqa: E402
 import small_logits  # noqa: E402
+import softcap_tanh  # noqa: E402
 import split_gradient  # noqa: E402
 
 
@@ -42,6 +43,7 @@ import split_gradient  # noqa: E402
         (small_logits, ["--shapes", "8x16", "--calls", "2", "--linear-dim", "4"]),
         (row_passes, ["--n", "8", "--v", "300", "--graphs", "head shift,two graphs"]),
         (split_gradient, ["--n", "8", "--v", "300", "--options"]),
+        (softcap_tanh, ["--n", "8", "--v", "300"]),
     ],
     ids=[
         "linear_chunks",
@@ -52,6 +54,7 @@ import split_gradient  # noqa: E402
         "small_logits_linear",
         "row_passes",
         "split_gradient",
+        "softcap_tanh",
     ],
 )
 def test_script_runs_on_tiny_shapes(script, flags, monkeypatch, capsys):

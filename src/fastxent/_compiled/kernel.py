@@ -384,8 +384,23 @@ def _option_values(opts: CrossEntropyOptions, dtype: torch.dtype) -> Tensor:
 def _transform(v: Variant, x: Tensor, cap, alpha) -> Tensor:
     """z' = c·tanh(αz/c), or αz, or z."""
     if v.softcap:
-        return torch.tanh(x * (alpha / cap)) * cap
+        return _tanh(x * (alpha / cap)) * cap
     return x * alpha if v.scaled else x
+
+
+def _tanh(x: Tensor) -> Tensor:
+    """tanh x = sign(x)·(-t / (2 + t)) with t = e^{-2|x|} - 1.
+
+    Inductor's vectorised tanh took 3.5x the time of an exp on CPU, expm1 1.6x (N = 4096,
+    V = 32768 float32, one pass each), and the softcap kernel 0.6x its time with tanh. Eager,
+    this is within 1.2 float32 ulps of tanh; inductor's vectorised expm1 is less exact near 0,
+    where the result is off by up to 1.3e-7 (absolute): c·1.3e-7 in z', which only shifts the
+    softmax by as much. Against float64, softcap = 30 losses and gradients (N = 512, V = 8192,
+    logits of scale 0.1 to 30) had the same errors as with tanh: ≤ 6e-8 and ≤ 3e-7 relative.
+    ±inf gives ±1 and NaN stays NaN.
+    """
+    t = torch.expm1(-2.0 * x.abs())
+    return torch.copysign(-t / (2.0 + t), x)
 
 
 def _chain(v: Variant, zp: Tensor, cap, alpha) -> Tensor | float:
