@@ -339,6 +339,29 @@ def test_vocab_walk_holds_one_block_beside_the_gradients(dtype):
     assert grads <= peak <= grads + accumulator + one_block + workspace, peak
 
 
+def test_token_walk_half_precision_casts_dw_without_a_float32_copy():
+    # bf16 ∂W is accumulated in float32 and cast in backward. On CPU a mixed-dtype
+    # torch.mul(out=) computes in a float32 temporary of ∂W's size first: backward then held
+    # the accumulator, that temporary and the bf16 result at once (4 + 4 + 2 bytes per entry).
+    n, dim, num_classes, chunk = 256, 32, 32768, 64
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(n, dim, generator=gen).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(num_classes, dim, generator=gen) / dim**0.5).to(torch.bfloat16)
+    weight.requires_grad_()
+    target = torch.randint(0, num_classes, (n,), generator=gen)
+
+    def step():
+        fastxent.linear_cross_entropy(hidden, weight, target, chunk_size=chunk).backward()
+
+    step()
+    hidden.grad = weight.grad = None
+    fastxent.empty_cache()
+    entries = num_classes * dim
+    logits = chunk * num_classes * 2  # the chunk's bf16 logits, kept for the next step
+    peak = allocated_peak_bytes(step)
+    assert peak <= entries * (4 + 2) + logits + entries, peak  # slack: a quarter of the temporary
+
+
 def peaked_case(tokens=64, dim=64, num_classes=2048, sharpness=40.0, seed=12):
     """Hidden states correlated with their target's weight row: a peaked (trained-like) softmax."""
     g = torch.Generator().manual_seed(seed)

@@ -714,12 +714,14 @@ def in_own_dtype(
 
 def scaled_to(grad: Tensor | None, factor: Tensor, dtype: torch.dtype | None) -> Tensor | None:
     """``grad · factor`` in ``dtype``: in place when ``grad`` has that dtype (skipped for a
-    factor of 1), else in one pass that scales and casts (a float32 accumulator to bf16/fp16:
-    scaled first, so a float16 sum over tokens that the factor brings into range stays finite)."""
-    if grad is None or grad.dtype == dtype:
+    factor of 1), else scaled before the cast (a float32 accumulator to bf16/fp16: a float16 sum
+    over tokens that the factor brings into range stays finite). On CUDA that is one pass; on
+    CPU, PyTorch computes a mixed-dtype ``out=`` product in a temporary of ``grad``'s size (a
+    float32 copy of ∂W), so there ``grad`` is scaled in place (it is not used again) and cast."""
+    if grad is None or grad.dtype == dtype or grad.device.type == "cpu":
         if grad is not None:
             scale_by_grad_output(grad, factor)
-        return grad
+        return grad if grad is None or grad.dtype == dtype else grad.to(dtype)
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
     return torch.mul(grad, factor.to(grad.dtype), out=out)
 
