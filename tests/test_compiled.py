@@ -288,6 +288,8 @@ def test_softcap_tanh_matches_tanh_eager_and_compiled():
     special = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
     got = kernel._tanh(special)
     assert got[:2].tolist() == [1.0, -1.0] and got[2].isnan() and got[3].item() == 0.0
+    wide = torch.compile(kernel._tanh, dynamic=True)(x.double())  # float64: tanh itself
+    assert ((wide - want).abs() <= 2 * 2.0**-52 * want.abs()).all()
 
 
 def test_split_variants_are_float_index_targets_without_softcap_into_a_buffer(monkeypatch):
