@@ -312,6 +312,24 @@ def test_vocab_walk_all_ignored_gives_zero_loss_and_gradient():
     assert not dh.any() and not dw.any() and not db.any()
 
 
+def walk_peak_bytes(n, dim, num_classes, dtype, **walk) -> int:
+    """Peak bytes allocated by one warm forward + backward of linear_cross_entropy(**walk) on
+    random (n, dim) hidden states and a (num_classes, dim) weight in ``dtype``, with the
+    gradients allocated by the measured step (nothing kept from the warm-up counts as live)."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(n, dim, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(num_classes, dim, generator=gen) / dim**0.5).to(dtype).requires_grad_()
+    target = torch.randint(0, num_classes, (n,), generator=gen)
+
+    def step():
+        fastxent.linear_cross_entropy(hidden, weight, target, **walk).backward()
+
+    step()
+    hidden.grad = weight.grad = None
+    fastxent.empty_cache()  # ∂W must be allocated by the step, to be counted
+    return allocated_peak_bytes(step)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_vocab_walk_holds_one_block_beside_the_gradients(dtype):
     # What vocab_block is for: beside ∂h and ∂W, one (N, B) block of float32 logits at a time
@@ -319,23 +337,12 @@ def test_vocab_walk_holds_one_block_beside_the_gradients(dtype):
     # accumulator), and the workspace of a block's matmul (about half a block here). A second
     # block held while the next is made adds 4 bytes per block entry, more than that slack.
     n, dim, num_classes, block = 256, 128, 4096, 512
-    gen = torch.Generator().manual_seed(4)
-    hidden = torch.randn(n, dim, generator=gen).to(dtype).requires_grad_()
-    weight = (torch.randn(num_classes, dim, generator=gen) / dim**0.5).to(dtype).requires_grad_()
-    target = torch.randint(0, num_classes, (n,), generator=gen)
-
-    def step():
-        fastxent.linear_cross_entropy(hidden, weight, target, vocab_block=block).backward()
-
-    step()
-    hidden.grad = weight.grad = None
-    fastxent.empty_cache()  # ∂W must be allocated by the step, to be counted
-    size = hidden.element_size()
+    peak = walk_peak_bytes(n, dim, num_classes, dtype, vocab_block=block)
+    size = torch.tensor([], dtype=dtype).element_size()
     grads = (n + num_classes) * dim * size
     accumulator = n * dim * 4 if dtype == torch.bfloat16 else 0
     one_block = n * block * (4 if dtype == torch.float32 else 4 + 2 * size)
     workspace = n * block * 2
-    peak = allocated_peak_bytes(step)
     assert grads <= peak <= grads + accumulator + one_block + workspace, peak
 
 
@@ -344,21 +351,9 @@ def test_token_walk_half_precision_casts_dw_without_a_float32_copy():
     # torch.mul(out=) computes in a float32 temporary of ∂W's size first: backward then held
     # the accumulator, that temporary and the bf16 result at once (4 + 4 + 2 bytes per entry).
     n, dim, num_classes, chunk = 256, 32, 32768, 64
-    gen = torch.Generator().manual_seed(4)
-    hidden = torch.randn(n, dim, generator=gen).to(torch.bfloat16).requires_grad_()
-    weight = (torch.randn(num_classes, dim, generator=gen) / dim**0.5).to(torch.bfloat16)
-    weight.requires_grad_()
-    target = torch.randint(0, num_classes, (n,), generator=gen)
-
-    def step():
-        fastxent.linear_cross_entropy(hidden, weight, target, chunk_size=chunk).backward()
-
-    step()
-    hidden.grad = weight.grad = None
-    fastxent.empty_cache()
+    peak = walk_peak_bytes(n, dim, num_classes, torch.bfloat16, chunk_size=chunk)
     entries = num_classes * dim
     logits = chunk * num_classes * 2  # the chunk's bf16 logits, kept for the next step
-    peak = allocated_peak_bytes(step)
     assert peak <= entries * (4 + 2) + logits + entries, peak  # slack: a quarter of the temporary
 
 
