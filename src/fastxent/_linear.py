@@ -718,10 +718,11 @@ def scaled_to(grad: Tensor | None, factor: Tensor, dtype: torch.dtype | None) ->
     over tokens that the factor brings into range stays finite). On CUDA that is one pass; on
     CPU, PyTorch computes a mixed-dtype ``out=`` product in a temporary of ``grad``'s size (a
     float32 copy of ∂W), so there ``grad`` is scaled in place (it is not used again) and cast."""
-    if grad is None or grad.dtype == dtype or grad.device.type == "cpu":
-        if grad is not None:
-            scale_by_grad_output(grad, factor)
-        return grad if grad is None or grad.dtype == dtype else grad.to(dtype)
+    if grad is None:
+        return None
+    if grad.dtype == dtype or grad.device.type == "cpu":
+        scale_by_grad_output(grad, factor)
+        return grad.to(dtype)  # grad itself when it has that dtype
     out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
     return torch.mul(grad, factor.to(grad.dtype), out=out)
 
