@@ -212,15 +212,15 @@ def linear_providers(small: bool) -> dict[str, Callable]:
 
     import fastxent
 
+    kw = {"backend": "triton"} if small else {}
+    block = SMALL_VOCAB_BLOCK if small else VOCAB_BLOCK
+
     def fastxent_linear(h, w, y):
         if not hasattr(fastxent, "linear_cross_entropy"):
             raise ImportError("fastxent.linear_cross_entropy does not exist in this version")
-        kw = {"backend": "triton"} if small else {}
         return lambda: fastxent.linear_cross_entropy(h, w, y, **kw)
 
     def fastxent_vocab_walk(h, w, y):  # the lean option: ∂W written once per vocab block
-        kw = {"backend": "triton"} if small else {}
-        block = SMALL_VOCAB_BLOCK if small else VOCAB_BLOCK
         return lambda: fastxent.linear_cross_entropy(h, w, y, vocab_block=block, **kw)
 
     def eager(h, w, y):
@@ -228,7 +228,7 @@ def linear_providers(small: bool) -> dict[str, Callable]:
 
     providers = {
         "fastxent": fastxent_linear,
-        f"fastxent vocab_block={SMALL_VOCAB_BLOCK if small else VOCAB_BLOCK}": fastxent_vocab_walk,
+        f"fastxent vocab_block={block}": fastxent_vocab_walk,
         "torch": eager,
     }
     if not small:
