@@ -316,6 +316,28 @@ def test_a_positive_infinite_logit_gives_a_nan_row_like_torch(backend, z_loss):
     assert torch.equal(torch.isnan(grad), torch.isnan(x.grad))  # entry by entry
 
 
+@pytest.mark.parametrize("backend", [*PATHS, "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_huge_finite_logits_give_torchs_loss_without_z_loss(backend, dtype):
+    """lse² overflows past |lse| ~ 1.8e19 in float32 (1.3e154 in float64): without a z-loss
+    the loss must not be 0·inf = NaN (the portable kernel's rows were, and the compiled kernel
+    hands it the rows whose maximum lies past its shift's columns: class 80 here)."""
+    if backend == "compiled" and functional.unavailable_reason(backend, torch.device("cpu")):
+        pytest.skip(f"{backend} cannot run here")
+    big = 1e155 if dtype == torch.float64 else 1e20
+    z = torch.randn(4, 100, dtype=torch.float64)
+    z[:, 80] = big
+    z[1] = big  # every logit of row 1: lse = big + log 100
+    z = z.to(dtype)
+    target = torch.tensor([80, 3, 3, -100])
+    for inplace in (False, True):
+        logits = z.clone().requires_grad_() * 1.0  # not a leaf: inplace_backward may write it
+        got = fastxent.cross_entropy(logits, target, inplace_backward=inplace, backend=backend)
+        want = F.cross_entropy(z.double(), target)
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
 def test_inplace_backward_matches_and_overwrites_logits():
     x = torch.randn(8, 50, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 50, (8,))

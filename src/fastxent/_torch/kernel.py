@@ -101,11 +101,12 @@ def cross_entropy_rows(
                 sum_tz = sum_tz + torch.where(counted, smooth * zs_sum, 0.0)
 
         ce = log_sum_e * sum_t - sum_tz  # E = -Σ t (z' - lse), with m taken out of both terms
-        zl = s * lse.square()
         if counted is not None:  # ignored rows add 0, whatever their logits (0·inf would be NaN)
             ce = torch.where(counted, ce, 0.0)
-            zl = torch.where(counted, zl, 0.0)
-        rows[chunk] = a * ce + b * zl
+        rows[chunk] = a * ce
+        if s:  # not 0·lse², which is NaN where lse² overflows (|lse| > 1.8e19 in float32)
+            zl = s * lse.square()
+            rows[chunk] += b * (zl if counted is None else torch.where(counted, zl, 0.0))
 
         if grad is None:
             continue
