@@ -443,11 +443,31 @@ def test_backward_after_grad_was_accumulated_into_raises():
         loss.backward()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_kept_loss_does_not_keep_its_gradient_after_backward(reduction):
+    """As PyTorch frees saved tensors: a loss kept after backward (a list of losses, a running
+    total) no longer holds the N×V gradient, and a second backward raises PyTorch's error."""
+    z = torch.randn(4, 10, requires_grad=True)
+    loss = fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), reduction=reduction,
+                                  backend=BACKEND)  # fmt: skip
+    node = loss.grad_fn  # "none" reshapes the rows' losses: a view's node first
+    while type(node).__name__ != "CrossEntropyFunctionBackward":
+        node = node.next_functions[0][0]
+    (buffer,) = node.saved_tensors
+    storage = buffer.untyped_storage()  # holds the storage: one use, once nothing else does
+    del buffer
+    loss.sum().backward()
+    z.grad = None
+    assert torch._C._storage_Use_Count(storage._cdata) == 1
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.sum().backward()
+
+
 def test_leaf_grad_is_the_forward_buffer_not_a_copy():
     """Memory: the first backward hands its buffer to autograd, which keeps it as .grad."""
     z = torch.randn(4, 10, requires_grad=True)
     loss = fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), backend=BACKEND)
-    buffer = loss.grad_fn.grad
+    (buffer,) = loss.grad_fn.saved_tensors
     loss.backward()
     assert z.grad.data_ptr() == buffer.data_ptr()
 

@@ -253,13 +253,36 @@ def test_non_contiguous_inputs():
     assert_matches(got, oracle(hidden, weight, bias, target, shift=True))
 
 
-def test_backward_twice_raises_for_mean():
-    """Like cross_entropy, "mean"/"sum" hold one gradient: a second backward is refused."""
+@pytest.mark.parametrize("walk", [{"chunk_size": 2}, {"vocab_block": 5}])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_backward_twice_through_a_retained_graph(walk, dtype):
+    """retain_graph: each backward gives the gradients for its own grad_output, as PyTorch's
+    (the first one folds grad_output into the buffers, later ones scale new tensors)."""
+    hidden, weight, bias, target = make_case((5,), num_classes=11, dtype=dtype)
+    h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+    loss = fastxent.linear_cross_entropy(h, w, target, b, backend=BACKEND, **walk)
+    first = torch.autograd.grad(loss, (h, w, b), torch.tensor(1.5), retain_graph=True)
+    second = torch.autograd.grad(loss, (h, w, b), torch.tensor(-3.0), retain_graph=True)
+    want = oracle(hidden, weight, bias, target)[1:]
+    tol = F64 if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-3}
+    for got_1, got_2, w_ in zip(first, second, want, strict=True):
+        assert got_1.dtype == got_2.dtype == dtype
+        torch.testing.assert_close(got_1.double(), 1.5 * w_, **tol)
+        torch.testing.assert_close(got_2.double(), -3.0 * w_, **tol)
+    loss.backward()  # the last one may free the graph; after it, PyTorch's own error
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+def test_backward_after_weight_grad_was_accumulated_into_raises():
+    """float32 ∂W is handed to autograd as the buffer itself: once .grad is added to, a
+    retained graph refuses to back-propagate rather than return a modified gradient."""
     hidden, weight, _, target = make_case((5,), num_classes=11, bias=False)
-    h = hidden.clone().requires_grad_()
-    loss = fastxent.linear_cross_entropy(h, weight, target, backend=BACKEND)
+    w = weight.clone().requires_grad_()
+    loss = fastxent.linear_cross_entropy(hidden, w, target, backend=BACKEND, chunk_size=2)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="back-propagated once"):
+    w.grad.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place since"):
         loss.backward()
 
 

@@ -237,6 +237,77 @@ def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(x.device.type, enabled=False)
 
 
+MODIFIED_SINCE_FORWARD = (
+    "the gradient fastxent computed in forward was modified in place since (the logits were "
+    "written after an inplace_backward=True call, or .grad was accumulated into after an earlier "
+    "backward); recompute the loss to back-propagate it."
+)
+
+
+def keep_for_backward(ctx, *grads: Tensor | None) -> None:
+    """Hold the gradients made in forward for backward as autograd holds saved tensors: freed
+    by a backward that does not retain the graph (a loss kept after backward, in a list of
+    losses say, does not keep them alive), and checked then for in-place writes since forward."""
+    ctx.save_for_backward(*grads)
+    ctx.folded = None  # the factor the first backward multiplied into the buffers
+
+
+def kept_gradients(ctx) -> tuple[Tensor | None, ...]:
+    """The gradients :func:`keep_for_backward` kept. Raises PyTorch's error after a backward
+    that did not retain the graph, and ours when a buffer was written since forward."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        raise RuntimeError(MODIFIED_SINCE_FORWARD) from None
+
+
+def scaled_gradients(
+    ctx, factor: Tensor, dtypes: tuple[torch.dtype | None, ...]
+) -> list[Tensor | None]:
+    """The kept gradients times ``factor`` (0-dim: grad_output and any deferred mean), each in
+    its dtype in ``dtypes`` (None: its own).
+
+    The first backward multiplies ``factor`` into each buffer in place, so that for "mean" and
+    "sum" backward makes no new N×V (or V×D) tensor, and hands the buffer itself to autograd
+    (which can keep it as a leaf's .grad), or its cast. It writes through ``.data``, which does
+    not move the version counter that autograd checks the kept buffers against: that write is
+    part of backward, not a change since forward. A later backward through a retained graph
+    scales into new tensors by ``factor`` over the folded one.
+
+    A buffer cast to another dtype (a float32 ∂W accumulator for bf16/fp16 weights) is scaled
+    before the cast: a float16 sum over tokens that the factor brings into range stays finite.
+    On CUDA that is one pass into the cast, and the buffer is never folded; on CPU PyTorch
+    computes a mixed-dtype ``out=`` product in a temporary of the buffer's size (a float32 copy
+    of ∂W), so there the buffer is folded in place and then cast.
+    """
+    grads = kept_gradients(ctx)
+    folds = [g is not None and (d in (None, g.dtype) or g.device.type == "cpu")
+             for g, d in zip(grads, dtypes, strict=True)]  # fmt: skip
+    first = ctx.folded is None
+    if first:
+        ctx.folded = factor.detach().clone()
+    elif any(folds) and bool((ctx.folded == 0).any()):
+        raise RuntimeError(
+            "cannot back-propagate this loss again after a backward with grad_output 0 "
+            "(fastxent folds grad_output into its gradient buffer); recompute the loss."
+        )
+    out = []
+    for g, dtype, fold in zip(grads, dtypes, folds, strict=True):
+        dtype = dtype or (None if g is None else g.dtype)
+        if g is None:
+            out.append(None)
+        elif fold and first:
+            scale_by_grad_output(g.data, factor)
+            out.append(g.detach().to(dtype))  # an alias of the buffer when dtype is its own
+        else:
+            ratio = factor / ctx.folded if fold else factor
+            scaled = torch.empty(g.shape, dtype=dtype, device=g.device)
+            out.append(torch.mul(g, ratio.to(g.dtype), out=scaled))
+    return out
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """loss = reduce(kernel rows); the gradient is made in forward and scaled in backward."""
 
@@ -256,12 +327,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         ce_scale, z_scale, factor = deferred_mean(ce_scale, z_scale, z.dtype, opts.reduction)
         rows = kernel(z, target, weight, opts, ce_scale, z_scale, grad)  # (M,)
         ctx.opts, ctx.factor = opts, factor
-        # Keep a detached alias (same storage and version counter): autograd may then take the
-        # buffer itself as the logits' .grad instead of copying it, and any in-place write to it
-        # after this point (e.g. to the logits, with inplace_backward) is detected in backward.
-        ctx.grad = None if grad is None else grad.detach()
-        ctx.grad_version = None if grad is None else grad._version
-        ctx.folded = None  # the factor already multiplied into ctx.grad, if any
+        if grad is not None:
+            keep_for_backward(ctx, grad)
         if opts.reduction == "none":
             return rows
         return rows.sum() if factor is None else rows.sum() * factor
@@ -269,27 +336,9 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        grad = ctx.grad
-        if grad._version != ctx.grad_version:
-            raise RuntimeError(
-                "the gradient fastxent computed in forward was modified in place since (the "
-                "logits were written after an inplace_backward=True call, or .grad was accumulated "
-                "into after an earlier backward); recompute the loss to back-propagate it."
-            )
         nothing = (None, None, None, None)
         if ctx.opts.reduction == "none":  # per-row factors: scale a copy, keep the buffer intact
+            (grad,) = kept_gradients(ctx)
             return grad * grad_loss.reshape(-1, 1).to(grad.dtype), *nothing
-        factor = times_deferred(grad_loss, ctx.factor)
-        if ctx.folded is None:
-            # First backward: fold grad_output into the buffer in place; no new N×V tensor.
-            scale_by_grad_output(grad, factor)
-            ctx.folded = factor.detach().clone()
-            ctx.grad_version = grad._version
-            return grad.detach(), *nothing
-        # A later backward through a retained graph: rescale what the first one folded in.
-        if bool((ctx.folded == 0).any()):
-            raise RuntimeError(
-                "cannot back-propagate this loss again after a backward with grad_output 0 "
-                "(fastxent folds grad_output into its gradient buffer); recompute the loss."
-            )
-        return grad * (factor / ctx.folded).to(grad.dtype), *nothing
+        (grad,) = scaled_gradients(ctx, times_deferred(grad_loss, ctx.factor), (None,))
+        return grad, *nothing

@@ -47,9 +47,10 @@ from fastxent._autograd import (
     Kernel,
     accumulation_dtype,
     deferred_mean,
+    keep_for_backward,
     reduction_scales,
     reusable_empty,
-    scale_by_grad_output,
+    scaled_gradients,
     times_deferred,
 )
 from fastxent._options import CrossEntropyOptions, check_target_kind
@@ -712,21 +713,6 @@ def in_own_dtype(
     )
 
 
-def scaled_to(grad: Tensor | None, factor: Tensor, dtype: torch.dtype | None) -> Tensor | None:
-    """``grad · factor`` in ``dtype``: in place when ``grad`` has that dtype (skipped for a
-    factor of 1), else scaled before the cast (a float32 accumulator to bf16/fp16: a float16 sum
-    over tokens that the factor brings into range stays finite). On CUDA that is one pass; on
-    CPU, PyTorch computes a mixed-dtype ``out=`` product in a temporary of ``grad``'s size (a
-    float32 copy of ∂W), so there ``grad`` is scaled in place (it is not used again) and cast."""
-    if grad is None:
-        return None
-    if grad.dtype == dtype or grad.device.type == "cpu":
-        scale_by_grad_output(grad, factor)
-        return grad.to(dtype)  # grad itself when it has that dtype
-    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
-    return torch.mul(grad, factor.to(grad.dtype), out=out)
-
-
 def walk_of(opts: LinearOptions):
     """The walk over tokens and classes that ``opts`` asks for."""
     return chunked_pass if opts.vocab_block is None else vocab_pass
@@ -765,8 +751,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             opts.reduce_hidden_grad(dh)  # COLLECTIVE (vocab-parallel): Σ_r g W_r
         # ∂W and ∂b stay in their (float32) accumulators until backward has scaled them: cast
         # first, a float16 ∂W summed over tokens overflows where the scaled one would not.
-        ctx.grads = (dh, dw, db)
-        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        keep_for_backward(ctx, dh, dw, db)
+        ctx.dtypes = (None, weight.dtype, None if bias is None else bias.dtype)
         return losses.sum() if ctx.factor is None else losses.sum() * ctx.factor
 
     @staticmethod
@@ -783,19 +769,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 opts.reduce_hidden_grad(dh)  # COLLECTIVE (vocab-parallel): Σ_r g W_r
             dw, db = in_own_dtype(dw, db, weight, bias)
         else:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "fastxent computes the gradient in forward and scales it in place in "
-                    "backward, so each loss can be back-propagated once; recompute the loss to "
-                    "backward again."
-                )
-            dh, dw, db = ctx.grads
-            ctx.grads = None
             factor = times_deferred(grad_loss, ctx.factor)
-            if dh is not None:
-                scale_by_grad_output(dh, factor)
-            dw = scaled_to(dw, factor, ctx.dtypes[0])
-            db = scaled_to(db, factor, ctx.dtypes[1])
+            dh, dw, db = scaled_gradients(ctx, factor, ctx.dtypes)
         if dh is not None:
             dh = dh.view(ctx.hidden_shape)
         return dh, dw, db, None, None, None, None
