@@ -197,8 +197,12 @@ def under_torch_func(*tensors: Tensor | None) -> bool:
     The Functions here make the gradient in forward and keep state on ``ctx``, which those
     transforms do not allow, and the target check reads values (data-dependent under vmap); so
     calls under a transform are built from PyTorch's own ops instead (``_torch.composed``).
+    False while torch.compile traces, which cannot call this test: there PyTorch's ops serve
+    small calls anyway, and the Function path of larger ones is a graph break
+    (``torch.compiler.disable``), so a transform dynamo traces around it runs eagerly, where
+    the test runs.
     """
-    if _functorch_wrapped is None:
+    if _functorch_wrapped is None or torch.compiler.is_compiling():
         return False
     return any(x is not None and _functorch_wrapped(x) for x in tensors)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -31,6 +32,9 @@ from fastxent._options import (
     start_index_target_check,
 )
 from fastxent._torch import composed
+
+if TYPE_CHECKING:
+    from fastxent import _linear
 
 # Backend name -> module. Each module exposes ``cross_entropy_rows`` (the row kernel, see
 # fastxent._autograd) and ``unavailable_reason(device) -> str | None``; it is imported on first use.
@@ -63,6 +67,20 @@ AUTO_COMPOSED_MAX_LOGITS_CUDA = 1 << 25
 
 def _backend_module(name: str):
     return importlib.import_module(BACKENDS[name])
+
+
+def _outside_graph(fn: Callable) -> Callable:
+    """``fn`` never traced by torch.compile: a graph break, which ``fullgraph=True`` reports
+    with the reason below (PyTorch versions that take one)."""
+    reason = (
+        "fastxent runs its own kernel outside torch.compile's graph; calls that backend='auto' "
+        "computes with PyTorch's fused ops (small ones, without inplace_backward or walk "
+        "options) trace with fullgraph=True"
+    )
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:  # no `reason` before PyTorch 2.8
+        return torch.compiler.disable(fn)
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -223,21 +241,10 @@ def cross_entropy(
     check_soft_ignore_index(soft, ignore_index)
     if inplace_backward:
         check_inplace_logits(input)
-    name, kernel = resolve_backend(backend, input.device, input.numel())
     transformed = under_torch_func(input, target, weight)  # PyTorch's ops check the targets
     fused_ops = transformed or (
         uses_composed(backend, input.device, input.numel()) and not inplace_backward
     )
-    # Who checks the class indices: PyTorch's ops under torch.func, and on the CPU fused-ops
-    # path (their IndexError turned into ours below); else fastxent, on CUDA beside the Triton
-    # kernel, which reads bad targets safely.
-    torch_checks = transformed or (fused_ops and input.device.type == "cpu")
-    rename_torch_error = not soft and not transformed and torch_checks
-    finish_target_check = None
-    if not soft and not torch_checks:
-        finish_target_check = start_index_target_check(
-            target, num_classes, ignore_index, defer=name == "triton" and not fused_ops
-        )
     opts = CrossEntropyOptions.of(
         num_classes,
         soft,
@@ -251,18 +258,19 @@ def cross_entropy(
     )
     z = _rows(input, class_dim)  # (M, C)
     t = _rows(target, class_dim) if soft else target.reshape(-1).long()  # (M, C) or (M,)
-    with autocast_off(input):
-        if rename_torch_error:
-            loss = _with_our_index_error(
-                lambda: composed.cross_entropy(z, t, weight, opts), target, opts
-            )
-        elif fused_ops:
-            loss = composed.cross_entropy(z, t, weight, opts)
-        else:
-            (z,) = detached_without_grad_mode(z)
-            loss = CrossEntropyFunction.apply(z, t, weight, opts, kernel)
-    if finish_target_check is not None:
-        finish_target_check()
+    if fused_ops:
+        with autocast_off(input):
+            if soft or transformed:
+                loss = composed.cross_entropy(z, t, weight, opts)
+            elif input.device.type == "cpu":  # PyTorch's ops check the class indices there
+                loss = _with_our_index_error(
+                    lambda: composed.cross_entropy(z, t, weight, opts), target, opts
+                )
+            else:
+                check_index_targets(target, num_classes, ignore_index)
+                loss = composed.cross_entropy(z, t, weight, opts)
+    else:
+        loss = _by_kernel(z, t, weight, opts, backend, target)
     if reduction == "none":
         loss = loss.reshape(input.shape[:class_dim] + input.shape[class_dim + 1 :])
     return loss
@@ -383,7 +391,6 @@ def linear_cross_entropy(
         cross-entropy).
     """
     from fastxent._linear import (
-        LinearCrossEntropyFunction,
         LinearOptions,
         check_chunking,
         check_inputs,
@@ -420,7 +427,6 @@ def linear_cross_entropy(
     check_soft_ignore_index(soft, ignore_index)
     check_chunking(chunk_size, filter_eps, vocab_block)
     tokens = hidden.shape[:-1].numel()
-    _, kernel = resolve_backend(backend, hidden.device, tokens * num_classes)
     ce_opts = CrossEntropyOptions.of(
         num_classes, soft, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
     )
@@ -441,8 +447,6 @@ def linear_cross_entropy(
             if soft or transformed
             else _with_our_index_error(compute, target, ce_opts, shift)
         )
-    if not soft:
-        check_index_targets(target, num_classes, ignore_index, shift)
     if chunk_size is None:
         chunk_size = default_chunk_size(
             num_classes, hidden.shape[-1], hidden.dtype, tokens, hidden.device.type
@@ -454,11 +458,64 @@ def linear_cross_entropy(
         filter_eps=None if filter_eps is None else float(filter_eps),
         vocab_block=vocab_block,
     )
+    return _linear_by_walk(hidden, weight, bias, target, class_weight, opts, backend)
+
+
+@_outside_graph
+def _linear_by_walk(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    opts: _linear.LinearOptions,
+    backend: str,
+) -> Tensor:
+    """The loss through :class:`LinearCrossEntropyFunction`'s walk with ``backend``'s row
+    kernel, class indices checked by fastxent first. Never traced by torch.compile, as
+    :func:`_by_kernel`."""
+    from fastxent._linear import LinearCrossEntropyFunction
+
+    num_logits = hidden.shape[:-1].numel() * weight.shape[0]
+    _, kernel = resolve_backend(backend, hidden.device, num_logits)
+    if not opts.ce.soft:
+        check_index_targets(target, opts.ce.num_classes, opts.ce.ignore_index, opts.shift)
     hidden, weight, bias = detached_without_grad_mode(hidden, weight, bias)
     with autocast_off(hidden):
         return LinearCrossEntropyFunction.apply(
             hidden, weight, bias, target, class_weight, opts, kernel
         )
+
+
+@_outside_graph
+def _by_kernel(
+    z: Tensor,
+    t: Tensor,
+    weight: Tensor | None,
+    opts: CrossEntropyOptions,
+    backend: str,
+    target: Tensor,
+) -> Tensor:
+    """The rows' loss through :class:`CrossEntropyFunction` and ``backend``'s row kernel; class
+    indices checked by fastxent (on CUDA beside the Triton kernel, which reads bad targets
+    safely).
+
+    Never traced by torch.compile (one graph break there): the Function keeps its gradient
+    buffer between forward and backward, which a traced graph would replace by its own
+    tensors, and the kernel is compiled already (or Triton's).
+    """
+    name, kernel = resolve_backend(backend, z.device, z.numel())
+    finish_target_check = None
+    if not opts.soft:
+        finish_target_check = start_index_target_check(
+            target, opts.num_classes, opts.ignore_index, defer=name == "triton"
+        )
+    with autocast_off(z):
+        (z_in,) = detached_without_grad_mode(z)
+        loss = CrossEntropyFunction.apply(z_in, t, weight, opts, kernel)
+    if finish_target_check is not None:
+        finish_target_check()
+    return loss
 
 
 def _with_our_index_error(

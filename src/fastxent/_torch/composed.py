@@ -78,11 +78,11 @@ def _torch_mean_is_ours(
     """Whether PyTorch's own "mean" is fastxent's here, so it can be asked for directly: class
     indices without class weights or z-loss (PyTorch divides by the counted targets, as
     fastxent does), some target counted (none: PyTorch's 0/0 is NaN, fastxent's loss 0), read
-    on the host: on CPU only (a read is no sync there) and not under torch.func (vmap cannot).
-    Saves the scales' few small ops."""
+    on the host: on CPU only (a read is no sync there), not under torch.func (vmap cannot),
+    and not while torch.compile traces (a graph break). Saves the scales' few small ops."""
     if opts.reduction != "mean" or opts.soft or weight is not None or opts.z_loss:
         return False
-    if z.device.type != "cpu" or under_torch_func(z, target):
+    if z.device.type != "cpu" or torch.compiler.is_compiling() or under_torch_func(z, target):
         return False
     return bool((target != opts.ignore_index).any())
 

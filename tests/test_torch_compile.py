@@ -1,0 +1,94 @@
+"""fastxent inside torch.compile'd code: the same losses and gradients as eager; calls that
+"auto" computes with PyTorch's fused ops trace whole (no graph break, fullgraph=True works);
+the kernel paths run outside the graph as one graph break.
+
+Dynamo's ``aot_eager`` backend traces forward and backward as torch.compile does, without
+inductor's code generation (seconds less per case); the kernels themselves are tested
+elsewhere.
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import fastxent
+
+SMALL, LARGE = (32, 512), (600, 1000)  # below and above auto's fused-ops limit (2^19 logits)
+F32 = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def compiled_and_eager(fn, *inputs, fullgraph=False):
+    """(loss, grads) of ``fn`` compiled, then eager, on fresh leaves of the float inputs."""
+    results = []
+    for run in (torch.compile(fn, backend="aot_eager", fullgraph=fullgraph), fn):
+        leaves = [x.clone().requires_grad_() if x.is_floating_point() else x for x in inputs]
+        loss = run(*leaves)
+        loss.sum().backward()
+        results.append((loss.detach(), [x.grad for x in leaves if x.is_floating_point()]))
+    return results
+
+
+def assert_same(got, want):
+    torch.testing.assert_close(got[0], want[0], **F32)
+    for g, w in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(g, w, **F32)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("shape", [SMALL, LARGE])
+@pytest.mark.parametrize("backend", ["auto", "torch", "compiled"])
+def test_cross_entropy_compiled_matches_eager(backend, shape):
+    """The gradient buffer made in forward reaches backward intact (a traced forward once
+    recorded its version counter at trace time: backward then refused small 'torch' calls)."""
+    z = torch.randn(shape)
+    y = torch.randint(0, shape[1], shape[:1])
+    got, want = compiled_and_eager(
+        lambda z, y: fastxent.cross_entropy(z * 2, y, label_smoothing=0.1, backend=backend), z, y
+    )
+    assert_same(got, want)
+    breaks = sum(counters["graph_break"].values())
+    if backend == "auto" and shape == SMALL:
+        assert breaks == 0  # PyTorch's ops: traced whole
+    else:
+        assert 0 < breaks <= 2  # the kernel path, and nothing before it
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"reduction": "none"}, {"z_loss": 1e-3, "label_smoothing": 0.1}]
+)
+def test_small_auto_calls_trace_with_fullgraph(options):
+    z, y = torch.randn(SMALL), torch.randint(0, SMALL[1], SMALL[:1])
+    got, want = compiled_and_eager(
+        lambda z, y: fastxent.cross_entropy(z * 2, y, **options), z, y, fullgraph=True
+    )
+    assert_same(got, want)
+    h, w = torch.randn(16, 8), torch.randn(100, 8)
+    got, want = compiled_and_eager(
+        lambda h, w, y: fastxent.linear_cross_entropy(h, w, y, **options),
+        h, w, torch.randint(0, 100, (16,)), fullgraph=True,
+    )  # fmt: skip
+    assert_same(got, want)
+
+
+def test_fullgraph_names_the_kernel_path():
+    z, y = torch.randn(SMALL), torch.randint(0, SMALL[1], SMALL[:1])
+    fn = torch.compile(lambda z: fastxent.cross_entropy(z, y, backend="torch"), fullgraph=True)
+    with pytest.raises(Exception, match=r"fastxent runs its own kernel|disable"):
+        fn(z)
+
+
+@pytest.mark.parametrize("walk", [{"chunk_size": 8}, {"vocab_block": 30}])
+def test_linear_walks_compiled_match_eager(walk):
+    h, w = torch.randn(40, 8), torch.randn(100, 8)
+    y = torch.randint(0, 100, (40,))
+    got, want = compiled_and_eager(
+        lambda h, w, y: fastxent.linear_cross_entropy(h, w, y, **walk), h, w, y
+    )
+    assert_same(got, want)
