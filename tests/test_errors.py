@@ -33,6 +33,10 @@ T = torch.tensor([0, 1, 2, 3])
         ({"softcap": 0.0}, ValueError, "softcap must be None"),
         ({"z_loss": -1e-4}, ValueError, "z_loss must be a finite number >= 0"),
         ({"logit_scale": 0.0}, ValueError, "logit_scale must be a finite non-zero"),
+        ({"logit_scale": None}, TypeError, "logit_scale must be a number, got NoneType"),
+        ({"label_smoothing": "0.1"}, TypeError, "label_smoothing must be a number, got str"),
+        ({"z_loss": True}, TypeError, "z_loss must be a number, got bool"),
+        ({"softcap": "30"}, TypeError, r"softcap must be a number or None \(off\), got str"),
         ({"target": torch.rand(4, 5), "ignore_index": 3}, ValueError, "ignore_index is only"),
         ({"target": torch.rand(4, 5, requires_grad=True)}, ValueError, r"target.detach\(\)"),
         ({"backend": "cuda"}, ValueError, "unknown backend 'cuda'"),
@@ -66,6 +70,8 @@ def test_ignore_index_outside_the_range_is_not_an_error():
 def test_module_validates_options_at_construction():
     with pytest.raises(ValueError, match="reduction must be one of"):
         fastxent.CrossEntropyLoss(reduction="avg")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        fastxent.CrossEntropyLoss(backend="nope")
 
 
 def test_ignore_index_accepts_numpy_and_tensor_integers():

@@ -574,8 +574,15 @@ def _call(**overrides):
         ({"z_loss": -1.0}, ValueError, "z_loss"),
         ({"softcap": 0.0}, ValueError, "softcap"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be None or an int"),
-        ({"chunk_size": 2.5}, ValueError, "chunk_size must be None or an int"),
+        ({"chunk_size": 2.5}, TypeError, "chunk_size must be None or an int >= 1, got float"),
+        ({"chunk_size": True}, TypeError, "chunk_size must be None or an int >= 1, got bool"),
         ({"filter_eps": -1e-3}, ValueError, "filter_eps must be None"),
+        ({"filter_eps": "1e-3"}, TypeError, "filter_eps must be a number or None .* str"),
+        ({"filter_eps": True}, TypeError, "filter_eps must be a number or None .* bool"),
+        ({"z_loss": None}, TypeError, "z_loss must be a number, got NoneType"),
+        ({"label_smoothing": "0.1"}, TypeError, "label_smoothing must be a number, got str"),
+        ({"shift": "yes"}, TypeError, "shift must be True or False, got str 'yes'"),
+        ({"shift": 1}, TypeError, "shift must be True or False, got int 1"),
         ({"vocab_block": 0}, ValueError, "vocab_block must be None or an int"),
         ({"vocab_block": 4, "chunk_size": 2}, ValueError, "cannot be combined with chunk_size"),
         ({"vocab_block": 4, "filter_eps": 0.0}, ValueError, "cannot be combined"),
@@ -585,6 +592,28 @@ def _call(**overrides):
 def test_errors(overrides, error, match):
     with pytest.raises(error, match=match):
         _call(**overrides)
+
+
+def test_integer_like_chunk_sizes_are_taken():
+    """NumPy's integers and 0-dim integer tensors are ints to Python (operator.index)."""
+    want = _call(chunk_size=3)
+    for chunk_size in (np.int64(3), torch.tensor(3)):
+        torch.testing.assert_close(_call(chunk_size=chunk_size), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"chunk_size": 0}, ValueError, "chunk_size must be None or an int >= 1"),
+        ({"vocab_block": 4, "chunk_size": 2}, ValueError, "cannot be combined"),
+        ({"shift": None}, TypeError, "shift must be True or False"),
+        ({"z_loss": "1e-4"}, TypeError, "z_loss must be a number"),
+        ({"backend": "nope"}, ValueError, "unknown backend 'nope'"),
+    ],
+)
+def test_the_module_checks_its_options_when_built(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastxent.LinearCrossEntropyLoss(**kwargs)
 
 
 def test_shift_errors_count_the_shifted_targets():

@@ -53,7 +53,12 @@ from fastxent._autograd import (
     scaled_gradients,
     times_deferred,
 )
-from fastxent._options import CrossEntropyOptions, check_target_kind
+from fastxent._options import (
+    CrossEntropyOptions,
+    check_count,
+    check_number,
+    check_target_kind,
+)
 
 CHUNK_BYTES = 64 << 20  # logits of one chunk: 64 MB, or half of ∂W's accumulator if that is more
 CHUNK_ROWS_MULTIPLE = 64  # default chunks are made even in multiples of this many rows
@@ -152,6 +157,7 @@ def check_inputs(
     for name, x in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+    check_shift(shift)
     if not hidden.is_floating_point():
         raise TypeError(
             f"hidden must be a floating-point tensor, got dtype {hidden.dtype}; convert it "
@@ -210,21 +216,26 @@ def _check_parameter_dtype(name: str, x: Tensor, hidden: Tensor, master_weights:
 
 def check_chunking(
     chunk_size: int | None, filter_eps: float | None, vocab_block: int | None = None
-) -> None:
-    """chunk_size, vocab_block: None or an int >= 1; filter_eps: None or a finite number >= 0;
-    vocab_block excludes the other two (they describe the token walk)."""
-    for name, value in (("chunk_size", chunk_size), ("vocab_block", vocab_block)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"{name} must be None or an int >= 1, got {value!r}.")
+) -> tuple[int | None, int | None]:
+    """chunk_size, vocab_block: None or an int >= 1, returned as Python ints; filter_eps: None
+    or a finite number >= 0; vocab_block excludes the other two (they describe the token walk)."""
+    chunk_size = check_count("chunk_size", chunk_size)
+    vocab_block = check_count("vocab_block", vocab_block)
     if vocab_block is not None and (chunk_size is not None or filter_eps is not None):
         raise ValueError(
             "vocab_block walks the vocabulary over all tokens at once; it cannot be combined "
             "with chunk_size or filter_eps, which apply to the token walk (leave them None)."
         )
+    check_number("filter_eps", filter_eps, none_means="off")
     if filter_eps is not None and not (math.isfinite(filter_eps) and filter_eps >= 0.0):
         raise ValueError(f"filter_eps must be None (off) or a number >= 0, got {filter_eps}.")
+    return chunk_size, vocab_block
+
+
+def check_shift(shift: object) -> None:
+    """``shift`` is True or False: it decides which targets each position takes."""
+    if not isinstance(shift, bool):
+        raise TypeError(f"shift must be True or False, got {type(shift).__name__} {shift!r}.")
 
 
 def loss_shape(hidden: Tensor, shift: bool) -> tuple[int, ...]:

@@ -7,6 +7,7 @@ came, so that bad input never reaches a kernel and never turns into a silent wro
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import warnings
 from collections.abc import Callable
@@ -131,6 +132,34 @@ def check_inplace_logits(z: Tensor) -> None:
         )
 
 
+def check_number(name: str, value: object, none_means: str | None = None) -> None:
+    """TypeError naming option ``name`` unless ``value`` is a real number (a bool is not one),
+    or None where ``none_means`` says what None stands for."""
+    if value is None and none_means is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        allowed = "a number" + (f" or None ({none_means})" if none_means else "")
+        raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}.")
+
+
+def check_count(name: str, value: object) -> int | None:
+    """``value`` as a Python int >= 1, or None; TypeError/ValueError naming option ``name``.
+    Integers of other types (NumPy's, a 0-dim integer tensor) are taken, a bool is not."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        count = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be None or an int >= 1, got {type(value).__name__} {value!r}."
+        ) from None
+    if count < 1:
+        raise ValueError(f"{name} must be None or an int >= 1, got {count}.")
+    return count
+
+
 def check_scalars(
     reduction: str,
     label_smoothing: float,
@@ -138,7 +167,11 @@ def check_scalars(
     softcap: float | None,
     logit_scale: float,
 ) -> None:
-    """Check the scalar options; raise ValueError naming the bad one."""
+    """Check the scalar options; raise TypeError or ValueError naming the bad one."""
+    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss),
+                        ("logit_scale", logit_scale)):  # fmt: skip
+        check_number(name, value)
+    check_number("softcap", softcap, none_means="off")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if not 0.0 <= label_smoothing <= 1.0:

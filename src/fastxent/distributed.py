@@ -336,7 +336,7 @@ def vocab_parallel_linear_cross_entropy(
                 "tensor) as target; probability targets are not supported, got dtype "
                 f"{target.dtype}."
             )
-        check_chunking(chunk_size, filter_eps)
+        chunk_size, _ = check_chunking(chunk_size, filter_eps)
         if backend not in ("auto", "torch"):
             raise ValueError(
                 "with a process_group the vocab-parallel PyTorch row kernel is used; backend must "

@@ -92,6 +92,13 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     return module.unavailable_reason(device)
 
 
+def check_backend_name(backend: str) -> None:
+    """ValueError for a name that is neither "auto" nor one of :data:`BACKENDS`."""
+    if backend != "auto" and backend not in BACKENDS:
+        choices = ", ".join(repr(b) for b in ("auto", *BACKENDS))
+        raise ValueError(f"unknown backend {backend!r}; choose one of {choices}.")
+
+
 def resolve_backend(
     backend: str, device: torch.device, num_logits: int | None = None
 ) -> tuple[str, Kernel]:
@@ -108,9 +115,7 @@ def resolve_backend(
             if unavailable_reason(name, device) is None:
                 return name, _backend_module(name).cross_entropy_rows
         raise RuntimeError(f"no fastxent backend can run on {device}.")  # "torch" always can
-    if backend not in BACKENDS:
-        choices = ", ".join(repr(b) for b in ("auto", *BACKENDS))
-        raise ValueError(f"unknown backend {backend!r}; choose one of {choices}.")
+    check_backend_name(backend)
     reason = unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} cannot run on {device}: {reason}.")
@@ -425,7 +430,7 @@ def linear_cross_entropy(
     num_classes = weight.shape[0]
     check_weight(class_weight, num_classes, "class_weight")
     check_soft_ignore_index(soft, ignore_index)
-    check_chunking(chunk_size, filter_eps, vocab_block)
+    chunk_size, vocab_block = check_chunking(chunk_size, filter_eps, vocab_block)
     tokens = hidden.shape[:-1].numel()
     ce_opts = CrossEntropyOptions.of(
         num_classes, soft, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale

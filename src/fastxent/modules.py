@@ -39,6 +39,7 @@ class CrossEntropyLoss(nn.Module):
         super().__init__()
         reduction = legacy_reduction(size_average, reduce, reduction)
         check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+        functional.check_backend_name(backend)
         self.register_buffer("weight", weight)
         self.ignore_index = check_ignore_index(ignore_index)
         self.reduction = reduction
@@ -106,7 +107,12 @@ class LinearCrossEntropyLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        from fastxent._linear import check_chunking, check_shift
+
         check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+        check_shift(shift)
+        chunk_size, vocab_block = check_chunking(chunk_size, filter_eps, vocab_block)
+        functional.check_backend_name(backend)
         self.register_buffer("class_weight", class_weight)
         self.ignore_index = check_ignore_index(ignore_index)
         self.reduction = reduction
