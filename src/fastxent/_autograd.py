@@ -207,6 +207,31 @@ def under_torch_func(*tensors: Tensor | None) -> bool:
     return any(x is not None and _functorch_wrapped(x) for x in tensors)
 
 
+def outside_graph(fn: Callable) -> Callable:
+    """``fn`` never traced by torch.compile: a graph break, which ``fullgraph=True`` reports
+    with the reason below (on PyTorch versions that take one).
+
+    The Functions here keep their gradient buffers between forward and backward, which a traced
+    graph would replace by tensors of its own, and the kernels are compiled already (or
+    Triton's): only the calls computed from PyTorch's fused ops belong in a traced graph.
+    """
+    reason = (
+        "fastxent runs its own kernel outside torch.compile's graph; calls that backend='auto' "
+        "computes with PyTorch's fused ops (small ones, without inplace_backward or walk "
+        "options) trace with fullgraph=True"
+    )
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:  # no `reason` before PyTorch 2.8
+        return torch.compiler.disable(fn)
+
+
+@outside_graph
+def apply_outside_graph(function: type[torch.autograd.Function], *args) -> Tensor:
+    """``function.apply(*args)``, never traced by torch.compile (:func:`outside_graph`)."""
+    return function.apply(*args)
+
+
 def detached_without_grad_mode(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """The tensors, detached when grad mode is off (``torch.no_grad``, ``inference_mode``).
 

@@ -104,6 +104,7 @@ from torch import Tensor
 from fastxent._autograd import (
     CrossEntropyFunction,
     accumulation_dtype,
+    apply_outside_graph,
     autocast_off,
     detached_without_grad_mode,
 )
@@ -248,7 +249,7 @@ def vocab_parallel_cross_entropy(
     kernel = functools.partial(vocab_parallel_rows, vocab_start=vocab_start, group=group)
     (z,) = detached_without_grad_mode(z)
     with autocast_off(z):
-        loss = CrossEntropyFunction.apply(z, y, weight, opts, kernel)
+        loss = apply_outside_graph(CrossEntropyFunction, z, y, weight, opts, kernel)
     return loss.reshape(rows_shape) if reduction == "none" else loss
 
 
@@ -391,8 +392,8 @@ def vocab_parallel_linear_cross_entropy(
     )
     kernel = functools.partial(vocab_parallel_rows, vocab_start=vocab_start, group=group)
     hidden, local_weight, bias = detached_without_grad_mode(hidden, local_weight, bias)
-    return LinearCrossEntropyFunction.apply(
-        hidden, local_weight, bias, target, class_weight, opts, kernel
+    return apply_outside_graph(
+        LinearCrossEntropyFunction, hidden, local_weight, bias, target, class_weight, opts, kernel
     )
 
 

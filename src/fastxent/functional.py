@@ -15,6 +15,7 @@ from fastxent._autograd import (
     autocast_dtype,
     autocast_off,
     detached_without_grad_mode,
+    outside_graph,
     under_torch_func,
 )
 from fastxent._options import (
@@ -67,20 +68,6 @@ AUTO_COMPOSED_MAX_LOGITS_CUDA = 1 << 25
 
 def _backend_module(name: str):
     return importlib.import_module(BACKENDS[name])
-
-
-def _outside_graph(fn: Callable) -> Callable:
-    """``fn`` never traced by torch.compile: a graph break, which ``fullgraph=True`` reports
-    with the reason below (PyTorch versions that take one)."""
-    reason = (
-        "fastxent runs its own kernel outside torch.compile's graph; calls that backend='auto' "
-        "computes with PyTorch's fused ops (small ones, without inplace_backward or walk "
-        "options) trace with fullgraph=True"
-    )
-    try:
-        return torch.compiler.disable(fn, reason=reason)
-    except TypeError:  # no `reason` before PyTorch 2.8
-        return torch.compiler.disable(fn)
 
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -466,7 +453,7 @@ def linear_cross_entropy(
     return _linear_by_walk(hidden, weight, bias, target, class_weight, opts, backend)
 
 
-@_outside_graph
+@outside_graph
 def _linear_by_walk(
     hidden: Tensor,
     weight: Tensor,
@@ -492,7 +479,7 @@ def _linear_by_walk(
         )
 
 
-@_outside_graph
+@outside_graph
 def _by_kernel(
     z: Tensor,
     t: Tensor,
@@ -505,9 +492,7 @@ def _by_kernel(
     indices checked by fastxent (on CUDA beside the Triton kernel, which reads bad targets
     safely).
 
-    Never traced by torch.compile (one graph break there): the Function keeps its gradient
-    buffer between forward and backward, which a traced graph would replace by its own
-    tensors, and the kernel is compiled already (or Triton's).
+    Never traced by torch.compile: one graph break (:func:`outside_graph`).
     """
     name, kernel = resolve_backend(backend, z.device, z.numel())
     finish_target_check = None
