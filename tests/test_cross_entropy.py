@@ -389,8 +389,24 @@ def test_inplace_backward_refuses_a_view_of_a_leaf(view):
 
 def test_inplace_backward_refuses_expanded_logits():
     z = (torch.randn(1, 10, requires_grad=True) * 1.0).expand(4, 10)
-    with pytest.raises(ValueError, match=r"expanded .*input\.contiguous"):
+    with pytest.raises(ValueError, match=r"expanded.*input\.contiguous"):
         fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
+
+
+def test_inplace_backward_refuses_overlapping_rows_and_takes_strided_ones():
+    """Windows from unfold share memory without a zero stride: writing each row's gradient
+    there overwrote its neighbours' logits (wrong loss and gradient). A transpose or a
+    column slice shares none and is taken."""
+    x = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    windows = (x * 1.0).unfold(0, 9, 3)  # (8, 9), strides (3, 1): rows overlap
+    target = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0])
+    with pytest.raises(ValueError, match=r"share it .*unfold"):
+        fastxent.cross_entropy(windows, target, inplace_backward=True)
+    base = torch.randn(9, 16, dtype=torch.float64, requires_grad=True)
+    for z in (lambda: (base[:, :8] * 1.0).t(), lambda: (base * 1.0)[:, ::2].t()):  # (8, 9)
+        want = loss_and_grad(F.cross_entropy, z().detach(), target)
+        loss = fastxent.cross_entropy(z(), target, inplace_backward=True, backend=BACKEND)
+        torch.testing.assert_close(loss, want[0], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("backend", PATHS)

@@ -124,12 +124,26 @@ def check_inplace_logits(z: Tensor) -> None:
             + (", through a view of it" if base is not z else "")
             + "); use it on logits computed by the model, or pass inplace_backward=False."
         )
-    if any(stride == 0 and size > 1 for size, stride in zip(z.shape, z.stride(), strict=True)):
+    if may_overlap(tuple(z.shape), z.stride()):
         raise ValueError(
             "inplace_backward=True needs logits whose elements have memory of their own; these "
-            f"are expanded (shape {tuple(z.shape)}, strides {z.stride()}). Pass "
-            "input.contiguous() or inplace_backward=False."
+            f"share it (shape {tuple(z.shape)}, strides {z.stride()}: expanded, or overlapping "
+            "windows as from unfold). Pass input.contiguous() or inplace_backward=False."
         )
+
+
+def may_overlap(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether two elements of this strided layout may share memory. False when, taking the
+    dimensions of size > 1 by increasing stride, each stride steps past all the memory the
+    smaller ones span: then no two elements meet (any dense, transposed or sliced layout)."""
+    span = 0  # the largest offset the dimensions taken so far reach
+    for stride, size in sorted(zip(strides, shape, strict=True)):
+        if size <= 1:
+            continue
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
 
 
 def check_number(name: str, value: object, none_means: str | None = None) -> None:
