@@ -313,16 +313,17 @@ def test_launch_config_for_large_vocabularies():
 
 
 @interpreter
-@pytest.mark.parametrize("factor", [1.0, 0.5, -3.0])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("factor", [1.0, 0.5, -3.0, 1.0 + 1e-12])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_scale_unless_one(factor, dtype, monkeypatch):
     """x *= f through the grid-stride loop (3 programs of 16-element tiles over 1000 elements)."""
     monkeypatch.setattr(triton_backend, "SCALE_PROGRAMS", 3)
     monkeypatch.setattr(triton_backend, "SCALE_BLOCK", 16)
     x = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)
     want = (x.double() * factor).to(dtype)
-    triton_backend.scale_unless_one(x, torch.tensor(factor))
-    ulp = 0.0 if dtype == torch.float32 else 2.0**-7  # the interpreter truncates to bf16
+    triton_backend.scale_unless_one(x, torch.tensor(factor, dtype=torch.float64))
+    # float64 is not squeezed through the kernel's float32 (1 + 1e-12 would round to 1)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 0.0  # the interpreter truncates to bf16
     torch.testing.assert_close(x, want, rtol=ulp, atol=0.0)
 
 

@@ -151,12 +151,16 @@ def scale_unless_one(x: Tensor, factor: Tensor) -> None:
     """``x *= factor`` in place (``x`` contiguous), a no-op pass when ``factor == 1``.
 
     The test runs on the device: backward's ``grad_output`` is usually exactly 1, and this skips
-    reading and writing the N×V gradient then without a host sync.
+    reading and writing the N×V gradient then without a host sync. The kernel computes in
+    float32: a float64 ``x`` is multiplied by PyTorch instead (always, 1 or not).
     """
     from fastxent._triton import kernels
 
     numel = x.numel()
     if numel == 0:
+        return
+    if x.dtype == torch.float64:
+        x.mul_(factor)
         return
     grid = (min(SCALE_PROGRAMS, -(-numel // SCALE_BLOCK)),)
     kernels.scale_unless_one_kernel[grid](
