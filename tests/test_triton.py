@@ -250,6 +250,22 @@ def test_half_precision(dtype, soft, small_tiles):
 
 
 @interpreter
+@pytest.mark.parametrize("softcap", [30.0, 1e4])
+def test_softcap_keeps_float32_precision_for_logits_far_below_the_cap(softcap):
+    """tanh(u) as 1 - 2/(e^{2u}+1) cancelled near 0: c·6e-8 in every capped logit (loss error
+    7.7e-4 at c = 1e4, PyTorch's float32 6.6e-7). Bound: a few times PyTorch's own error."""
+    z, target, _ = make_case(8, 300, soft=False)
+    z = z / 2  # logits of scale 2, far below the cap
+    want_loss, want_grad = oracle(z, target, softcap=softcap, reduction="none")
+    loss, grad = run(z, target, softcap=softcap, reduction="none")
+    zp = softcap * torch.tanh(z / softcap)  # PyTorch in float32, for its own error
+    torch_loss = torch.nn.functional.cross_entropy(zp, target, reduction="none")
+    torch_err = (torch_loss.double() - want_loss).abs().max().item()
+    assert (loss.double() - want_loss).abs().max().item() <= 4 * torch_err + 1e-7
+    assert_fp32_close(grad, want_grad, rtol=2e-6)
+
+
+@interpreter
 def test_float64_is_routed_to_the_portable_kernel():
     """float64 logits give float64 results, exact to 1e-12 against the reference."""
     z, target, weight = make_case(3, 11, soft=False, dtype=torch.float64)
