@@ -724,6 +724,30 @@ def test_ddp_training_matches_torch(spawned):
         assert torch.equal(ours0, ours1)  # DDP kept the replicas identical
 
 
+def _revisited_layouts_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Slices [1, 2], [2, 1], [3, 3], then [1, 1]: every rank's key changes on every call, as
+    the module's rule asks. On the last call rank 0's key (1, None) was last seen under [1, 2]
+    and rank 1's under [2, 1]: a cache of every key seen combined the two into a layout nobody
+    passed (loss 1.51 against 3.68, no error)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    errors = []
+    for call, sizes in enumerate(([1, 2], [2, 1], [3, 3], [1, 1])):
+        gen = torch.Generator().manual_seed(call)
+        full = torch.randn(4, sum(sizes), generator=gen, dtype=torch.float64)  # (N, V)
+        start = sum(sizes[:rank])
+        target = torch.arange(4) % sum(sizes)
+        local = full[:, start : start + sizes[rank]]
+        loss = vocab_parallel_cross_entropy(local, target, reduction="sum")
+        errors.append(abs(float(loss) - float(F.cross_entropy(full, target, reduction="sum"))))
+    torch.save(errors, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_revisited_layout_key_is_gathered_again(tmp_path):
+    for errors in spawn_with_deadline(tmp_path, _revisited_layouts_worker, 2):
+        assert max(errors) < 1e-12, errors
+
+
 def test_layout_cache_does_not_keep_a_destroyed_group_alive(tmp_path):
     """The shard-layout cache holds its groups weakly: after destroy_process_group() the group
     (and gloo's worker threads with it) can be freed. Run in a fresh process (world size 1)."""

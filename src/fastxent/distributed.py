@@ -38,14 +38,15 @@ global ``lse``.
 Communication, all inside forward (backward only scales the kept gradient, as in
 :class:`fastxent._autograd.CrossEntropyFunction`, which this module reuses unchanged):
 
-* the first call for a layout key ``(group, V_r, vocab_start)`` also makes one ``all_gather`` of
-  eleven int64 per rank: whether the rank's own input checks passed (else its exception's class),
-  the logits' dtype, rows, local vocabulary size, ``vocab_start``, the length of the class
-  weights, the least and the largest counted target and three checksums of the targets, to
-  check every rank's inputs and derive the shard layout (fourteen for the fused projection, which
-  also compares ``chunk_size``, ``hidden.requires_grad`` and ``D``). The layout ``(vocab_start,
-  sizes of all ranks)`` is then cached for that key and later calls skip the all-gather and its
-  checks (and their host sync);
+* a call whose layout key ``(V_r, vocab_start)`` differs from the group's last one also makes
+  one ``all_gather`` of eleven int64 per rank: whether the rank's own input checks passed (else
+  its exception's class), the logits' dtype, rows, local vocabulary size, ``vocab_start``, the
+  length of the class weights, the least and the largest counted target and three checksums of
+  the targets, to check every rank's inputs and derive the shard layout (fourteen for the fused
+  projection, which also compares ``chunk_size``, ``hidden.requires_grad`` and ``D``). The
+  layout ``(vocab_start, sizes of all ranks)`` is then kept with that key, the group's last,
+  and later calls with the same key skip the all-gather and its checks (and their host sync):
+  alternating between two layouts (two heads of different sizes) gathers on every switch;
 * every call makes one MAX ``all_reduce`` of an ``(N,)`` tensor in the accumulation dtype: the
   row max;
 * and one SUM ``all_reduce`` of an ``(N, 2)`` tensor (``(N, 3)`` with label smoothing) in the
@@ -398,9 +399,11 @@ def vocab_parallel_linear_cross_entropy(
 
 
 Layout = tuple[int, list[int]]  # (vocab_start of this rank, local vocabulary sizes of all ranks)
-# process group -> {(local vocabulary size, vocab_start argument): (vocab_start, sizes of all
-# ranks)}. Weak keys: the cache must not keep a destroyed group (and its worker threads) alive.
-_LAYOUTS: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[tuple[int, int | None], Layout]] = (
+LayoutKey = tuple[int, int | None]  # (local vocabulary size, vocab_start argument)
+# process group -> its last layout key and layout: one entry, not one per key ever seen, so that
+# ranks that each hit a key they cached under different earlier layouts cannot combine them
+# into a layout nobody passed. Weak keys: a destroyed group (and its threads) must not be kept.
+_LAYOUTS: weakref.WeakKeyDictionary[dist.ProcessGroup, tuple[LayoutKey, Layout]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -537,20 +540,22 @@ def _shard_layout(
 ) -> Layout:
     """``(vocab_start, local sizes of all ranks)``, from :data:`_LAYOUTS` or one all-gather.
 
-    ``mine`` is this rank's checked inputs, or the exception its checks raised. The first call for
-    a group and layout ``key``, and every call with ``validate``, make the all-gather of
-    :func:`_gather_layout`, so that every rank raises if the inputs of any rank are wrong; a
-    layout that passes is cached for its key. Other calls take the cached layout without
-    communicating, and raise this rank's errors on this rank only.
+    ``mine`` is this rank's checked inputs, or the exception its checks raised. A call whose
+    ``key`` differs from the group's last one, and every call with ``validate``, make the
+    all-gather of :func:`_gather_layout`, so that every rank raises if the inputs of any rank are
+    wrong; a layout that passes is kept with its key. A call with the last key takes that layout
+    without communicating, and raises this rank's errors on this rank only.
     """
-    cached = _LAYOUTS.setdefault(dist.group.WORLD if group is None else group, {})
-    if validate or key not in cached:
+    group_key = dist.group.WORLD if group is None else group
+    last = _LAYOUTS.get(group_key)
+    if validate or last is None or last[0] != key:
         # The all-gather compares every rank's class-weight length and target range with V.
-        cached[key] = _gather_layout(mine, group, device, agreed)
-        return cached[key]
+        layout = _gather_layout(mine, group, device, agreed)
+        _LAYOUTS[group_key] = (key, layout)
+        return layout
     if isinstance(mine, Exception):
         raise mine
-    layout = cached[key]
+    layout = last[1]
     mine.check_classes(sum(layout[1]))
     return layout
 
