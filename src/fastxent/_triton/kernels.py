@@ -113,7 +113,7 @@ def cross_entropy_rows_kernel(
     # ---- pass 1: max, Σe, and the target sums, one read of the row ----
     m = float("-inf")
     d = 0.0
-    r = 0.0  # the reference of the target sums: the first finite shift
+    r = 0.0  # the reference of the target sums: the running finite shift
     acc_t = tl.zeros([BLOCK], dtype=tl.float32)  # Σ t (probabilities) or Σ w (smoothing)
     acc_tz = tl.zeros([BLOCK], dtype=tl.float32)  # Σ t (z' - r), or Σ w (z' - r) (smoothing)
     for start in range(0, V, BLOCK):
@@ -127,7 +127,14 @@ def cross_entropy_rows_kernel(
         shift_old = tl.where(tl.abs(m) < float("inf"), m, 0.0)
         shift = tl.where(tl.abs(m_new) < float("inf"), m_new, 0.0)
         d = d * tl.exp(tl.minimum(shift_old - shift, 0.0)) + tl.sum(tl.exp(zp_max - shift), axis=0)
-        r = tl.where(tl.abs(m) < float("inf"), r, shift)  # frozen once the max is finite
+        # The target sums follow the shift, as Σe does: each lane's past terms move by its step.
+        # (Held to the first tile's shift, (lse - r)Σt - Σt(z' - r) cancelled two terms of
+        # size (m - r)Σt when a later tile's logits lay far above it.)
+        if SOFT or HAS_WEIGHT:
+            acc_tz -= (shift - r) * acc_t
+        elif HAS_SMOOTHING:  # unweighted: one term per lane for each full tile so far
+            acc_tz -= (shift - r) * (start // BLOCK)
+        r = shift
         m = m_new
         if SOFT:
             t = _soft_targets(target_ptr + row * target_stride, weight_ptr, cols, mask, keep,
