@@ -443,6 +443,12 @@ ONE_RANK_CASES = {
         ELSEWHERE,
         _ce_call({"reduction": lambda r, w: "avg"}),
     ),
+    "options_differ": bad_on_rank_1(  # gloo aborted the process, or ranks disagreed silently
+        ValueError,
+        r"the scalar options \(reduction, .*\) must be the same on every rank",
+        r"the scalar options \(reduction, .*\) must be the same on every rank",
+        _ce_call({"label_smoothing": lambda r, w: 0.1}),
+    ),
     "vocab_start_negative": bad_on_rank_1(
         ValueError,
         "vocab_start must be None or an int >= 0, got -3",

@@ -209,6 +209,11 @@ ERROR_CASES = {
         "probability targets are not supported",
         lambda r, w: _call(*_inputs(r, w)[:2], torch.rand(4, SHARDS[w][r], dtype=torch.float64)),
     ),
+    "probability_target_global": _raises_everywhere(  # not a shape error asking for (4, V_r)
+        TypeError,
+        "probability targets are not supported",
+        lambda r, w: _call(*_inputs(r, w)[:2], torch.rand(4, V, dtype=torch.float64)),
+    ),
     "target_out_of_range": _raises_everywhere(
         IndexError,
         r"target\[2\] = 1001 is out of range: the input has 1001 classes",
@@ -330,6 +335,12 @@ ONE_RANK_CASES = {
                 "bias": lambda r, w: _inputs(r, w)[2].float(),
             }
         ),
+    ),
+    "options_differ": bad_on_rank_1(
+        ValueError,
+        r"the scalar options \(reduction, .*\) must be the same on every rank",
+        r"the scalar options \(reduction, .*\) must be the same on every rank",
+        _linear_call({"z_loss": lambda r, w: 1e-2}),
     ),
     "hidden_dim": bad_on_rank_1(  # a consistent (N, D + 1) hidden and (V_r, D + 1) weight
         ValueError,

@@ -80,12 +80,13 @@ call with ``validate=True``): each rank runs its own checks first and sends thei
 all-gather. A rank whose input fails (a wrong shape or dtype, a target out of range, class weights
 of the wrong length, an option out of range, ...) raises its own error, and every other rank an
 error of the same class that names it; what differs between ranks (dtype, shard layout, row
-count, targets, weights given on some ranks only, the options of the fused projection above)
-raises the same error on every rank. On the other calls nothing is compared: an error raised on
-some ranks only leaves the others waiting in their next collective (pass ``validate=True`` on
-every rank to have it raised everywhere). The target check compares checksums (it catches any
-realistic mismatch, it is not a proof); the scalar options (``ignore_index``, ``reduction``,
-smoothing, ...) and the values of ``weight`` must be the same on every rank and are not compared.
+count, targets, weights given on some ranks only, the scalar options ``reduction``,
+``ignore_index``, ``label_smoothing``, ``z_loss``, ``softcap`` and ``logit_scale``, and the
+options of the fused projection above) raises the same error on every rank. On the other calls
+nothing is compared: an error raised on some ranks only leaves the others waiting in their next
+collective (pass ``validate=True`` on every rank to have it raised everywhere). The target and
+option checks compare checksums (they catch any realistic mismatch, they are not a proof); the
+values of ``weight`` must be the same on every rank and are not compared.
 Validation reads small results on the host (the all-gather's, and the target range), as
 :func:`fastxent.cross_entropy` does for the target range.
 """
@@ -95,6 +96,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -219,6 +221,9 @@ def vocab_parallel_cross_entropy(
             logit_scale,
             inplace_backward,
         )
+        options = _options_hash(
+            reduction, ignore_index, label_smoothing, z_loss, softcap, logit_scale
+        )
         mine: _RankInputs | Exception = _RankInputs(
             y=y,
             num_local=z.shape[1],
@@ -229,12 +234,13 @@ def vocab_parallel_cross_entropy(
             check_classes=functools.partial(
                 _check_classes, weight=weight, name="weight", target=y, ignore_index=ignore_index
             ),
+            agreed=(options,),
         )
     except Exception as error:  # raised after the all-gather, or now if there is none
         mine = error
     key = _layout_key(local_logits, -1, vocab_start)
     device = _device_of(local_logits, target)
-    vocab_start, sizes = _shard_layout(mine, key, group, device, validate)
+    vocab_start, sizes = _shard_layout(mine, key, group, device, validate, _AGREED)
     vocab_size = sum(sizes)
     opts = CrossEntropyOptions.of(
         vocab_size,
@@ -329,15 +335,17 @@ def vocab_parallel_linear_cross_entropy(
             )
         check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
         ignore_index = check_ignore_index(ignore_index)
-        # A shard without classes passes here and is refused on every rank by the layout gather.
-        if check_inputs(
-            hidden, local_weight, bias, target, shift, master_weights, allow_no_classes=True
-        ):
+        # Before the shape checks, which would ask for (N, V_r) probabilities.
+        if isinstance(target, Tensor) and target.is_floating_point():
             raise TypeError(
                 "linear_cross_entropy with a process_group takes global class indices (an int64 "
                 "tensor) as target; probability targets are not supported, got dtype "
                 f"{target.dtype}."
             )
+        # A shard without classes passes here and is refused on every rank by the layout gather.
+        check_inputs(
+            hidden, local_weight, bias, target, shift, master_weights, allow_no_classes=True
+        )
         chunk_size, _ = check_chunking(chunk_size, filter_eps)
         if backend not in ("auto", "torch"):
             raise ValueError(
@@ -346,6 +354,9 @@ def vocab_parallel_linear_cross_entropy(
             )
         y = (target[..., 1:] if shift else target).reshape(-1).long()  # (M,) loss rows' targets
         needs_hidden = torch.is_grad_enabled() and hidden.requires_grad
+        options = _options_hash(
+            reduction, ignore_index, label_smoothing, z_loss, softcap, logit_scale
+        )
         mine: _RankInputs | Exception = _RankInputs(
             y=y,
             num_local=local_weight.shape[0],
@@ -361,7 +372,12 @@ def vocab_parallel_linear_cross_entropy(
                 ignore_index=ignore_index,
                 shift=shift,
             ),
-            agreed=(chunk_size or 0, int(needs_hidden), hidden.shape[-1]),
+            agreed=(
+                chunk_size or 0,
+                int(needs_hidden),
+                hidden.shape[-1],
+                options,
+            ),
             dtype_of="hidden",
             weight_name="class_weight",
         )
@@ -408,8 +424,20 @@ _LAYOUTS: weakref.WeakKeyDictionary[dist.ProcessGroup, tuple[LayoutKey, Layout]]
 )
 
 
-# The values the fused projection's ranks must agree on, in the order of _RankInputs.agreed.
-_LINEAR_AGREED = ("chunk_size (0 = None)", "hidden.requires_grad", "hidden.shape[-1] (D)")
+# The values the ranks must agree on, in the order of _RankInputs.agreed.
+_OPTIONS = (
+    "the scalar options (reduction, ignore_index, label_smoothing, z_loss, softcap, logit_scale; "
+    "compared by a hash)"
+)
+_AGREED = (_OPTIONS,)
+_LINEAR_AGREED = ("chunk_size (0 = None)", "hidden.requires_grad", "hidden.shape[-1] (D)", _OPTIONS)
+
+
+def _options_hash(*options: object) -> int:
+    """One int for the scalar options, the same on every rank exactly when they are."""
+    return zlib.crc32(repr(options).encode())
+
+
 # A rank whose checks failed sends 1 + the index here of its exception's class (0: passed), so
 # that every rank raises the same class; other exceptions reach the other ranks as RuntimeError.
 _ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError, IndexError, RuntimeError)
