@@ -193,7 +193,8 @@ def vocab_parallel_cross_entropy(
     Example (run under ``torchrun --nproc-per-node 2``; see ``examples/vocab_parallel.py``):
         >>> import torch, torch.distributed as dist, fastxent  # doctest: +SKIP
         >>> dist.init_process_group("gloo")  # doctest: +SKIP
-        >>> z = torch.randn(8, 1001)  # the full logits, the same on every rank  # doctest: +SKIP
+        >>> _ = torch.manual_seed(0)  # the same logits and targets on every rank  # doctest: +SKIP
+        >>> z = torch.randn(8, 1001)  # the full logits  # doctest: +SKIP
         >>> local = z.tensor_split(dist.get_world_size(), dim=1)[dist.get_rank()]  # doctest: +SKIP
         >>> y = torch.randint(0, 1001, (8,))  # doctest: +SKIP
         >>> loss = fastxent.vocab_parallel_cross_entropy(local, y)  # doctest: +SKIP

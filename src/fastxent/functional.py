@@ -169,9 +169,11 @@ def cross_entropy(
         weight: ``(C,)`` class weights. "mean" divides by the total weight of the counted targets
             (index targets) or by the number of rows (probability targets), as PyTorch does.
         size_average, reduce: PyTorch's deprecated pair, accepted in their positions for
-            drop-in calls and turned into ``reduction`` as PyTorch does (with its warning).
+            drop-in calls and turned into ``reduction`` as PyTorch does (with a deprecation
+            warning).
         ignore_index: class-index target value that contributes neither loss nor gradient; any
-            int, including a valid class. Only the default is accepted with probability targets.
+            int, including a valid class. With probability targets a class index (>= 0) is
+            refused and a negative value has no effect, as in PyTorch.
         reduction: ``"none"``, ``"mean"`` or ``"sum"``.
         label_smoothing: ``ε`` in ``[0, 1]``, PyTorch's formula.
         z_loss: ``s >= 0``; adds ``s·lse²`` per counted row (the mean divides it by the number of
@@ -329,7 +331,7 @@ def linear_cross_entropy(
         bias: optional (V,) bias.
         class_weight: optional (V,) class weights, as ``weight`` of :func:`cross_entropy`.
         ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale: as in
-            :func:`cross_entropy`. Ignored tokens are skipped before the matmul.
+            :func:`cross_entropy`. The walks skip ignored tokens before the matmul.
         shift: next-token shift, see above.
         chunk_size: tokens per chunk; None picks it as above (by ∂W's size and the device).
         filter_eps: None (exact, the default) or ``eps >= 0``: within a chunk, skip the ∂h and ∂W
