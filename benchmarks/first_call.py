@@ -49,16 +49,19 @@ def run_child(cache_dir: str, n: int, v: int) -> dict[str, float]:
         env=env,
         capture_output=True,
         text=True,
-        check=True,
     )
+    if out.returncode != 0:
+        raise SystemExit(f"the measuring process failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=256)
-    parser.add_argument("--v", type=int, default=32768)
+    parser.add_argument("--v", type=int, default=32768, help="classes, > 1000 (default: 32768)")
     args = parser.parse_args()
+    if args.n < 2 or args.v <= 1000:  # the child's "new N and V" call takes V - 1000 classes
+        parser.error(f"--n must be >= 2 and --v > 1000, got --n {args.n} --v {args.v}")
     with tempfile.TemporaryDirectory() as cache_dir:
         for label in ("cold cache (first process)", "warm cache (next process)"):
             times = run_child(cache_dir, args.n, args.v)

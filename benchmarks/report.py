@@ -70,9 +70,14 @@ def main(argv: list[str] | None = None) -> None:
         help="the bench.json that fastxent bench wrote (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    if not args.path.is_file():
-        parser.error(f"no file {args.path}; `fastxent bench --out DIR` writes DIR/bench.json")
-    sys.stdout.write(render(json.loads(args.path.read_text())))
+    path = args.path / "bench.json" if args.path.is_dir() else args.path  # an --out DIR too
+    if not path.is_file():
+        parser.error(f"no file {path}; `fastxent bench --out DIR` writes DIR/bench.json")
+    try:
+        report = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        parser.error(f"{path} is not a fastxent bench result (not JSON: {error})")
+    sys.stdout.write(render(report))
 
 
 if __name__ == "__main__":

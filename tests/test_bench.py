@@ -172,14 +172,29 @@ def test_peak_memory_counts_a_reused_fastxent_gradient():
         (["--dtypes", "int8"], "unknown dtype 'int8'"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--warmup", "0"], "--warmup must be >= 1"),
-        (["--budget", "-1"], "--budget must be >= 0"),
+        (["--budget", "-1"], "--budget must be a finite number of seconds >= 0"),
         (["--device", "tpu"], "--device must be cpu or cuda"),
+        (["--budget", "nan"], "--budget must be a finite number of seconds >= 0"),
+        (["--budget", "inf"], "--budget must be a finite number of seconds >= 0"),
+        (["--v", "10000000000000"], "V=10000000000000 needs 1.53e+08 GiB for its inputs alone"),
+        (["--quick", "--d", "10000000000000"], "GiB for its inputs alone"),
+        (["--no-linear", "--methods", "fastxent-linear"], "no selected method runs"),
     ],
 )
 def test_bad_flags_are_refused_with_a_message(argv, message, capsys, tmp_path):
+    """Before anything is timed: a one-line error on stderr, exit code 2, no result files."""
     assert bench.run(parse([*argv, "--out", str(tmp_path)])) == 2
-    assert message in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_an_out_path_that_cannot_be_a_directory_is_refused_before_the_run(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out in (afile, afile / "sub"):
+        assert bench.run(parse(["--quick", "--no-memory", "--out", str(out)])) == 2
+        assert f"--out {out}: cannot make that directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

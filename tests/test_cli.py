@@ -145,3 +145,26 @@ def test_report_script_help_and_missing_file(tmp_path):
     )
     assert missing.returncode == 2
     assert "no file" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_report_script_refuses_a_file_that_is_not_json_and_reads_a_directory(tmp_path):
+    not_json = tmp_path / "notes.txt"
+    not_json.write_text("not a result\n")
+    done = subprocess.run(
+        [sys.executable, str(REPORT), str(not_json)], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "is not a fastxent bench result" in done.stderr and "Traceback" not in done.stderr
+    empty_dir = subprocess.run(
+        [sys.executable, str(REPORT), str(tmp_path)], capture_output=True, text=True
+    )
+    assert empty_dir.returncode == 2 and f"no file {tmp_path / 'bench.json'}" in empty_dir.stderr
+
+
+def test_first_call_script_refuses_a_vocabulary_its_second_call_cannot_shrink():
+    script = REPORT.parent / "first_call.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--v", "256"], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "--v > 1000" in done.stderr and "Traceback" not in done.stderr

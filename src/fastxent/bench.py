@@ -1167,8 +1167,8 @@ def _check(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {value}"
-    if args.budget < 0:
-        return f"--budget must be >= 0 seconds, got {args.budget:g}"
+    if not (math.isfinite(args.budget) and args.budget >= 0):
+        return f"--budget must be a finite number of seconds >= 0 (0: no cut), got {args.budget:g}"
     if args.warmup < 1:
         return f"--warmup must be >= 1 (its last run is the one checked), got {args.warmup}"
     for dtype in [*args.dtypes, *args.linear_dtypes]:
@@ -1182,6 +1182,38 @@ def _check(args: argparse.Namespace) -> str | None:
         return f"--device must be cpu or cuda, got {args.device!r}"
     if args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda was asked for, but torch sees no CUDA device"
+    cases = cases_of(args)
+    kinds = {m.kind for m in methods_of(args)}
+    if not any(case.kind in kinds for case in cases):
+        return "no selected method runs on the selected cases (--no-linear with linear methods?)"
+    return _memory_problem(cases) or _out_problem(args.out)
+
+
+def _memory_problem(cases: Sequence[Case]) -> str | None:
+    """A case whose inputs alone (drawn in float32) would not fit in this machine's memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to compare
+        return None
+    for case in cases:
+        elements = case.n * case.v if case.kind == "cross_entropy" else (case.n + case.v) * case.d
+        if elements * 4 > total:
+            shape = f"N={case.n} V={case.v}" + (f" D={case.d}" if case.d else "")
+            return (
+                f"the {case.kind} case {shape} needs {elements * 4 / 2**30:.3g} GiB for its "
+                f"inputs alone; this machine has {total / 2**30:.3g} GiB"
+            )
+    return None
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot take the results, found before the run rather than after it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"--out {out}: cannot make that directory ({error.strerror})"
+    if not os.access(out, os.W_OK):
+        return f"--out {out}: the directory is not writable"
     return None
 
 
@@ -1223,7 +1255,7 @@ def run(args: argparse.Namespace) -> int:
 
     problem = _check(args)
     if problem is not None:
-        console.print(f"fastxent bench: {problem}.", style="red")
+        print(f"fastxent bench: error: {problem}.", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
