@@ -249,20 +249,33 @@ def test_half_precision(dtype, soft, small_tiles):
     assert excess <= 0.0, f"gradient error exceeds one rounding by {excess:.3g}"
 
 
-@interpreter
-@pytest.mark.parametrize("softcap", [30.0, 1e4])
-def test_softcap_keeps_float32_precision_for_logits_far_below_the_cap(softcap):
+def _softcap_far_below_the_cap(softcap: float, device: str) -> None:
     """tanh(u) as 1 - 2/(e^{2u}+1) cancelled near 0: c·6e-8 in every capped logit (loss error
     7.7e-4 at c = 1e4, PyTorch's float32 6.6e-7). Bound: a few times PyTorch's own error."""
     z, target, _ = make_case(8, 300, soft=False)
     z = z / 2  # logits of scale 2, far below the cap
     want_loss, want_grad = oracle(z, target, softcap=softcap, reduction="none")
-    loss, grad = run(z, target, softcap=softcap, reduction="none")
-    zp = softcap * torch.tanh(z / softcap)  # PyTorch in float32, for its own error
+    loss, grad = run(z.to(device), target.to(device), softcap=softcap, reduction="none")
+    loss, grad = loss.cpu(), grad.cpu()
+    zp = softcap * torch.tanh(z / softcap)  # PyTorch in float32 (on the CPU), for its own error
     torch_loss = torch.nn.functional.cross_entropy(zp, target, reduction="none")
     torch_err = (torch_loss.double() - want_loss).abs().max().item()
     assert (loss.double() - want_loss).abs().max().item() <= 4 * torch_err + 1e-7
     assert_fp32_close(grad, want_grad, rtol=2e-6)
+
+
+@interpreter
+@pytest.mark.parametrize("softcap", [30.0, 1e4])
+def test_softcap_keeps_float32_precision_for_logits_far_below_the_cap(softcap):
+    _softcap_far_below_the_cap(softcap, "cpu")
+
+
+@pytest.mark.gpu
+@compiled
+@pytest.mark.parametrize("softcap", [30.0, 1e4])
+def test_gpu_softcap_keeps_float32_precision_for_logits_far_below_the_cap(softcap):
+    """The same with the GPU's exp and log, which Kahan's expm1 in the kernel relies on."""
+    _softcap_far_below_the_cap(softcap, "cuda")
 
 
 @interpreter
