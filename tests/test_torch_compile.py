@@ -92,3 +92,21 @@ def test_linear_walks_compiled_match_eager(walk):
         lambda h, w, y: fastxent.linear_cross_entropy(h, w, y, **walk), h, w, y
     )
     assert_same(got, want)
+
+
+def test_another_threads_compilation_changes_no_path(monkeypatch):
+    """torch.compiler.is_compiling() is one flag for the process, True in every thread while any
+    thread compiles: read here, it sent torch.func calls to the Function (which raised) and the
+    linear walk off oneDNN. fastxent asks whether dynamo traces its own frame instead."""
+    from fastxent import _linear
+
+    if not hasattr(torch.compiler, "_is_compiling_flag"):
+        pytest.skip("this PyTorch keeps the flag elsewhere")
+    monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)  # as during another compile
+    assert torch.compiler.is_compiling()
+    z = torch.randn(4, 10, dtype=torch.float64)
+    y = torch.tensor([1, 2, 3, 4])
+    got = torch.func.grad(lambda z: fastxent.cross_entropy(z, y, backend="torch"))(z)
+    want = torch.func.grad(lambda z: torch.nn.functional.cross_entropy(z, y))(z)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert _linear.onednn_products("cpu", torch.float32) == (_linear._onednn_linear() is not None)

@@ -200,9 +200,10 @@ def under_torch_func(*tensors: Tensor | None) -> bool:
     False while torch.compile traces, which cannot call this test: there PyTorch's ops serve
     small calls anyway, and the Function path of larger ones is a graph break
     (``torch.compiler.disable``), so a transform dynamo traces around it runs eagerly, where
-    the test runs.
+    the test runs. (``is_dynamo_compiling``, which dynamo folds to True where it traces; not
+    ``is_compiling``, a process-wide flag that is True in every thread while one compiles.)
     """
-    if _functorch_wrapped is None or torch.compiler.is_compiling():
+    if _functorch_wrapped is None or torch.compiler.is_dynamo_compiling():
         return False
     return any(x is not None and _functorch_wrapped(x) for x in tensors)
 

@@ -337,7 +337,7 @@ def onednn_products(device_type: str, dtype: torch.dtype) -> bool:
     """Whether the token walk's chunk products are oneDNN's (:func:`small_rows_linear`): float32
     on CPU with oneDNN in the build, and not while torch.compile traces the call (inductor
     lowers oneDNN's linear only for frozen weights; its own matmuls serve there)."""
-    if device_type != "cpu" or dtype != torch.float32 or torch.compiler.is_compiling():
+    if device_type != "cpu" or dtype != torch.float32 or torch.compiler.is_dynamo_compiling():
         return False
     return _onednn_linear() is not None
 

@@ -82,7 +82,11 @@ def _torch_mean_is_ours(
     and not while torch.compile traces (a graph break). Saves the scales' few small ops."""
     if opts.reduction != "mean" or opts.soft or weight is not None or opts.z_loss:
         return False
-    if z.device.type != "cpu" or torch.compiler.is_compiling() or under_torch_func(z, target):
+    if (
+        z.device.type != "cpu"
+        or torch.compiler.is_dynamo_compiling()
+        or under_torch_func(z, target)
+    ):
         return False
     return bool((target != opts.ignore_index).any())
 
