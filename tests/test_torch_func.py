@@ -75,3 +75,13 @@ def test_bad_targets_are_reported_by_pytorch_under_a_transform():
     z, _ = case()
     with pytest.raises(IndexError, match="Target 500 is out of bounds"):
         grad(lambda x: fastxent.cross_entropy(x, torch.full((8,), 500), backend="torch"))(z)
+
+
+def test_an_unknown_backend_is_refused_under_a_transform_too():
+    """PyTorch's ops serve calls under torch.func, where no backend is looked up: the name is
+    still checked (and for linear_cross_entropy's D = 0, which PyTorch's ops serve too)."""
+    z, y = torch.randn(4, 10, dtype=torch.float64), torch.tensor([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        torch.func.grad(lambda z: fastxent.cross_entropy(z, y, backend="nope"))(z)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        fastxent.linear_cross_entropy(torch.randn(4, 0), torch.randn(10, 0), y, backend="nope")

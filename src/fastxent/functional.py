@@ -235,6 +235,7 @@ def cross_entropy(
     check_soft_ignore_index(soft, ignore_index)
     if inplace_backward:
         check_inplace_logits(input)
+    check_backend_name(backend)  # also where PyTorch's ops serve the call
     transformed = under_torch_func(input, target, weight)  # PyTorch's ops check the targets
     fused_ops = transformed or (
         uses_composed(backend, input.device, input.numel()) and not inplace_backward
@@ -420,6 +421,7 @@ def linear_cross_entropy(
     check_weight(class_weight, num_classes, "class_weight")
     check_soft_ignore_index(soft, ignore_index)
     chunk_size, vocab_block = check_chunking(chunk_size, filter_eps, vocab_block)
+    check_backend_name(backend)  # also where PyTorch's ops serve the call
     tokens = hidden.shape[:-1].numel()
     ce_opts = CrossEntropyOptions.of(
         num_classes, soft, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
