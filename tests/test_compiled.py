@@ -6,6 +6,8 @@ are on); sizes are dynamic, so every shape below reuses the variant's graph.
 
 from __future__ import annotations
 
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -365,8 +367,8 @@ def test_recompile_limit_starts_a_new_generation(monkeypatch, limited_generation
     y = torch.randint(0, 50, (4,), generator=gen)
     ref_loss, ref_grad = oracle(z, y, **GENERAL)
     if limited_generations < kernel.GENERATIONS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with warnings.catch_warnings():  # no fallback warning (PyTorch's own, on a first
+            warnings.simplefilter("error", RuntimeWarning)  # compile in the process, may come)
             loss, grad = run(z, y, **GENERAL)
         assert not kernel._failed and built == [0, 1]
     else:
@@ -493,3 +495,38 @@ def test_graph_code_is_renamed_on_python_3_10_too():
     assert kernel.renamed(Python310Code(), "g_7") == ("renamed", "g_7")
     code = kernel.renamed(kernel._rows_graph.__code__, "g_8")
     assert (code.co_name, code.co_qualname) == ("g_8", "g_8")
+
+
+def test_first_calls_of_a_graph_run_one_thread_at_a_time(monkeypatch):
+    """A graph's first call compiles it: threads arriving together take turns (dynamo compiled
+    the frame again for every waiting thread), and once it has run they no longer wait."""
+    active, most = 0, []
+    count = threading.Lock()
+
+    def graph(*args):  # stands in for a compiled graph: records how many threads are inside
+        nonlocal active
+        with count:
+            active += 1
+            most.append(active)
+        time.sleep(0.2)
+        with count:
+            active -= 1
+
+    monkeypatch.setattr(kernel, "compiled_graph", lambda variant, g, generation=0: graph)
+    monkeypatch.setattr(kernel, "_called", set())
+
+    def four_threads() -> int:
+        most.clear()
+        barrier = threading.Barrier(4)
+        threads = [
+            threading.Thread(target=lambda: (barrier.wait(), kernel._call("variant", "graph")))
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return max(most)
+
+    assert four_threads() == 1  # the first calls, in turn
+    assert four_threads() > 1  # compiled: together

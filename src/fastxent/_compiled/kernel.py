@@ -44,6 +44,7 @@ selects a variant.
 from __future__ import annotations
 
 import functools
+import threading
 import types
 import warnings
 from dataclasses import dataclass
@@ -244,6 +245,12 @@ _variants: list[Variant] = []  # in the order their graphs were built
 # than the portable kernel for the rest of the process; after GENERATIONS it falls back.
 GENERATIONS = 4
 _generation: dict[tuple[Variant, object], int] = {}
+# The first call of a compiled graph compiles it, one thread at a time: dynamo compiled a frame
+# again for each thread waiting on it, and functools.cache built one graph per racing thread
+# (8 threads making their first calls at once built 9 graphs, not 2; 12 moved a variant to its
+# next generation). Later calls take no lock.
+_first_call = threading.Lock()
+_called: set[tuple[Variant, object, int]] = set()  # (variant, graph, generation) run once
 
 
 def _call(v: Variant, graph, *args):
@@ -251,8 +258,14 @@ def _call(v: Variant, graph, *args):
     dynamo's recompile limit is hit; other errors propagate."""
     while True:
         generation = _generation.get((v, graph), 0)
+        key = (v, graph, generation)
         try:
-            return compiled_graph(v, graph, generation)(*args)
+            if key in _called:
+                return compiled_graph(v, graph, generation)(*args)
+            with _first_call:
+                result = compiled_graph(v, graph, generation)(*args)
+                _called.add(key)
+            return result
         except Exception as error:
             hit_limit = "LimitHit" in type(error).__name__  # FailOn{Recompile,Cache}LimitHit
             if not hit_limit or generation + 1 >= GENERATIONS:
