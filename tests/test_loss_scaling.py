@@ -131,3 +131,67 @@ def test_linear_float16_weight_gradient_is_scaled_before_it_is_rounded(walk, red
         assert got.dtype == torch.float16 and torch.isfinite(got).all()
         base_err = float((base.double() - want).norm() / want.norm())
         assert float((got.double() - want).norm() / want.norm()) <= 2 * base_err + 1e-3
+
+
+def _half_case(n=64, v=20000, seed=2):
+    """float16 logits whose target logit stands out (o_y near 1: entries far from overflow)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, v, generator=g, dtype=torch.float64)
+    y = torch.randint(0, v, (n,), generator=g)
+    z[torch.arange(n), y] += 8.0
+    return z.half(), y
+
+
+def _autocast_grad(z16, y, grad_output, **kwargs):
+    """PyTorch's float16 gradient under autocast (the float32 computation, then one rounding)."""
+    x = z16.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        F.cross_entropy(x, y, **kwargs).backward(grad_output)
+    return x.grad
+
+
+def test_a_per_row_loss_scale_beyond_float16_range_is_applied_in_float32():
+    """reduction="none" with a grad_output of 2^16 per row: cast to float16 first, 65536 was inf
+    and every entry of the gradient inf or NaN (PyTorch's: finite)."""
+    z16, y = _half_case()
+    grad_output = torch.full((z16.shape[0],), SCALE)
+    x = z16.clone().requires_grad_()
+    fastxent.cross_entropy(x, y, reduction="none", backend="torch").backward(grad_output)
+    theirs = _autocast_grad(z16, y, grad_output, reduction="none")
+    assert torch.isfinite(theirs).all() and torch.isfinite(x.grad).all()
+    exact = _autocast_grad(z16.double(), y, grad_output, reduction="none").double()
+    assert (x.grad.double() - exact).abs().max() <= 2 * (theirs.double() - exact).abs().max()
+    # The token walk scales its chunks too; small weights keep the true gradients in range.
+    h = torch.randn(64, 16, dtype=torch.float64) * 1e-3
+    w64 = (torch.randn(500, 16, dtype=torch.float64) * 1e-3).requires_grad_()
+    w = w64.detach().half().requires_grad_()
+    losses = fastxent.linear_cross_entropy(h.half(), w, y % 500, reduction="none", chunk_size=16)
+    losses.backward(grad_output)
+    F.cross_entropy(F.linear(h, w64), y % 500, reduction="none").backward(grad_output.double())
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_a_retained_backward_rescales_by_a_ratio_beyond_float16_range():
+    """grad_output 1, then 2^16 through the retained graph: the ratio cast to float16 was inf."""
+    z16, y = _half_case()
+    x = z16.clone().requires_grad_()
+    loss = fastxent.cross_entropy(x, y, reduction="sum", backend="torch")
+    loss.backward(torch.tensor(1.0), retain_graph=True)
+    x.grad = None
+    loss.backward(torch.tensor(SCALE))
+    theirs = _autocast_grad(z16, y, torch.tensor(SCALE), reduction="sum")
+    assert torch.isfinite(theirs).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e5])
+def test_float16_weighted_mean_does_not_depend_on_the_weights_scale(scale):
+    """The weighted mean is the same for weights c·w: its float16 gradient must not overflow
+    (c = 1e5 gave inf at every target) nor lose precision (c = 1e-3: 8x PyTorch's error)."""
+    z16, y = _half_case()
+    weight = torch.full((z16.shape[1],), scale)
+    x = z16.clone().requires_grad_()
+    fastxent.cross_entropy(x, y, weight=weight, backend="torch").backward(torch.tensor(SCALE))
+    theirs = _autocast_grad(z16, y, torch.tensor(SCALE), weight=weight)
+    exact = _autocast_grad(z16.double(), y, torch.tensor(SCALE), weight=weight.double())
+    assert torch.isfinite(x.grad).all()
+    assert norm_error(x.grad, exact.double() / SCALE) <= 1.5 * norm_error(theirs, exact / SCALE)

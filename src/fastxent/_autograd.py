@@ -91,7 +91,11 @@ def reduction_scales(
 
 
 def deferred_mean(
-    ce_scale: Tensor, z_scale: Tensor, grad_dtype: torch.dtype, reduction: str
+    ce_scale: Tensor,
+    z_scale: Tensor,
+    grad_dtype: torch.dtype,
+    reduction: str,
+    weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     r"""The reduction's scales for a float16 gradient of a "mean": ``(a/f, b/f, f)``.
 
@@ -99,16 +103,22 @@ def deferred_mean(
     ``o_i / N``: below float16's smallest subnormal (6e-8) for most classes of a large vocabulary
     (``o_i ≈ 1/V``), so they would flush to zero before backward multiplies them by grad_output,
     the very loss scale (2^16 under GradScaler) that is there to keep them. So a float16 gradient
-    is written with ``a/f`` and ``b/f``, where ``f`` is ``a`` (``b`` where ``a = 0``) rounded down
-    to a power of two (1 where both are 0), so entries are near ``o_i``, and ``f`` joins
-    grad_output in backward; the loss is ``f·Σ rows``. A power of two changes no rounding:
-    ``fp16(x·a/f)·f`` is ``fp16(x·a)`` wherever the latter is a normal number, and a loss scale
-    (a power of two too) then multiplies exactly. Other dtypes (float32's and bf16's range
-    reach 1e-38) and other reductions get ``f = None``.
+    is written with ``a/f`` and ``b/f``, where ``f`` is ``a·w_max`` (``b`` where that is 0)
+    rounded down to a power of two (1 where both are 0), so entries are near ``o_i·w_y/w_max``
+    (``w_max`` the largest class weight, 1 without weights: the entries carry ``w_y``, and weights
+    of 1e5 overflowed float16 where PyTorch's weighted mean does not depend on their scale), and
+    ``f`` joins grad_output in backward; the loss is ``f·Σ rows``. A power of two changes no
+    rounding: ``fp16(x·a/f)·f`` is ``fp16(x·a)`` wherever the latter is a normal number, and a
+    loss scale (a power of two too) then multiplies exactly. Other dtypes (float32's and bf16's
+    range reach 1e-38) and other reductions get ``f = None``.
     """
     if grad_dtype != torch.float16 or reduction != "mean":
         return ce_scale, z_scale, None
-    f = torch.where(ce_scale != 0, ce_scale, z_scale)
+    if weight is not None and weight.numel():
+        ce_scale_max = ce_scale * weight.detach().abs().amax().to(ce_scale)
+        f = torch.where(ce_scale_max != 0, ce_scale_max, z_scale)
+    else:
+        f = torch.where(ce_scale != 0, ce_scale, z_scale)
     power_of_two = torch.ldexp(torch.ones_like(f), torch.frexp(f).exponent - 1)  # ≤ f, > f/2
     f = torch.where(torch.isfinite(f) & (f != 0), power_of_two, torch.ones_like(f))
     return ce_scale / f, z_scale / f, f
@@ -138,6 +148,31 @@ def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
             _triton.scale_unless_one(grad, grad_output)
             return
     grad.mul_(grad_output)
+
+
+SCALE_BLOCK_ELEMENTS = 1 << 20  # CPU: elements per block of scaled_in_blocks (4 MiB in float32)
+
+
+def scaled_in_blocks(grad: Tensor, factor: Tensor, out: Tensor) -> Tensor:
+    """``out = grad · factor`` for a 2-D ``grad`` (``factor`` 0-dim, or (M, 1): one per row),
+    multiplied in the accumulation dtype: cast to bf16/fp16 first, a factor past float16's range
+    (a loss scale of 2^16 is 65536 > 65504) was inf and made the gradient inf or NaN. ``out``
+    may be ``grad``.
+
+    The factor is given two dimensions so that it, not ``grad``, sets the product's dtype. On
+    CUDA that one mixed-dtype product writes ``out`` directly; on CPU PyTorch would compute it in
+    a float32 temporary of ``grad``'s size, so there it runs over blocks of rows.
+    """
+    factor = factor.to(accumulation_dtype(grad.dtype))
+    per_row = factor.dim() > 0
+    factor = factor.reshape(-1, 1)  # (M, 1) or (1, 1)
+    if grad.dtype == factor.dtype or grad.device.type != "cpu":
+        return torch.mul(grad, factor, out=out)
+    rows = max(1, SCALE_BLOCK_ELEMENTS // max(1, grad.shape[1]))
+    for start in range(0, grad.shape[0], rows):
+        block = slice(start, start + rows)
+        out[block] = grad[block] * (factor[block] if per_row else factor)
+    return out
 
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -333,8 +368,9 @@ def scaled_gradients(
             out.append(g.detach().to(dtype))  # an alias of the buffer when dtype is its own
         else:
             ratio = factor / ctx.folded if fold else factor
-            scaled = torch.empty(g.shape, dtype=dtype, device=g.device)
-            out.append(torch.mul(g, ratio.to(g.dtype), out=scaled))
+            flat = g.reshape(g.shape[0], -1)  # (M, ·): ∂b is 1-D
+            scaled = torch.empty(flat.shape, dtype=dtype, device=g.device)
+            out.append(scaled_in_blocks(flat, ratio, scaled).view(g.shape))
     return out
 
 
@@ -354,7 +390,9 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = z if opts.inplace_backward else gradient_buffer_like(z)
         ce_scale, z_scale = reduction_scales(z, target, weight, opts)
-        ce_scale, z_scale, factor = deferred_mean(ce_scale, z_scale, z.dtype, opts.reduction)
+        ce_scale, z_scale, factor = deferred_mean(
+            ce_scale, z_scale, z.dtype, opts.reduction, weight
+        )
         rows = kernel(z, target, weight, opts, ce_scale, z_scale, grad)  # (M,)
         ctx.opts, ctx.factor = opts, factor
         if grad is not None:
@@ -369,6 +407,6 @@ class CrossEntropyFunction(torch.autograd.Function):
         nothing = (None, None, None, None)
         if ctx.opts.reduction == "none":  # per-row factors: scale a copy, keep the buffer intact
             (grad,) = kept_gradients(ctx)
-            return grad * grad_loss.reshape(-1, 1).to(grad.dtype), *nothing
+            return scaled_in_blocks(grad, grad_loss.reshape(-1), torch.empty_like(grad)), *nothing
         (grad,) = scaled_gradients(ctx, times_deferred(grad_loss, ctx.factor), (None,))
         return grad, *nothing

@@ -51,6 +51,7 @@ from fastxent._autograd import (
     reduction_scales,
     reusable_empty,
     scaled_gradients,
+    scaled_in_blocks,
     times_deferred,
 )
 from fastxent._options import (
@@ -305,7 +306,8 @@ def _walk_inputs(
     rows_like = torch.empty((toks.num_rows, 0), dtype=hidden.dtype, device=hidden.device)
     y_all = t2 if toks.y is None else toks.y
     ce_scale, z_scale = reduction_scales(rows_like, y_all, class_weight, opts.ce)
-    return h2, t2, toks, *deferred_mean(ce_scale, z_scale, hidden.dtype, opts.ce.reduction)
+    deferred = deferred_mean(ce_scale, z_scale, hidden.dtype, opts.ce.reduction, class_weight)
+    return h2, t2, toks, *deferred
 
 
 def _take(x: Tensor, index: slice | Tensor, offset: int = 0) -> Tensor:
@@ -416,7 +418,7 @@ def chunked_pass(
             continue
         g = z  # now ∂ℓ/∂z of the chunk, (n, V)
         if grad_rows is not None:
-            g.mul_(_take(grad_rows, rows).to(g.dtype).unsqueeze(1))
+            scaled_in_blocks(g, _take(grad_rows, rows), out=g)
         if need_b:
             db.add_(g.sum(0, dtype=acc))
         cols = None
