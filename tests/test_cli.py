@@ -24,6 +24,28 @@ def test_check_passes_and_prints_every_step(capsys):
     assert "all checks passed" in out
 
 
+def test_check_cases_reach_every_kernel_path():
+    """Paths a wrong formula could hide in without check running them (found by mutating the
+    kernels): soft targets with weights and smoothing, logit scale alone, "sum", the compiled
+    backend's two-graph gradient (2^18 logits and more) and the rows its shift does not suit."""
+    from fastxent._compiled.kernel import SHIFT_COLUMNS, SPLIT_MIN_LOGITS
+
+    cases = {case.name: case for case in check.CASES}
+    assert any(c.soft and c.weighted and c.kwargs.get("label_smoothing") for c in cases.values())
+    assert any(c.kwargs.get("logit_scale", 1.0) != 1.0 and "softcap" not in c.kwargs
+               for c in cases.values())  # fmt: skip
+    assert any(c.kwargs.get("reduction") == "sum" for c in cases.values())
+    split = [c for c in cases.values() if check.case_data(c)[0].numel() >= SPLIT_MIN_LOGITS]
+    assert any(c.kwargs.get("label_smoothing") and c.kwargs.get("logit_scale") for c in split)
+    for case in cases.values():
+        if case.peaked:
+            z = check.case_data(case)[0]
+            assert (z.argmax(dim=1) >= SHIFT_COLUMNS).any()
+            break
+    else:
+        raise AssertionError("no case with a row whose maximum lies past the shift's columns")
+
+
 def test_check_catches_a_wrong_linear_loss(monkeypatch, capsys):
     """The linear rows compare the loss and gradients: all scaled by 1.001 fails (1e-10)."""
     real = check.linear_cross_entropy
