@@ -195,3 +195,29 @@ def test_float16_weighted_mean_does_not_depend_on_the_weights_scale(scale):
     exact = _autocast_grad(z16.double(), y, torch.tensor(SCALE), weight=weight.double())
     assert torch.isfinite(x.grad).all()
     assert norm_error(x.grad, exact.double() / SCALE) <= 1.5 * norm_error(theirs, exact / SCALE)
+
+
+@pytest.mark.parametrize("shape", [(3000,), (5, 7, 300), (0, 40)], ids=str)
+def test_scaled_in_blocks_multiplies_half_precision_in_float32_in_any_shape(shape):
+    """A 0-dim or per-row factor past float16's range (2^19 here) times small entries: the
+    product is in range and exact to one rounding, whatever the gradient's dimensions (∂b is
+    1-D) and on blocks of rows (SCALE_BLOCK_ELEMENTS)."""
+    from fastxent._autograd import scaled_in_blocks
+
+    grad = (torch.rand(shape, dtype=torch.float64) * 1e-3).half()
+    for factor in (torch.tensor(2.0**19), torch.full(shape[:1], 2.0**19)):
+        want = grad.double() * factor.double().reshape(-1, *[1] * (grad.dim() - 1))
+        got = scaled_in_blocks(grad, factor, torch.empty_like(grad))
+        torch.testing.assert_close(got.double(), want, rtol=2.0**-11, atol=0)
+
+
+@pytest.mark.gpu
+def test_scaling_a_strided_cuda_half_gradient_keeps_a_large_factor():
+    """Strided CUDA gradients skip the Triton scaling kernel: a 0-dim CUDA factor of 2^19
+    multiplied in float16 would be inf."""
+    from fastxent._autograd import scale_by_grad_output
+
+    grad = (torch.rand(64, 200, device="cuda", dtype=torch.float64) * 1e-3).half()[:, ::2]
+    want = grad.double() * 2.0**19
+    scale_by_grad_output(grad, torch.tensor(2.0**19, device="cuda"))
+    torch.testing.assert_close(grad.double(), want, rtol=2.0**-11, atol=0)

@@ -130,12 +130,40 @@ def times_deferred(grad_output: Tensor, factor: Tensor | None) -> Tensor:
     return grad_output if factor is None else grad_output * factor.to(grad_output.dtype)
 
 
+SCALE_BLOCK_ELEMENTS = 1 << 20  # CPU: elements per block of scaled_in_blocks (4 MiB in float32)
+
+
+def scaled_in_blocks(grad: Tensor, factor: Tensor, out: Tensor) -> Tensor:
+    """``out = grad · factor`` (``factor`` 0-dim, or (M,): one per row of ``grad``, (M, ...)),
+    multiplied in the accumulation dtype: cast to bf16/fp16 first, a factor past float16's range
+    (a loss scale of 2^16 is 65536 > 65504) was inf and made the gradient inf or NaN. ``out``
+    may be ``grad``.
+
+    The factor is given ``grad``'s number of dimensions so that it, not ``grad``, sets the
+    product's dtype. On CUDA that one mixed-dtype product writes ``out`` directly; on CPU PyTorch
+    would compute it in a float32 temporary of ``grad``'s size, so there it runs over blocks of
+    rows.
+    """
+    factor = factor.to(accumulation_dtype(grad.dtype))
+    per_row = factor.dim() > 0
+    factor = factor.reshape(-1, *[1] * (grad.dim() - 1))  # (M, 1, ...) or (1, 1, ...)
+    if grad.dtype == factor.dtype or grad.device.type != "cpu":
+        return torch.mul(grad, factor, out=out)
+    rows = max(1, SCALE_BLOCK_ELEMENTS // max(1, math.prod(grad.shape[1:])))
+    for start in range(0, grad.shape[0], rows):
+        block = slice(start, start + rows)
+        out[block] = grad[block] * (factor[block] if per_row else factor)
+    return out
+
+
 def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
     """``grad *= grad_output`` (0-dim) in place, skipped when ``grad_output`` is 1.
 
-    Whether it is 1 is read where that costs no host sync: on the host for CPU tensors; on the
-    device for contiguous CUDA tensors when triton imports (a Triton kernel whose loop then
-    covers no elements); other tensors are always multiplied.
+    Whether it is 1 is read where that costs no host sync: on the host for CPU tensors (a CPU
+    0-dim factor is multiplied in float32 for half precision); on the device for contiguous CUDA
+    tensors when triton imports (a Triton kernel whose loop then covers no elements); other
+    tensors are always multiplied, by :func:`scaled_in_blocks` (a 0-dim CUDA factor alone would
+    be cast to the gradient's dtype first).
     """
     if grad.device.type == "cpu":
         if float(grad_output) != 1.0:
@@ -147,32 +175,7 @@ def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
         if _triton.unavailable_reason(grad.device) is None:
             _triton.scale_unless_one(grad, grad_output)
             return
-    grad.mul_(grad_output)
-
-
-SCALE_BLOCK_ELEMENTS = 1 << 20  # CPU: elements per block of scaled_in_blocks (4 MiB in float32)
-
-
-def scaled_in_blocks(grad: Tensor, factor: Tensor, out: Tensor) -> Tensor:
-    """``out = grad · factor`` for a 2-D ``grad`` (``factor`` 0-dim, or (M, 1): one per row),
-    multiplied in the accumulation dtype: cast to bf16/fp16 first, a factor past float16's range
-    (a loss scale of 2^16 is 65536 > 65504) was inf and made the gradient inf or NaN. ``out``
-    may be ``grad``.
-
-    The factor is given two dimensions so that it, not ``grad``, sets the product's dtype. On
-    CUDA that one mixed-dtype product writes ``out`` directly; on CPU PyTorch would compute it in
-    a float32 temporary of ``grad``'s size, so there it runs over blocks of rows.
-    """
-    factor = factor.to(accumulation_dtype(grad.dtype))
-    per_row = factor.dim() > 0
-    factor = factor.reshape(-1, 1)  # (M, 1) or (1, 1)
-    if grad.dtype == factor.dtype or grad.device.type != "cpu":
-        return torch.mul(grad, factor, out=out)
-    rows = max(1, SCALE_BLOCK_ELEMENTS // max(1, grad.shape[1]))
-    for start in range(0, grad.shape[0], rows):
-        block = slice(start, start + rows)
-        out[block] = grad[block] * (factor[block] if per_row else factor)
-    return out
+    scaled_in_blocks(grad, grad_output, out=grad)
 
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -360,17 +363,15 @@ def scaled_gradients(
         )
     out = []
     for g, dtype, fold in zip(grads, dtypes, folds, strict=True):
-        dtype = dtype or (None if g is None else g.dtype)
         if g is None:
             out.append(None)
         elif fold and first:
             scale_by_grad_output(g.data, factor)
-            out.append(g.detach().to(dtype))  # an alias of the buffer when dtype is its own
+            out.append(g.detach().to(dtype or g.dtype))  # the buffer itself in its own dtype
         else:
             ratio = factor / ctx.folded if fold else factor
-            flat = g.reshape(g.shape[0], -1)  # (M, ·): ∂b is 1-D
-            scaled = torch.empty(flat.shape, dtype=dtype, device=g.device)
-            out.append(scaled_in_blocks(flat, ratio, scaled).view(g.shape))
+            scaled = torch.empty(g.shape, dtype=dtype or g.dtype, device=g.device)
+            out.append(scaled_in_blocks(g, ratio, scaled))
     return out
 
 
