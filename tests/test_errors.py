@@ -46,6 +46,12 @@ T = torch.tensor([0, 1, 2, 3])
         ({"ignore_index": True}, TypeError, "ignore_index must be an int, got True"),
         ({"ignore_index": 2**63}, ValueError, "ignore_index must fit in int64"),
         ({"ignore_index": -(2**63) - 1}, ValueError, "ignore_index must fit in int64"),
+        ({"inplace_backward": "False"}, TypeError, "inplace_backward must be True or False, got"),
+        ({"inplace_backward": 1}, TypeError, "inplace_backward must be True or False, got int 1"),
+        ({"weight": torch.ones(5, device="meta")}, ValueError, r"on meta but input is on cpu; "),
+        ({"weight": torch.ones(5, device="meta")}, ValueError, r"with weight.to\(input.device\)"),
+        ({"target": T.to("meta")}, ValueError, r"target is on meta but input is on cpu"),
+        ({"target": torch.rand(4, 5, device="meta")}, ValueError, r"target is on meta but input"),
     ],
 )  # fmt: skip
 def test_bad_input_raises(kwargs, error, match):
@@ -114,3 +120,36 @@ def test_a_bad_target_on_the_linear_fused_ops_path_names_its_position():
     with pytest.raises(IndexError, match=r"target\[1, 2\] = 9 is out of range") as info:
         fastxent.linear_cross_entropy(torch.randn(2, 4, 3), torch.randn(5, 3), target, shift=True)
     assert info.value.__context__ is None
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "compiled", "triton"])
+@pytest.mark.parametrize(
+    ("dtype", "bad", "ignore_index"),
+    [(torch.int32, -1, 2**32 - 1), (torch.uint8, 156, -100), (torch.int8, -100, 156)],
+)
+def test_narrow_integer_targets_are_checked_as_int64(backend, dtype, bad, ignore_index):
+    """The kernels read class indices as int64, so the range check compares in int64 too: in the
+    targets' own dtype an ignore_index beyond its range wraps (-100 is 156 in uint8, 2^32 - 1 is
+    -1 in int32) and a bad target passed as ignored (the compiled kernel then returned a loss).
+    """
+    target = torch.tensor([0, 1, 2, 3], dtype=torch.int64)
+    target[1] = bad
+    target = target.to(dtype)
+    with pytest.raises(IndexError, match=r"target\[1\] = .* is out of range"):
+        fastxent.cross_entropy(Z.double(), target, ignore_index=ignore_index, backend=backend)
+
+
+def test_modules_check_inplace_backward_and_devices():
+    with pytest.raises(TypeError, match="inplace_backward must be True or False, got str"):
+        fastxent.CrossEntropyLoss(inplace_backward="yes")
+    loss_fn = fastxent.CrossEntropyLoss(torch.ones(5)).to("meta")
+    with pytest.raises(ValueError, match="weight is on meta but input is on cpu"):
+        loss_fn(Z, T)
+
+
+def test_linear_checks_the_devices_of_target_and_class_weight():
+    hidden, weight = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(ValueError, match="target is on meta but hidden is on cpu"):
+        fastxent.linear_cross_entropy(hidden, weight, T.to("meta"))
+    with pytest.raises(ValueError, match="class_weight is on meta but hidden is on cpu"):
+        fastxent.linear_cross_entropy(hidden, weight, T, class_weight=torch.ones(5, device="meta"))

@@ -57,6 +57,7 @@ from fastxent._autograd import (
 from fastxent._options import (
     CrossEntropyOptions,
     check_count,
+    check_flag,
     check_number,
     check_target_kind,
 )
@@ -158,7 +159,7 @@ def check_inputs(
     for name, x in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
-    check_shift(shift)
+    check_flag("shift", shift)  # it decides which targets each position takes
     if not hidden.is_floating_point():
         raise TypeError(
             f"hidden must be a floating-point tensor, got dtype {hidden.dtype}; convert it "
@@ -194,7 +195,9 @@ def check_inputs(
     context = (
         f"one per token of hidden of shape {tuple(hidden.shape)}, by V for probabilities{after}"
     )
-    return check_target_kind(target, tokens, (*tokens, num_classes), context)
+    return check_target_kind(
+        target, tokens, (*tokens, num_classes), context, hidden.device, "hidden"
+    )
 
 
 def _check_parameter_dtype(name: str, x: Tensor, hidden: Tensor, master_weights: bool) -> None:
@@ -231,12 +234,6 @@ def check_chunking(
     if filter_eps is not None and not (math.isfinite(filter_eps) and filter_eps >= 0.0):
         raise ValueError(f"filter_eps must be None (off) or a number >= 0, got {filter_eps}.")
     return chunk_size, vocab_block
-
-
-def check_shift(shift: object) -> None:
-    """``shift`` is True or False: it decides which targets each position takes."""
-    if not isinstance(shift, bool):
-        raise TypeError(f"shift must be True or False, got {type(shift).__name__} {shift!r}.")
 
 
 def loss_shape(hidden: Tensor, shift: bool) -> tuple[int, ...]:

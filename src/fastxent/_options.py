@@ -66,8 +66,16 @@ class CrossEntropyOptions:
 def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: str) -> str:
     """PyTorch's deprecated ``size_average``/``reduce`` pair turned into ``reduction``, as PyTorch
     does it: None for either means True; reduce=False gives "none", else size_average picks
-    "mean" or "sum". When both are None, ``reduction`` stands."""
+    "mean" or "sum". When both are None, ``reduction`` stands, but for its deprecated spelling
+    "elementwise_mean", which is "mean" (with PyTorch's warning)."""
     if size_average is None and reduce is None:
+        if reduction == "elementwise_mean":
+            warnings.warn(
+                "reduction='elementwise_mean' is deprecated (as in PyTorch); use reduction='mean'.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return "mean"
         return reduction
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
@@ -156,6 +164,13 @@ def check_number(name: str, value: object, none_means: str | None = None) -> Non
         raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}.")
 
 
+def check_flag(name: str, value: object) -> None:
+    """TypeError naming option ``name`` unless ``value`` is True or False: a truthy string such
+    as "False" must not switch on an option that decides what is computed or overwritten."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
+
+
 def check_count(name: str, value: object) -> int | None:
     """``value`` as a Python int >= 1, or None; TypeError/ValueError naming option ``name``.
     Integers of other types (NumPy's, a 0-dim integer tensor) are taken, a bool is not."""
@@ -213,12 +228,33 @@ def check_logits(z: Tensor, name: str = "input") -> None:
         )
 
 
-def check_weight(weight: Tensor | None, num_classes: int, name: str = "weight") -> None:
-    """Class weights are a 1-D floating tensor of length C, not requiring grad."""
+def check_device(name: str, x: Tensor, device: torch.device | None, of: str = "input") -> None:
+    """ValueError unless ``x`` lies on ``device`` (that of the tensor named ``of``); None: any.
+    PyTorch's own ops would raise deep inside, a kernel could read the wrong memory, and a
+    silent copy each call would hide a forgotten ``.to(device)``."""
+    if device is not None and x.device != device:
+        raise ValueError(
+            f"{name} is on {x.device} but {of} is on {device}; move it there with "
+            f"{name}.to({of}.device)."
+        )
+
+
+def check_weight(
+    weight: Tensor | None,
+    num_classes: int,
+    name: str = "weight",
+    device: torch.device | None = None,
+    of: str = "input",
+) -> None:
+    """Class weights are a 1-D floating tensor of length C, not requiring grad, on ``device``
+    (that of the tensor named ``of``) when given. Any floating dtype: they are used in the
+    accumulation dtype (float32, float64 for float64 logits), where PyTorch asks for the
+    logits' dtype."""
     if weight is None:
         return
     if not isinstance(weight, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(weight).__name__}.")
+    check_device(name, weight, device, of)
     if weight.dim() != 1 or weight.numel() != num_classes:
         raise ValueError(
             f"{name} must have shape ({num_classes},), one weight per class, "
@@ -233,6 +269,31 @@ def check_weight(weight: Tensor | None, num_classes: int, name: str = "weight") 
         )
 
 
+def values_readable(*tensors: Tensor | None) -> bool:
+    """Whether Python may read the tensors' values and branch on them: not on the meta device,
+    not the fake tensors that torch.export traces with (their values are symbols: a read
+    raises), and not while torch.jit.trace records (a branch would be frozen into the trace for
+    every later input). Such calls are computed from PyTorch's ops (``_torch.composed``), which
+    serve meta and traced tensors as PyTorch's own loss does, and their targets are not checked
+    here. Not asked while dynamo traces (it folds this test to True there)."""
+    if torch.jit.is_tracing():
+        return False
+    if any(x is not None and x.device.type == "meta" for x in tensors):
+        return False
+    if torch.compiler.is_dynamo_compiling():
+        return True
+    return not any(x is not None and _is_fake(x) for x in tensors)
+
+
+def _is_fake(x: Tensor) -> bool:
+    """Whether ``x`` is a FakeTensor (or wraps one): PyTorch's tracing tensor, private API."""
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - present from PyTorch 2.0 on
+        return False
+    return is_fake(x)
+
+
 def check_index_targets(
     target: Tensor, num_classes: int, ignore_index: int, shift: bool = False
 ) -> None:
@@ -244,7 +305,7 @@ def check_index_targets(
     """
     if shift:
         target = target[..., 1:]
-    if target.numel() == 0:
+    if target.numel() == 0 or not values_readable(target):
         return
     bad = _out_of_range(target, num_classes, ignore_index)
     if bool(bad.any()):
@@ -260,7 +321,11 @@ def check_index_targets(
 
 
 def _out_of_range(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """Where a class index is outside [0, C) and is not ignore_index (bool, target's shape)."""
+    """Where a class index is outside [0, C) and is not ignore_index (bool, target's shape).
+
+    Compared in int64, as the kernels read the targets: in a narrower dtype an ignore_index
+    beyond its range wraps (-100 is 156 in uint8), and a bad target could pass as ignored."""
+    target = target.long()
     return ((target < 0) | (target >= num_classes)) & (target != ignore_index)
 
 
@@ -296,14 +361,21 @@ def _nothing() -> None:
 
 
 def check_target_kind(
-    target: Tensor, index_shape: tuple[int, ...], soft_shape: tuple[int, ...], context: str
+    target: Tensor,
+    index_shape: tuple[int, ...],
+    soft_shape: tuple[int, ...],
+    context: str,
+    device: torch.device | None = None,
+    of: str = "input",
 ) -> bool:
-    """Class indices of ``index_shape`` or probabilities of ``soft_shape``; True for probabilities.
+    """Class indices of ``index_shape`` or probabilities of ``soft_shape``, on ``device`` (that of
+    the tensor named ``of``) when given; True for probabilities.
 
     ``context`` says where the expected shapes come from, for the error messages.
     """
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
+    check_device("target", target, device, of)
     if target.is_floating_point():
         if tuple(target.shape) != soft_shape:
             raise ValueError(
@@ -339,4 +411,4 @@ def check_targets(z: Tensor, target: Tensor, class_dim: int) -> bool:
         )
     index_shape = tuple(z.shape[:class_dim] + z.shape[class_dim + 1 :])
     context = f"input of shape {tuple(z.shape)}, classes on dim {class_dim}"
-    return check_target_kind(target, index_shape, tuple(z.shape), context)
+    return check_target_kind(target, index_shape, tuple(z.shape), context, z.device)

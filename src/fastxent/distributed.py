@@ -113,6 +113,8 @@ from fastxent._autograd import (
 )
 from fastxent._options import (
     CrossEntropyOptions,
+    check_device,
+    check_flag,
     check_ignore_index,
     check_index_targets,
     check_inplace_logits,
@@ -231,7 +233,7 @@ def vocab_parallel_cross_entropy(
             vocab_start=vocab_start,
             dtype=z.dtype,
             ignore_index=ignore_index,
-            weight_length=_weight_length(weight, "weight"),
+            weight_length=_weight_length(weight, "weight", z.device, "local_logits"),
             check_classes=functools.partial(
                 _check_classes, weight=weight, name="weight", target=y, ignore_index=ignore_index
             ),
@@ -364,7 +366,7 @@ def vocab_parallel_linear_cross_entropy(
             vocab_start=None,
             dtype=hidden.dtype,
             ignore_index=ignore_index,
-            weight_length=_weight_length(class_weight, "class_weight"),
+            weight_length=_weight_length(class_weight, "class_weight", hidden.device, "hidden"),
             check_classes=functools.partial(
                 _check_classes,
                 weight=class_weight,
@@ -495,6 +497,7 @@ def _check_cross_entropy(
         )
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
+    check_device("target", target, local_logits.device, "local_logits")
     if not holds_class_indices(target):
         raise TypeError(
             "vocab_parallel_cross_entropy takes global class indices (an int64 tensor) as "
@@ -507,6 +510,7 @@ def _check_cross_entropy(
             f"{tuple(local_logits.shape)} (the logits without their last, class dim), got "
             f"{tuple(target.shape)}."
         )
+    check_flag("inplace_backward", inplace_backward)
     if inplace_backward:
         check_inplace_logits(local_logits)
     if vocab_start is not None and (not isinstance(vocab_start, int) or vocab_start < 0):
@@ -517,15 +521,16 @@ def _check_cross_entropy(
     return rows_shape, z, target.reshape(-1).long(), ignore_index
 
 
-def _weight_length(weight: Tensor | None, name: str) -> int:
+def _weight_length(weight: Tensor | None, name: str, device: torch.device, of: str) -> int:
     """The number of classes that ``weight`` fits, for the all-gather: -1 for None (any), -2 for a
     tensor that is not 1-D (none). What :func:`check_weight` refuses whatever that number is (not
-    a floating tensor, requiring grad) raises here, before the all-gather."""
+    a floating tensor, requiring grad, not on ``device``, that of ``of``) raises here, before the
+    all-gather."""
     if weight is None:
         return -1
     if isinstance(weight, Tensor) and weight.dim() != 1:
         return -2  # refused once V is known, which the error then names
-    check_weight(weight, weight.numel() if isinstance(weight, Tensor) else 0, name)
+    check_weight(weight, weight.numel() if isinstance(weight, Tensor) else 0, name, device, of)
     return weight.numel()
 
 

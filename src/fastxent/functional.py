@@ -3,6 +3,7 @@ r"""Public functions: validate the call, pick a backend, run it."""
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from fastxent._autograd import (
 )
 from fastxent._options import (
     CrossEntropyOptions,
+    check_flag,
     check_ignore_index,
     check_index_targets,
     check_inplace_logits,
@@ -31,6 +33,7 @@ from fastxent._options import (
     holds_class_indices,
     legacy_reduction,
     start_index_target_check,
+    values_readable,
 )
 from fastxent._torch import composed
 
@@ -231,14 +234,17 @@ def cross_entropy(
     ):
         target = target.reshape(())  # PyTorch takes a (1,) class index for (C,) logits too
     soft = check_targets(input, target, class_dim)
-    check_weight(weight, num_classes)
+    check_weight(weight, num_classes, device=input.device)
     check_soft_ignore_index(soft, ignore_index)
+    check_flag("inplace_backward", inplace_backward)
     if inplace_backward:
         check_inplace_logits(input)
     check_backend_name(backend)  # also where PyTorch's ops serve the call
     transformed = under_torch_func(input, target, weight)  # PyTorch's ops check the targets
-    fused_ops = transformed or (
-        uses_composed(backend, input.device, input.numel()) and not inplace_backward
+    fused_ops = (
+        transformed
+        or not values_readable(input, target, weight)  # meta, torch.export: PyTorch's ops
+        or (uses_composed(backend, input.device, input.numel()) and not inplace_backward)
     )
     opts = CrossEntropyOptions.of(
         num_classes,
@@ -418,19 +424,27 @@ def linear_cross_entropy(
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
     soft = check_inputs(hidden, weight, bias, target, shift, master_weights)
     num_classes = weight.shape[0]
-    check_weight(class_weight, num_classes, "class_weight")
+    check_weight(class_weight, num_classes, "class_weight", hidden.device, "hidden")
     check_soft_ignore_index(soft, ignore_index)
     chunk_size, vocab_block = check_chunking(chunk_size, filter_eps, vocab_block)
     check_backend_name(backend)  # also where PyTorch's ops serve the call
-    tokens = hidden.shape[:-1].numel()
+    tokens = math.prod(hidden.shape[:-1])  # not Size.numel(): it fixes a symbolic batch size
     ce_opts = CrossEntropyOptions.of(
         num_classes, soft, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
     )
     walk_chosen = chunk_size is not None or filter_eps is not None or vocab_block is not None
-    small = uses_composed(backend, hidden.device, tokens * num_classes, linear=True)
+    # torch.func, meta and torch.export's fake tensors: PyTorch's ops. D = 0 (logits = bias)
+    # has nothing to walk: PyTorch's ops too, which check the targets (on CPU).
     transformed = under_torch_func(hidden, weight, bias, target, class_weight)
-    # D = 0 (logits = bias) has nothing to walk: PyTorch's ops, which check the targets (on CPU).
-    if transformed or hidden.shape[-1] == 0 or (small and not walk_chosen):
+    traced = not values_readable(hidden, weight, bias, target, class_weight)
+    if (
+        transformed
+        or traced
+        or hidden.shape[-1] == 0
+        # Small calls; asked last: under torch.export the token count is a symbol, which a
+        # comparison would fix to the example's value.
+        or (not walk_chosen and uses_composed(backend, hidden.device, tokens * num_classes, True))
+    ):
 
         def compute() -> Tensor:
             with autocast_off(hidden):

@@ -5,7 +5,17 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fastxent import functional
-from fastxent._options import check_ignore_index, check_scalars, legacy_reduction
+from fastxent._options import check_flag, check_ignore_index, check_scalars, legacy_reduction
+
+
+def _refuse_scripting(module: nn.Module) -> nn.Module:
+    """``torch.jit.script`` calls this on each module first: the losses' forward is Python
+    (keyword-only options, kernels chosen at run time), which TorchScript cannot compile."""
+    raise RuntimeError(
+        f"fastxent.{type(module).__name__} cannot be compiled by torch.jit.script. Use "
+        "torch.compile or torch.jit.trace (both supported), or script the model without the "
+        "loss and apply the loss to its output."
+    )
 
 
 class CrossEntropyLoss(nn.Module):
@@ -39,6 +49,7 @@ class CrossEntropyLoss(nn.Module):
         super().__init__()
         reduction = legacy_reduction(size_average, reduce, reduction)
         check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+        check_flag("inplace_backward", inplace_backward)
         functional.check_backend_name(backend)
         self.register_buffer("weight", weight)
         self.ignore_index = check_ignore_index(ignore_index)
@@ -64,6 +75,8 @@ class CrossEntropyLoss(nn.Module):
             inplace_backward=self.inplace_backward,
             backend=self.backend,
         )
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def extra_repr(self) -> str:
         return (
@@ -107,10 +120,10 @@ class LinearCrossEntropyLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        from fastxent._linear import check_chunking, check_shift
+        from fastxent._linear import check_chunking
 
         check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
-        check_shift(shift)
+        check_flag("shift", shift)
         chunk_size, vocab_block = check_chunking(chunk_size, filter_eps, vocab_block)
         functional.check_backend_name(backend)
         self.register_buffer("class_weight", class_weight)
@@ -147,6 +160,8 @@ class LinearCrossEntropyLoss(nn.Module):
             vocab_block=self.vocab_block,
             backend=self.backend,
         )
+
+    __prepare_scriptable__ = _refuse_scripting
 
     def extra_repr(self) -> str:
         return (

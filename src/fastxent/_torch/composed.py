@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastxent._autograd import accumulation_dtype, reduction_scales, under_torch_func
-from fastxent._options import CrossEntropyOptions
+from fastxent._options import CrossEntropyOptions, values_readable
 
 
 def cross_entropy(
@@ -79,13 +79,15 @@ def _torch_mean_is_ours(
     indices without class weights or z-loss (PyTorch divides by the counted targets, as
     fastxent does), some target counted (none: PyTorch's 0/0 is NaN, fastxent's loss 0), read
     on the host: on CPU only (a read is no sync there), not under torch.func (vmap cannot),
-    and not while torch.compile traces (a graph break). Saves the scales' few small ops."""
+    not while torch.compile traces (a graph break), not on fake tensors (torch.export's).
+    Saves the scales' few small ops."""
     if opts.reduction != "mean" or opts.soft or weight is not None or opts.z_loss:
         return False
     if (
         z.device.type != "cpu"
         or torch.compiler.is_dynamo_compiling()
         or under_torch_func(z, target)
+        or not values_readable(target)
     ):
         return False
     return bool((target != opts.ignore_index).any())

@@ -1,0 +1,118 @@
+"""Meta tensors, torch.export, torch.jit.trace and torch.jit.script, as PyTorch's loss meets them.
+
+Under each, fastxent cannot read the targets' values or must not branch on them (a trace would
+freeze the branch): the calls are computed from PyTorch's ops. The oracle is eager fastxent on
+the same module, which the rest of the suite checks against PyTorch and float64.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import fastxent
+
+IGNORED = -100
+# PyTorch 2.13 deprecates TorchScript; fastxent still meets users' existing jit code.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+
+
+class _Head(nn.Module):
+    """A linear layer and a fastxent loss: the end of a model, as torch.export sees it."""
+
+    def __init__(self, linear_loss: bool = False, **options) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 5, dtype=torch.float64)
+        self.linear_loss = linear_loss
+        self.loss = (fastxent.LinearCrossEntropyLoss if linear_loss else fastxent.CrossEntropyLoss)(
+            **options
+        )
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.linear_loss:
+            return self.loss(x, self.proj.weight, target, self.proj.bias)
+        return self.loss(self.proj(x), target)
+
+
+def _inputs(rows: int, seed: int, all_ignored: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 4, dtype=torch.float64, generator=gen)
+    target = torch.randint(0, 5, (rows,), generator=gen)
+    return x, target.fill_(IGNORED) if all_ignored else target
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_meta_tensors_give_meta_results_of_pytorchs_shape(reduction):
+    logits = torch.randn(6, 5, 3, device="meta")
+    target = torch.zeros(6, 3, dtype=torch.long, device="meta")
+    want = torch.nn.functional.cross_entropy(logits, target, reduction=reduction)
+    for backend in ("auto", "torch", "compiled"):
+        got = fastxent.cross_entropy(logits, target, reduction=reduction, backend=backend)
+        assert got.device.type == "meta" and got.shape == want.shape and got.dtype == want.dtype
+    hidden, weight = torch.randn(2, 3, 4, device="meta"), torch.randn(5, 4, device="meta")
+    got = fastxent.linear_cross_entropy(
+        hidden, weight, target[:2], reduction=reduction, shift=True, chunk_size=2
+    )
+    assert got.device.type == "meta" and got.shape == ((2, 2) if reduction == "none" else ())
+
+
+@pytest.mark.parametrize(
+    ("linear_loss", "options"),
+    [
+        (False, {}),
+        (False, {"label_smoothing": 0.1}),
+        (False, {"weight": torch.rand(5, dtype=torch.float64)}),
+        (False, {"z_loss": 1e-2, "reduction": "sum"}),
+        (True, {}),
+    ],
+)
+def test_torch_export_with_a_dynamic_batch_matches_eager(linear_loss, options):
+    """Exported with a symbolic batch size, the program gives eager fastxent's loss on another
+    batch size, and the documented 0 (not NaN) when every target is ignored."""
+    head = _Head(linear_loss, **options)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(
+        head, _inputs(6, seed=1), dynamic_shapes=({0: batch}, {0: batch})
+    ).module()
+    for all_ignored in (False, True):
+        x, target = _inputs(9, seed=2, all_ignored=all_ignored)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x, target), head(x, target), rtol=1e-12, atol=0)
+    assert float(program(*_inputs(9, seed=3, all_ignored=True)).detach()) == 0.0
+
+
+@pytest.mark.parametrize("options", [{}, {"z_loss": 1e-3}, {"label_smoothing": 0.1}])
+def test_jit_trace_keeps_no_data_dependent_choice(options):
+    """A trace recorded on ordinary targets gives eager's loss and gradient on all-ignored ones
+    (it froze fastxent's "some target counted" test before, and gave NaN) and on kernel-sized
+    calls (700 × 1000 logits: PyTorch's trace check found two different graphs)."""
+    loss_fn = fastxent.CrossEntropyLoss(**options)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(700, 1000, dtype=torch.float64, generator=gen)
+    with pytest.warns(torch.jit.TracerWarning):  # fastxent's shape checks, as Python branches
+        traced = torch.jit.trace(loss_fn, (logits, torch.randint(0, 1000, (700,), generator=gen)))
+    for target in (torch.randint(0, 1000, (700,), generator=gen), torch.full((700,), IGNORED)):
+        z_traced = logits.clone().requires_grad_()
+        z_eager = logits.clone().requires_grad_()
+        loss_traced, loss_eager = traced(z_traced, target), loss_fn(z_eager, target)
+        loss_traced.backward()
+        loss_eager.backward()
+        torch.testing.assert_close(loss_traced, loss_eager, rtol=1e-12, atol=0)
+        torch.testing.assert_close(z_traced.grad, z_eager.grad, rtol=1e-10, atol=1e-18)
+    assert float(loss_traced.detach()) == 0.0
+
+
+@pytest.mark.parametrize("linear_loss", [False, True])
+def test_jit_script_is_refused_with_what_to_use_instead(linear_loss):
+    with pytest.raises(RuntimeError, match=r"cannot be compiled by torch.jit.script\. Use"):
+        torch.jit.script(_Head(linear_loss))
+
+
+def test_elementwise_mean_is_mean_with_pytorchs_deprecation_warning():
+    logits, target = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    with pytest.warns(UserWarning, match="elementwise_mean' is deprecated"):
+        got = fastxent.cross_entropy(logits, target, reduction="elementwise_mean")
+    with pytest.warns(UserWarning, match="elementwise_mean' is deprecated"):
+        loss_fn = fastxent.CrossEntropyLoss(reduction="elementwise_mean")
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, target))
+    assert loss_fn.reduction == "mean"
