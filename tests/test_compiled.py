@@ -208,9 +208,9 @@ def test_new_sizes_do_not_recompile():
 
 
 def logits_the_shift_does_not_suit(n, v, gen, dtype):
-    """Random rows, and two the graph's shift (the max of the first SHIFT_COLUMNS logits) does
-    not suit, where Σe overflows its range: row 1 has a maximum 150 above that shift, row 3 a head
-    of -1e4 before an ordinary tail."""
+    """Random rows, and two the graph's shift (the max of the first SHIFT_COLUMNS logits and of
+    the target's) does not suit, where Σe leaves its range: row 1 has a maximum 150 above that
+    shift, row 3 a head of -1e4 before an ordinary tail (give it a target in the head)."""
     z = torch.randn(n, v, generator=gen, dtype=torch.float64) * 3
     z[1, v - 7] = 150.0
     z[3, : kernel.SHIFT_COLUMNS] = -1e4
@@ -231,6 +231,8 @@ def test_rows_the_shift_does_not_suit_are_redone_exactly(monkeypatch, soft, inpl
     n, v = 6, 300
     z = logits_the_shift_does_not_suit(n, v, gen, dtype)
     y = torch.rand(n, v, generator=gen, dtype=dtype) if soft else index_targets(n, v, gen)
+    if not soft:
+        y[1], y[3] = 0, 5  # neither at the row's maximum
     w = torch.rand(v, generator=gen, dtype=torch.float64) + 0.5
     go = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
     opts = dict(reduction="none", **UNCAPPED)
@@ -530,3 +532,30 @@ def test_first_calls_of_a_graph_run_one_thread_at_a_time(monkeypatch):
 
     assert four_threads() == 1  # the first calls, in turn
     assert four_threads() > 1  # compiled: together
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["two graphs", "one graph"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_confident_target_past_the_shift_gets_pytorchs_gradient(monkeypatch, split, inplace):
+    """Targets beyond the shift's first K columns, 30 above the row's other logits: o_y is 1 to
+    within float32, and ∂ℓ/∂z_y = o_y - 1 is -Σ_{j≠y} o_j, about -1e-11. The eager exp at the
+    target rounded an ulp above the graph's, so o_y - 1 came out +1.2e-7 (30x PyTorch's error
+    relative to the largest entry, of the wrong sign) in about a third of the rows."""
+    if not split:
+        monkeypatch.setattr(kernel, "SPLIT_MIN_LOGITS", 1 << 40)
+    gen = torch.Generator().manual_seed(3)
+    n, v = 64, 4096
+    z = torch.randn(n, v, generator=gen)
+    y = torch.randint(kernel.SHIFT_COLUMNS, v, (n,), generator=gen)
+    rows = torch.arange(n)
+    z[rows, y] = z.amax(dim=1) + 30.0
+    leaf = z.clone().requires_grad_()
+    fastxent.cross_entropy(
+        leaf * 1.0, y, reduction="sum", backend="compiled", inplace_backward=inplace
+    ).backward()
+    _, ref_grad = oracle(z, y, reduction="sum")
+    _, torch_grad = run(z, y, backend="torch", reduction="sum")
+    got, want = leaf.grad[rows, y].double(), ref_grad[rows, y]
+    assert bool((got <= 0).all())
+    torch_err = (torch_grad[rows, y].double() - want).abs().max()
+    assert (got - want).abs().max() <= torch_err + 1e-12

@@ -12,10 +12,14 @@ and writes ``∂ℓ/∂z = (o (a Σt + 2 b s lse) - a t) · dz'/dz`` into the ``
 inductor emits one parallel loop over rows holding the sum and gradient passes: a row of logits
 comes from memory once (the gradient pass finds it in L2) and the gradient is written once.
 
-The shift ``m`` is the largest of the row's first ``K = SHIFT_COLUMNS`` logits, not of all of
-them: any shift gives the same lse, and this one needs no pass of its own over the row (a max
-pass read the row from memory while the exp pass then found it in L2, and the two did not
-overlap: benchmarks/row_passes.py; BENCHMARKS.md, "The compiled kernel's shift"). Σe ≥ 1 when
+The shift ``m`` is the largest of the row's first ``K = SHIFT_COLUMNS`` logits and, for class
+indices, of its target's logit, not of all of them: any shift gives the same lse, and this one
+needs no pass of its own over the row (a max pass read the row from memory while the exp pass
+then found it in L2, and the two did not overlap: benchmarks/row_passes.py; BENCHMARKS.md, "The
+compiled kernel's shift"). The target's logit is there for a confident row (z'_y far above the
+rest): shifted by it, e_y = 1 exactly and o_y = 1/Σe is 1 where Σ_{j≠y} e_j is below
+float32's resolution, so o_y - 1 is about -Σ_{j≠y} o_j as in PyTorch; shifted by a smaller m,
+o_y was the ratio of two large rounded numbers and o_y - 1 came out ±1e-7. Σe ≥ 1 when
 ``m`` is finite, and a row whose Σe leaves ``SUM_E_RANGE`` (its maximum lies ~69 or more above
 ``m``, a non-finite ``m`` or NaN) is left untouched by the graph and redone by the portable
 kernel, which shifts by the true maximum.
@@ -117,12 +121,17 @@ class Variant:
         )
 
 
-def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None, v: Variant):
+def _rows_graph(
+    z: Tensor, y: Tensor, z_y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None, v: Variant
+):
     """The graph traced for variant ``v``: per-row reductions, and ∂ℓ/∂z into ``grad`` (or ``z``;
     a ``split`` variant stores e^{z'-m} there instead, for ``_scale_graph``).
 
-    ``y`` is (M,) class indices with ignored rows set to -1, or (M, V) probabilities; ``w`` is
-    (V,) class weights (unused when ``v.weighted`` is False); ``k`` holds a, b, ε, s, c, α, Σw.
+    ``y`` is (M,) class indices with ignored rows set to -1, or (M, V) probabilities; ``z_y``
+    (M,) the transformed logits z'_y at the class indices (column 0 on ignored rows; unused for
+    probabilities);
+    ``w`` is (V,) class weights (unused when ``v.weighted`` is False); ``k`` holds a, b, ε, s,
+    c, α, Σw.
     Returns the number of rows the shift does not suit, then ``(m, Σe, Σt, Σt(z'-m))`` as
     (M, 1) columns (``Σt`` and ``Σt(z'-m)`` only where they need a pass over the row; relative
     to ``m``, so that logits sharing a large offset lose no float32 precision to cancellation).
@@ -138,7 +147,10 @@ def _rows_graph(z: Tensor, y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None,
         # and has several users for all rows (a float32 (M, V) buffer) instead of recomputing it
         return _transform(v, z[:, columns].to(acc), cap, alpha)
 
-    m_head = z_prime(slice(SHIFT_COLUMNS)).amax(dim=1, keepdim=True)
+    head = z_prime(slice(SHIFT_COLUMNS))
+    if not v.soft:  # and the target's own z'_y (see the module's docstring), in the same max
+        head = torch.maximum(head, z_y.unsqueeze(1))
+    m_head = head.amax(dim=1, keepdim=True)
     m = _finite(m_head)  # the shift, see above; pointwise, so recomputed outside
     e = torch.exp(z_prime() - m)  # (M, V); kept in a row buffer when the gradient pass reuses it
     sum_e = e.sum(dim=1, keepdim=True)  # (M, 1)
@@ -316,9 +328,11 @@ def cross_entropy_rows(
         y_safe = torch.where(counted, target, 0)  # (M,)
         at_target = (torch.arange(z.shape[0], device=z.device), y_safe)  # the M (row, y) entries
         z_y = z[at_target].to(acc)  # (M,); read before the graph may overwrite z
+        zp_y = _transform(v, z_y, opts.softcap, opts.logit_scale)  # (M,), a floor of the shift
         y = torch.where(counted, target, -1)
     try:
-        sums = _call(v, _rows_graph, z, y, k if w is None else w, k, None if v.inplace else grad)
+        graph_inputs = (z, y, k if opts.soft else zp_y, k if w is None else w, k)
+        sums = _call(v, _rows_graph, *graph_inputs, None if v.inplace else grad)
     except Exception as error:  # any failure to compile: run the portable kernel instead
         _fall_back(v, error)
         return _portable(z, target, weight, opts, ce_scale, z_scale, grad)
@@ -337,7 +351,6 @@ def cross_entropy_rows(
 
     # Class indices: Σt and Σt(z' - m) from the gathered z'_y (and the graph's Σ(z' - m)).
     w_y = counted.to(acc) if w is None else torch.where(counted, w[y_safe], 0.0)
-    zp_y = _transform(v, z_y, opts.softcap, opts.logit_scale)
     sum_t = (1.0 - eps) * w_y
     sum_tz = sum_t * (zp_y - m)
     if v.smoothing:
