@@ -120,6 +120,30 @@ def test_ignored_row_with_non_finite_logits_adds_nothing(bad, reduction):
     np.testing.assert_allclose(loss, want.numpy(), rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("soft", "label_smoothing", "weight"),
+    [(False, 0.0, None), (False, 0.1, None), (False, 0.0, [1.0, 0.0, 2.0]), (True, 0.0, None)],
+)
+def test_minus_inf_logits_as_in_pytorch(soft, label_smoothing, weight):
+    """A -inf non-target logit adds nothing for class indices (PyTorch gathers log o_y; the
+    oracle gave NaN from 0·(-inf)); with smoothing the loss is inf, and with probability
+    targets 0·(-inf) is NaN, as in PyTorch. Row 1's target logit is -inf itself."""
+    z = np.array([[1.0, -np.inf, 0.5], [-np.inf, 0.2, 0.3]])
+    target = np.array([[0.6, 0.0, 0.4], [0.5, 0.5, 0.0]]) if soft else np.array([0, 0])
+    w = None if weight is None else np.array(weight)
+    loss, grad = reference.cross_entropy(
+        z, target, w, reduction="none", label_smoothing=label_smoothing
+    )
+    zt = torch.from_numpy(z).requires_grad_()
+    want = torch.nn.functional.cross_entropy(
+        zt, torch.from_numpy(target), None if w is None else torch.from_numpy(w),
+        reduction="none", label_smoothing=label_smoothing,
+    )  # fmt: skip
+    np.testing.assert_allclose(loss, want.detach().numpy(), rtol=1e-12)
+    want[0].backward()  # row 0's gradient (row 1's loss is inf or NaN)
+    np.testing.assert_allclose(grad[0], zt.grad[0].numpy(), rtol=1e-12, atol=1e-15)
+
+
 def test_derivation_is_proved_by_sympy():
     steps = derivation_steps()
     assert len(steps) == 5

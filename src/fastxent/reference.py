@@ -110,8 +110,11 @@ def cross_entropy(
 
     lse = logsumexp(zp)  # (M,)
     o = softmax(zp)  # (M, p)
-    with np.errstate(invalid="ignore"):  # 0·(-inf) terms are NaN in PyTorch too
-        ce_rows = -(t * (zp - lse[:, None])).sum(axis=1)  # E = -Σ t_j log o_j
+    with np.errstate(invalid="ignore"):  # 0·(-inf) terms are NaN in PyTorch too...
+        terms = t * (zp - lse[:, None])  # t_j log o_j
+    if not soft and eps == 0.0:  # ...but for class indices PyTorch gathers log o_y alone
+        terms = np.where(onehot == 1.0, terms, 0.0)  # (a -inf non-target logit adds nothing)
+    ce_rows = -terms.sum(axis=1)  # E = -Σ t_j log o_j
     ce_rows = np.where(counted, ce_rows, 0.0)  # an ignored row adds 0, even with inf/NaN logits
     z_rows = np.where(counted, z_loss * lse**2, 0.0)  # s·lse² on the counted rows only
     dce = o * t.sum(axis=1, keepdims=True) - t  # ∂E/∂z'_i = o_i Σ_j t_j - t_i
