@@ -248,6 +248,19 @@ def test_zero_and_nan_total_weight(backend):
     assert torch.isnan(fastxent.cross_entropy(z, target, weight=nan, backend=backend))
 
 
+@pytest.mark.parametrize("backend", [*PATHS, "compiled", "triton"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_an_infinite_class_weight_gives_pytorchs_inf(backend, reduction):
+    """Row 0's target, its row's maximum, has weight inf: PyTorch's loss is inf there (the
+    kernels' (lse - m)·w - w·(z'_y - m) made it NaN, inf·0). Row 1 stays finite."""
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]], dtype=torch.float64)
+    target, weight = torch.tensor([0, 1]), torch.tensor([torch.inf, 1.0, 1.0], dtype=z.dtype)
+    got = fastxent.cross_entropy(z, target, weight, reduction=reduction, backend=backend)
+    want = F.cross_entropy(z, target, weight, reduction=reduction)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert got.isinf().any()
+
+
 @pytest.mark.parametrize("backend", PATHS)
 def test_ignore_index_may_be_a_valid_class(backend):
     z, target, _ = make_case((8, 5), soft=False, weighted=False)

@@ -84,7 +84,8 @@ def cross_entropy_rows(
                 t = t * w
             counted = None
             sum_t = t.sum(dim=1)
-            sum_tz = (t * zs).sum(dim=1)  # Σ t (z' - m)
+            # E = -Σ t (z' - lse), with m taken out of both terms
+            ce = log_sum_e * sum_t - (t * zs).sum(dim=1)
         else:
             y = target[chunk]
             counted = y != opts.ignore_index
@@ -93,14 +94,15 @@ def cross_entropy_rows(
             w_y = counted_f if w is None else torch.where(counted, w[y_safe], 0.0)
             zs_y = zs.gather(1, y_safe.unsqueeze(1)).squeeze(1)  # z'_y - m
             sum_t = (1.0 - eps) * w_y
-            sum_tz = (1.0 - eps) * w_y * zs_y
+            # -t_y log o_y as one product: an infinite w_y gives inf (as PyTorch), not the NaN
+            # of inf·0 that the difference of two products made when z'_y is the row's max
+            ce = sum_t * (log_sum_e - zs_y)
             if eps:  # the uniform part (ε/V)·w, only on counted rows
                 row_w = num_classes if w is None else w.sum()
-                sum_t = sum_t + counted_f * (smooth * row_w)
+                smooth_t = counted_f * (smooth * row_w)
+                sum_t = sum_t + smooth_t
                 zs_sum = zs.sum(dim=1) if w is None else zs @ w
-                sum_tz = sum_tz + torch.where(counted, smooth * zs_sum, 0.0)
-
-        ce = log_sum_e * sum_t - sum_tz  # E = -Σ t (z' - lse), with m taken out of both terms
+                ce = ce + log_sum_e * smooth_t - torch.where(counted, smooth * zs_sum, 0.0)
         if counted is not None:  # ignored rows add 0, whatever their logits (0·inf would be NaN)
             ce = torch.where(counted, ce, 0.0)
         rows[chunk] = a * ce
