@@ -282,7 +282,9 @@ def values_readable(*tensors: Tensor | None) -> bool:
         return False
     if torch.compiler.is_dynamo_compiling():
         return True
-    return not any(x is not None and _is_fake(x) for x in tensors)
+    # A plain Tensor is never fake: only subclasses (FakeTensor, FunctionalTensor, Parameter)
+    # are asked, which keeps the test to a type check on ordinary calls.
+    return not any(x is not None and type(x) is not Tensor and _is_fake(x) for x in tensors)
 
 
 def _is_fake(x: Tensor) -> bool:
