@@ -364,8 +364,8 @@ def cross_entropy_rows(
         rows = rows + b * torch.where(counted, s * lse.square(), 0.0)
 
     if grad is not None:
-        # The graph wrote o_i·coef - a·u_i everywhere; add the one-hot part -a(1-ε)w_y at the
-        # target column here (M values), recomputing that entry in the accumulation dtype.
+        # The graph wrote (o_i·coef - a·u_i)·dz'/dz everywhere; add the one-hot part -a(1-ε)w_y
+        # at the target column here (M values), in the accumulation dtype.
         coef = torch.where(counted, a * sum_t + (2.0 * b * s * lse if v.z_loss else 0.0), 0.0)
         if v.split:
             columns = (counted.unsqueeze(1), sum_e.reciprocal().unsqueeze(1), coef.unsqueeze(1))
@@ -374,10 +374,18 @@ def cross_entropy_rows(
             except Exception as error:  # the second graph would not build: redo it all portably
                 _fall_back(v, error)
                 return _portable(z, target, weight, opts, ce_scale, z_scale, grad)
-        g_y = torch.exp(zp_y - m) / sum_e * coef - a * (1.0 - eps) * w_y
-        if v.smoothing:
-            g_y = g_y - a * smooth * (1.0 if w is None else w[y_safe])
-        g_y = g_y * _chain(v, zp_y, opts.softcap, opts.logit_scale)
+        one_hot = a * (1.0 - eps) * w_y
+        chain = _chain(v, zp_y, opts.softcap, opts.logit_scale)
+        if grad.dtype == acc:
+            # The graph's entry in full precision: its o_y comes from the z'_y that Σe summed.
+            # Recomputed here from the eager z'_y, softcap's tanh (a different expm1 inside the
+            # graph, ~c·1e-7 apart) put 3-4x PyTorch's error in the target column.
+            g_y = grad[at_target] - one_hot * chain
+        else:  # rounded to half precision, the graph's entry would cancel: recomputed here
+            g_y = torch.exp(zp_y - m) / sum_e * coef - one_hot
+            if v.smoothing:
+                g_y = g_y - a * smooth * (1.0 if w is None else w[y_safe])
+            g_y = g_y * chain
         # index_put_, not scatter_: CPU scatter_ into bf16 makes a float32 copy of all of grad.
         grad.index_put_(at_target, g_y.to(grad.dtype))
     return redo(rows)
