@@ -102,6 +102,39 @@ def test_jit_trace_keeps_no_data_dependent_choice(options):
     assert float(loss_traced.detach()) == 0.0
 
 
+@pytest.mark.parametrize("linear", [False, True])
+def test_traced_and_exported_probability_targets_follow_the_batch_size(linear):
+    """A "mean" over probability targets divides by the row count: it was a number that
+    torch.jit.trace recorded as a constant (9 rows after a 6-row trace: 1.5x the loss) and at
+    which torch.export fixed the batch size."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+
+    def loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if linear:
+            return fastxent.linear_cross_entropy(x, weight, target)
+        return fastxent.cross_entropy(x @ weight.T, target)
+
+    class Loss(nn.Module):
+        def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return loss(x, target)
+
+    def inputs(rows: int):
+        x = torch.randn(rows, 4, dtype=torch.float64, generator=gen)
+        return x, torch.rand(rows, 5, dtype=torch.float64, generator=gen).softmax(dim=1)
+
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(Loss(), inputs(6))
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(
+        Loss(), inputs(6), dynamic_shapes=({0: batch}, {0: batch})
+    ).module()
+    x, target = inputs(9)
+    want = loss(x, target)
+    torch.testing.assert_close(traced(x, target), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(exported(x, target), want, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("linear_loss", [False, True])
 def test_jit_script_is_refused_with_what_to_use_instead(linear_loss):
     with pytest.raises(RuntimeError, match=r"cannot be compiled by torch.jit.script\. Use"):

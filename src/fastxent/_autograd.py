@@ -66,12 +66,14 @@ def reduction_scales(
     non-ignored rows; probability targets: the row count) and the z-loss by the number of counted
     rows n. W = 0 or n = 0 gives a factor 0, not a division by zero. No host sync.
     """
-    dtype, device, num_rows = accumulation_dtype(z.dtype), z.device, z.shape[0]
+    dtype, device = accumulation_dtype(z.dtype), z.device
     if opts.reduction != "mean":
         one = torch.ones((), dtype=dtype, device=device)
         return one, one
     if opts.soft:
-        n = torch.full((), float(num_rows), dtype=dtype, device=device)
+        # z's rows counted by an op on z's size, not torch.full((), float(rows)): torch.jit.trace
+        # would record the number as a constant, and torch.export fix the batch size to it
+        n = z.new_ones(z.shape[:1], dtype=torch.int64).sum().to(dtype)  # exact, one rounding
         total_weight = n
     else:
         counted = target != opts.ignore_index
