@@ -278,13 +278,17 @@ def values_readable(*tensors: Tensor | None) -> bool:
     here. Not asked while dynamo traces (it folds this test to True there)."""
     if torch.jit.is_tracing():
         return False
-    if any(x is not None and x.device.type == "meta" for x in tensors):
-        return False
-    if torch.compiler.is_dynamo_compiling():
-        return True
-    # A plain Tensor is never fake: only subclasses (FakeTensor, FunctionalTensor, Parameter)
-    # are asked, which keeps the test to a type check on ordinary calls.
-    return not any(x is not None and type(x) is not Tensor and _is_fake(x) for x in tensors)
+    compiling = torch.compiler.is_dynamo_compiling()
+    for x in tensors:
+        if x is None:
+            continue
+        if x.is_meta:
+            return False
+        # A plain Tensor is never fake: only subclasses (FakeTensor, FunctionalTensor,
+        # Parameter) are asked, which keeps the test to a type check on ordinary calls.
+        if not compiling and type(x) is not Tensor and _is_fake(x):
+            return False
+    return True
 
 
 def _is_fake(x: Tensor) -> bool:
