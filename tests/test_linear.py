@@ -648,3 +648,20 @@ def test_auto_takes_the_fused_ops_path_for_small_cpu_calls(monkeypatch, shapes_p
     monkeypatch.setattr(functional, "AUTO_PORTABLE_MAX_LOGITS", 2 * 5 * 30)  # nothing to compile
     fastxent.linear_cross_entropy(hidden, weight, target, bias)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize(
+    "walk", [{}, {"chunk_size": 1}, {"vocab_block": 2}, {"filter_eps": 1e-9}], ids=str
+)
+def test_an_infinite_class_weight_gives_pytorchs_inf(walk):
+    """Row 0's target is its row's maximum and has weight inf: PyTorch's loss is inf (the
+    vocabulary walk's (lse - r)Σt - w_y(z'_y - r) made it inf·0 = NaN). W = I, so z = h."""
+    hidden = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]], dtype=torch.float64)
+    weight, target = torch.eye(3, dtype=torch.float64), torch.tensor([0, 1])
+    class_weight = torch.tensor([torch.inf, 1.0, 1.0], dtype=torch.float64)
+    for reduction in ("none", "sum"):
+        got = fastxent.linear_cross_entropy(
+            hidden, weight, target, class_weight=class_weight, reduction=reduction, **walk
+        )
+        want = F.cross_entropy(hidden, target, class_weight, reduction=reduction)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)

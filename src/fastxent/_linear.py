@@ -608,7 +608,8 @@ def vocab_pass(
     r = torch.zeros_like(m)
     sum_e = torch.zeros_like(m)
     sum_t = torch.zeros_like(m)
-    sum_tz = torch.zeros_like(m)
+    sum_tz = torch.zeros_like(m)  # Σt(z' - r); class indices: of the smoothing part only
+    target_rel = torch.zeros_like(m)  # class indices: z'_y - r
     for block in blocks:
         zp, _ = logits(block)  # (K, B)
         m_new = torch.maximum(m, zp.amax(dim=1))
@@ -620,8 +621,7 @@ def vocab_pass(
             sum_tz += (tb * (zp - r[:, None])).sum(dim=1)
         else:
             inside, col = target_column(block)
-            z_y = torch.where(inside, zp.gather(1, col).squeeze(1) - r, 0.0)
-            sum_tz += (1.0 - eps) * w_y * z_y
+            target_rel += torch.where(inside, zp.gather(1, col).squeeze(1) - r, 0.0)
             if eps:
                 zs = zp - r[:, None]  # (K, B)
                 sum_tz += (eps / num_classes) * (zs.sum(dim=1) if w is None else zs @ w[block])
@@ -633,11 +633,19 @@ def vocab_pass(
         del zp, e  # this block is freed before the next one is made: one block at a time
     log_sum_e = sum_e.log()  # (K,), lse - m
     lse = m_safe + log_sum_e  # (K,)
-    if not ce.soft:
-        sum_t = (1.0 - eps) * w_y + (eps / num_classes) * (num_classes if w is None else w.sum())
+    lse_rel = (m_safe - r) + log_sum_e  # lse - r
+    if ce.soft:
+        ce_rows = lse_rel * sum_t - sum_tz  # (lse - r) Σt - Σt (z' - r)
+    else:  # the one-hot part as one product: an infinite w_y gives inf, not inf·0 = NaN
+        one_hot = (1.0 - eps) * w_y
+        ce_rows = one_hot * (lse_rel - target_rel)
+        sum_t = one_hot
+        if eps:  # (not 0·Σw: NaN for an infinite weight)
+            smooth_t = (eps / num_classes) * (num_classes if w is None else w.sum())
+            sum_t = one_hot + smooth_t
+            ce_rows = ce_rows + lse_rel * smooth_t - sum_tz
 
     losses = torch.zeros(toks.num_rows, dtype=acc, device=device)  # (M,); ignored rows stay 0
-    ce_rows = ((m_safe - r) + log_sum_e) * sum_t - sum_tz  # (lse - r) Σt - Σt (z' - r)
     losses[rows] = a * ce_rows + b * s * lse.square()
     need_h, need_w, need_b = needs
     if not (need_h or need_w or need_b):
