@@ -275,7 +275,8 @@ def values_readable(*tensors: Tensor | None) -> bool:
     raises), and not while torch.jit.trace records (a branch would be frozen into the trace for
     every later input). Such calls are computed from PyTorch's ops (``_torch.composed``), which
     serve meta and traced tensors as PyTorch's own loss does, and their targets are not checked
-    here. Not asked while dynamo traces (it folds this test to True there)."""
+    here. While dynamo traces, only the meta test applies (dynamo's tensors are fake, and it
+    traces through fastxent as through any code)."""
     if torch.jit.is_tracing():
         return False
     compiling = torch.compiler.is_dynamo_compiling()

@@ -4,7 +4,8 @@ One small graph per *variant* (dtype and which options are on) computes, for eve
 
 .. math::
 
-    m = \max_{j < K} z'_j, \quad \mathrm{lse} = m + \log \textstyle\sum_j e^{z'_j - m}, \quad
+    m = \max(\max_{j < K} z'_j, z'_y), \quad
+    \mathrm{lse} = m + \log \textstyle\sum_j e^{z'_j - m}, \quad
     E = (\mathrm{lse} - m) \textstyle\sum_j t_j - \sum_j t_j (z'_j - m)
 
 and writes ``∂ℓ/∂z = (o (a Σt + 2 b s lse) - a t) · dz'/dz`` into the ``grad`` buffer
@@ -16,10 +17,13 @@ The shift ``m`` is the largest of the row's first ``K = SHIFT_COLUMNS`` logits a
 indices, of its target's logit, not of all of them: any shift gives the same lse, and this one
 needs no pass of its own over the row (a max pass read the row from memory while the exp pass
 then found it in L2, and the two did not overlap: benchmarks/row_passes.py; BENCHMARKS.md, "The
-compiled kernel's shift"). The target's logit is there for a confident row (z'_y far above the
-rest): shifted by it, e_y = 1 exactly and o_y = 1/Σe is 1 where Σ_{j≠y} e_j is below
-float32's resolution, so o_y - 1 is about -Σ_{j≠y} o_j as in PyTorch; shifted by a smaller m,
-o_y was the ratio of two large rounded numbers and o_y - 1 came out ±1e-7. Σe ≥ 1 when
+compiled kernel's shift"). The target's logit (class indices; ``z'_y`` is dropped for
+probabilities) is there for a confident row (z'_y far above the rest): shifted by it, e_y is 1
+(exactly without softcap; with it the graph's tanh and the eager one that gives the shift differ
+by ~c·1e-7) and o_y = e_y/Σe is 1 where Σ_{j≠y} e_j is below float32's resolution, so o_y - 1
+is about -Σ_{j≠y} o_j as in PyTorch; shifted by a smaller m, o_y was the ratio of two large
+rounded numbers and o_y - 1 came out ±1e-7. The target column's gradient is the graph's own
+entry plus the one-hot part (recomputed outside only for half precision). Σe ≥ 1 when
 ``m`` is finite, and a row whose Σe leaves ``SUM_E_RANGE`` (its maximum lies ~69 or more above
 ``m``, a non-finite ``m`` or NaN) is left untouched by the graph and redone by the portable
 kernel, which shifts by the true maximum.
@@ -122,16 +126,15 @@ class Variant:
 
 
 def _rows_graph(
-    z: Tensor, y: Tensor, z_y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None, v: Variant
+    z: Tensor, y: Tensor, zp_y: Tensor, w: Tensor, k: Tensor, grad: Tensor | None, v: Variant
 ):
     """The graph traced for variant ``v``: per-row reductions, and ∂ℓ/∂z into ``grad`` (or ``z``;
     a ``split`` variant stores e^{z'-m} there instead, for ``_scale_graph``).
 
-    ``y`` is (M,) class indices with ignored rows set to -1, or (M, V) probabilities; ``z_y``
+    ``y`` is (M,) class indices with ignored rows set to -1, or (M, V) probabilities; ``zp_y``
     (M,) the transformed logits z'_y at the class indices (column 0 on ignored rows; unused for
-    probabilities);
-    ``w`` is (V,) class weights (unused when ``v.weighted`` is False); ``k`` holds a, b, ε, s,
-    c, α, Σw.
+    probabilities); ``w`` is (V,) class weights (unused when ``v.weighted`` is False); ``k``
+    holds a, b, ε, s, c, α, Σw.
     Returns the number of rows the shift does not suit, then ``(m, Σe, Σt, Σt(z'-m))`` as
     (M, 1) columns (``Σt`` and ``Σt(z'-m)`` only where they need a pass over the row; relative
     to ``m``, so that logits sharing a large offset lose no float32 precision to cancellation).
@@ -149,7 +152,7 @@ def _rows_graph(
 
     head = z_prime(slice(SHIFT_COLUMNS))
     if not v.soft:  # and the target's own z'_y (see the module's docstring), in the same max
-        head = torch.maximum(head, z_y.unsqueeze(1))
+        head = torch.maximum(head, zp_y.unsqueeze(1))
     m_head = head.amax(dim=1, keepdim=True)
     m = _finite(m_head)  # the shift, see above; pointwise, so recomputed outside
     e = torch.exp(z_prime() - m)  # (M, V); kept in a row buffer when the gradient pass reuses it
@@ -379,7 +382,7 @@ def cross_entropy_rows(
         if grad.dtype == acc:
             # The graph's entry in full precision: its o_y comes from the z'_y that Σe summed.
             # Recomputed here from the eager z'_y, softcap's tanh (a different expm1 inside the
-            # graph, ~c·1e-7 apart) put 3-4x PyTorch's error in the target column.
+            # graph, ~c·1e-7 apart) put 5x PyTorch's error in the target column (c = 30).
             g_y = grad[at_target] - one_hot * chain
         else:  # rounded to half precision, the graph's entry would cancel: recomputed here
             g_y = torch.exp(zp_y - m) / sum_e * coef - one_hot
