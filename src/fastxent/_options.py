@@ -277,7 +277,7 @@ def values_readable(*tensors: Tensor | None) -> bool:
     serve meta and traced tensors as PyTorch's own loss does, and their targets are not checked
     here. While dynamo traces, only the meta test applies (dynamo's tensors are fake, and it
     traces through fastxent as through any code)."""
-    if torch.jit.is_tracing():
+    if torch.jit.is_tracing() or _is_exporting():
         return False
     compiling = torch.compiler.is_dynamo_compiling()
     for x in tensors:
@@ -290,6 +290,13 @@ def values_readable(*tensors: Tensor | None) -> bool:
         if not compiling and type(x) is not Tensor and _is_fake(x):
             return False
     return True
+
+
+def _is_exporting() -> bool:
+    """Whether torch.export traces now (strict export traces with dynamo, where a size test
+    on the symbolic batch would fix it); False before PyTorch has the test (2.5)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
 
 
 def _is_fake(x: Tensor) -> bool:
