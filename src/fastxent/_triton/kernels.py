@@ -54,21 +54,19 @@ def _tanh_sech2(u):
 
 
 @triton.jit
-def _tanh(u):
-    """tanh u (see :func:`_tanh_sech2`)."""
-    tanh, _ = _tanh_sech2(u)
-    return tanh
-
-
-@triton.jit
 def _transform(z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """z' = c·tanh(αz/c), or αz, or z."""
+    """``(z', dz'/dz)``: ``(c·tanh(αz/c), α·sech²(αz/c))``, or ``(αz, α)``, or ``(z, 1)``.
+    Where only z' is used the compiler drops the derivative."""
     zp = z
+    slope = 1.0
     if HAS_SOFTCAP:
-        zp = softcap * _tanh(z * (logit_scale / softcap))
+        tanh, sech2 = _tanh_sech2(z * (logit_scale / softcap))
+        zp = softcap * tanh
+        slope = logit_scale * sech2
     elif HAS_SCALE:
         zp = z * logit_scale
-    return zp
+        slope = logit_scale
+    return zp, slope
 
 
 @triton.jit
@@ -129,7 +127,7 @@ def cross_entropy_rows_kernel(
         cols = start + offs
         mask = cols < V
         x = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-        zp = _transform(x, logit_scale, softcap, HAS_SOFTCAP, HAS_SCALE)  # (BLOCK,)
+        zp, _ = _transform(x, logit_scale, softcap, HAS_SOFTCAP, HAS_SCALE)  # (BLOCK,)
         zp_max = tl.where(mask, zp, float("-inf"))
         m_new = tl.maximum(m, tl.max(zp_max, axis=0))
         # Shift by a finite max so rows of ±inf keep e^{...} defined (0 when no mass yet).
@@ -173,7 +171,7 @@ def cross_entropy_rows_kernel(
         counted = tl.where(is_counted, 1.0, 0.0)
         # Out-of-range targets read class 0 (the caller raises for them once the check is in).
         y = tl.where(is_counted & (y >= 0) & (y < V), y, 0)
-        zp_y = _transform(
+        zp_y, _ = _transform(
             tl.load(z_row + y).to(tl.float32), logit_scale, softcap, HAS_SOFTCAP, HAS_SCALE
         )
         w_y = counted
@@ -204,11 +202,7 @@ def cross_entropy_rows_kernel(
             cols = start + offs
             mask = cols < V
             x = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                tanh, sech2 = _tanh_sech2(x * (logit_scale / softcap))  # dz'/dz = α·sech2
-                zp = softcap * tanh
-            else:
-                zp = _transform(x, logit_scale, softcap, HAS_SOFTCAP, HAS_SCALE)
+            zp, slope = _transform(x, logit_scale, softcap, HAS_SOFTCAP, HAS_SCALE)
             g = coef * tl.exp((zp - shift) - log_d)
             if SOFT:
                 t = _soft_targets(target_ptr + row * target_stride, weight_ptr, cols, mask, keep,
@@ -223,10 +217,8 @@ def cross_entropy_rows_kernel(
                         )
                     else:
                         g -= a * spread * counted
-            if HAS_SOFTCAP:
-                g *= logit_scale * sech2
-            elif HAS_SCALE:
-                g *= logit_scale
+            if HAS_SOFTCAP or HAS_SCALE:
+                g *= slope
             tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
