@@ -352,7 +352,7 @@ def cross_entropy_rows(
         rows = a * (log_sum_e * sum_t - sum_tz)
         return redo(rows + b * s * lse.square() if v.z_loss else rows)
 
-    # Class indices: Σt and Σt(z' - m) from the gathered z'_y (and the graph's Σ(z' - m)).
+    # Class indices: Σt and E from the gathered z'_y (and the graph's Σ w(z' - m)).
     w_y = counted.to(acc) if w is None else torch.where(counted, w[y_safe], 0.0)
     sum_t = (1.0 - eps) * w_y
     # -t_y log o_y as one product: an infinite w_y gives inf (as PyTorch), not the NaN of inf·0
@@ -360,8 +360,9 @@ def cross_entropy_rows(
     ce = sum_t * (log_sum_e - (zp_y - m))
     if v.smoothing:
         smooth = counted.to(acc) * (eps / num_classes)
-        sum_t = sum_t + smooth * k[6]
-        ce = ce + log_sum_e * (smooth * k[6]) - smooth * rest[0]
+        smooth_t = smooth * k[6]  # (ε/V)·Σw on counted rows
+        sum_t = sum_t + smooth_t
+        ce = ce + log_sum_e * smooth_t - smooth * rest[0]
     rows = a * torch.where(counted, ce, 0.0)  # ignored rows: 0, even non-finite
     if v.z_loss:
         rows = rows + b * torch.where(counted, s * lse.square(), 0.0)
