@@ -463,6 +463,55 @@ def test_backward_twice_through_a_retained_graph(reduction):
     torch.testing.assert_close(second, 2 * want[1], rtol=1e-12, atol=1e-13)
 
 
+def _checkpointed(loss_fn):
+    """loss_fn recomputed at each unpack (non-reentrant activation checkpointing)."""
+    return lambda x: torch.utils.checkpoint.checkpoint(loss_fn, x, use_reentrant=False)
+
+
+def _copying_unpack(loss_fn):
+    """loss_fn with saved tensors unpacked as copies (a saved_tensors_hooks pair that copies)."""
+
+    def run(x):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.clone()):
+            return loss_fn(x)
+
+    return run
+
+
+@pytest.mark.parametrize("wrap", [_checkpointed, _copying_unpack], ids=["checkpoint", "copies"])
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_backward_again_on_a_fresh_buffer(wrap, backend):
+    """A backward that gets a fresh buffer (recomputed, or copied by an unpack hook) scales it by
+    its own grad_output, not by the ratio to the factor an earlier backward folded into another."""
+    z = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 16, (8,), generator=torch.Generator().manual_seed(0))
+    loss = wrap(lambda x: fastxent.cross_entropy(x * 1.0, target, backend=backend))(z)
+    want = loss_and_grad(F.cross_entropy, z, target)[1]
+    for factor in (2.0, 1.0, 3.0):
+        (got,) = torch.autograd.grad(factor * loss, z, retain_graph=True)
+        torch.testing.assert_close(got, factor * want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["torch", "compiled", "auto"])
+def test_create_graph_raises_where_the_gradient_is_made_in_forward(backend):
+    """The gradient made in forward is a constant to autograd: a second derivative through it
+    would be zero, so create_graph=True is refused; torch.func's hessian works (PyTorch's ops).
+    Small auto calls run PyTorch's ops under autograd and differentiate twice as PyTorch does."""
+    z = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 4, 2, 1])
+    want = torch.func.hessian(lambda x: F.cross_entropy(x, target))(z.detach())
+    got = torch.func.hessian(lambda x: fastxent.cross_entropy(x, target, backend=backend))
+    torch.testing.assert_close(got(z.detach()), want, rtol=1e-12, atol=1e-14)
+    loss = fastxent.cross_entropy(z, target, backend=backend)
+    if backend == "auto":
+        (g,) = torch.autograd.grad(loss, z, create_graph=True)
+        (row,) = torch.autograd.grad(g[0, 0], z)
+        torch.testing.assert_close(row, want[0, 0], rtol=1e-12, atol=1e-14)
+        return
+    with pytest.raises(RuntimeError, match="not differentiable again.*create_graph=True"):
+        torch.autograd.grad(loss, z, create_graph=True)
+
+
 def test_backward_after_grad_was_accumulated_into_raises():
     z = torch.randn(4, 10, requires_grad=True)
     loss = fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), backend=BACKEND)

@@ -274,6 +274,25 @@ def test_backward_twice_through_a_retained_graph(walk, dtype):
         loss.backward()
 
 
+@pytest.mark.parametrize("walk", WALKS, ids=["tokens", "vocab"])
+def test_checkpointed_backward_again_scales_the_recomputed_gradients(walk):
+    """Activation checkpointing recomputes the walk at each unpack: each backward scales its own
+    fresh gradients by its grad_output (not by a ratio to an earlier backward's)."""
+    hidden, weight, bias, target = make_case((6,), num_classes=11)
+    h = hidden.clone().requires_grad_()
+
+    def loss_fn(x):
+        return fastxent.linear_cross_entropy(x, weight, target, bias, backend=BACKEND, **walk)
+
+    loss = torch.utils.checkpoint.checkpoint(loss_fn, h, use_reentrant=False)
+    want = oracle(hidden, weight, bias, target)[1]
+    for factor in (2.0, 1.0, 3.0):
+        (got,) = torch.autograd.grad(factor * loss, h, retain_graph=True)
+        torch.testing.assert_close(got, factor * want, **F64)
+    with pytest.raises(RuntimeError, match="not differentiable again"):
+        torch.autograd.grad(loss_fn(h), h, create_graph=True)
+
+
 def test_backward_after_weight_grad_was_accumulated_into_raises():
     """float32 ∂W is handed to autograd as the buffer itself: once .grad is added to, a
     retained graph refuses to back-propagate rather than return a modified gradient."""

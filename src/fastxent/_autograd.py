@@ -37,8 +37,10 @@ kernel its scales divided by a power of two that backward multiplies back in wit
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -319,7 +321,8 @@ def keep_for_backward(ctx, *grads: Tensor | None) -> None:
     by a backward that does not retain the graph (a loss kept after backward, in a list of
     losses say, does not keep them alive), and checked then for in-place writes since forward."""
     ctx.save_for_backward(*grads)
-    ctx.folded = None  # the factor the first backward multiplied into the buffers
+    # per buffer: (the tensor a backward multiplied its factor into, that factor), or None
+    ctx.folded = [None] * len(grads)
 
 
 def kept_gradients(ctx) -> tuple[Tensor | None, ...]:
@@ -344,7 +347,9 @@ def scaled_gradients(
     (which can keep it as a leaf's .grad), or its cast. It writes through ``.data``, which does
     not move the version counter that autograd checks the kept buffers against: that write is
     part of backward, not a change since forward. A later backward through a retained graph
-    scales into new tensors by ``factor`` over the folded one.
+    that gets the same buffer back scales into new tensors by ``factor`` over the folded one;
+    one that gets another (activation checkpointing recomputes the loss at each unpack, a
+    ``saved_tensors_hooks`` unpack may copy) has an unscaled buffer and folds it afresh.
 
     A buffer cast to another dtype (a float32 ∂W accumulator for bf16/fp16 weights) is scaled
     before the cast: a float16 sum over tokens that the factor brings into range stays finite.
@@ -353,28 +358,56 @@ def scaled_gradients(
     of ∂W), so there the buffer is folded in place and then cast.
     """
     grads = kept_gradients(ctx)
-    folds = [g is not None and (d in (None, g.dtype) or g.device.type == "cpu")
-             for g, d in zip(grads, dtypes, strict=True)]  # fmt: skip
-    first = ctx.folded is None
-    if first:
-        ctx.folded = factor.detach().clone()
-    elif any(folds) and bool((ctx.folded == 0).any()):
-        raise RuntimeError(
-            "cannot back-propagate this loss again after a backward with grad_output 0 "
-            "(fastxent folds grad_output into its gradient buffer); recompute the loss."
-        )
     out = []
-    for g, dtype, fold in zip(grads, dtypes, folds, strict=True):
+    for i, (g, dtype) in enumerate(zip(grads, dtypes, strict=True)):
         if g is None:
             out.append(None)
-        elif fold and first:
+            continue
+        earlier = ctx.folded[i]
+        ratio = factor
+        if earlier is not None and earlier[0]() is g:  # this very buffer holds earlier·g
+            if bool((earlier[1] == 0).any()):
+                raise RuntimeError(
+                    "cannot back-propagate this loss again after a backward with grad_output 0 "
+                    "(fastxent folds grad_output into its gradient buffer); recompute the loss."
+                )
+            ratio = factor / earlier[1]
+        elif dtype in (None, g.dtype) or g.device.type == "cpu":
             scale_by_grad_output(g.data, factor)
+            ctx.folded[i] = (weakref.ref(g), factor.detach().clone())
             out.append(g.detach().to(dtype or g.dtype))  # the buffer itself in its own dtype
-        else:
-            ratio = factor / ctx.folded if fold else factor
-            scaled = torch.empty(g.shape, dtype=dtype or g.dtype, device=g.device)
-            out.append(scaled_in_blocks(g, ratio, scaled))
+            continue
+        scaled = torch.empty(g.shape, dtype=dtype or g.dtype, device=g.device)
+        out.append(scaled_in_blocks(g, ratio, scaled))
     return out
+
+
+NOT_TWICE_DIFFERENTIABLE = (
+    "fastxent computes its gradient in forward, and that gradient is not differentiable again: "
+    "backward or torch.autograd.grad with create_graph=True through it would give wrong second "
+    "derivatives. For double backward (gradient penalties, Hessians, Hessian-vector products) "
+    "use torch.nn.functional.cross_entropy, or fastxent under torch.func (grad, jacrev, hessian), "
+    "where it is built from PyTorch's own ops."
+)
+
+
+def first_order_backward(backward: Callable) -> Callable:
+    """``once_differentiable``, and an error when backward runs with create_graph=True.
+
+    PyTorch's decorator makes the returned gradient a constant and raises only when grad_output
+    itself requires grad, which a scalar loss's implicit grad_output of ones does not: a
+    Hessian of the loss would then come out zero with no error. Backward runs with grad mode on
+    exactly when create_graph=True.
+    """
+    once = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def checked(ctx, *grad_outputs):
+        if torch.is_grad_enabled():
+            raise RuntimeError(NOT_TWICE_DIFFERENTIABLE)
+        return once(ctx, *grad_outputs)
+
+    return checked
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -405,7 +438,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return rows.sum() if factor is None else rows.sum() * factor
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad_loss: Tensor):
         nothing = (None, None, None, None)
         if ctx.opts.reduction == "none":  # per-row factors: scale a copy, keep the buffer intact

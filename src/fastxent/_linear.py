@@ -41,12 +41,12 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from fastxent._autograd import (
     Kernel,
     accumulation_dtype,
     deferred_mean,
+    first_order_backward,
     keep_for_backward,
     reduction_scales,
     reusable_empty,
@@ -774,7 +774,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return losses.sum() if ctx.factor is None else losses.sum() * ctx.factor
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad_loss: Tensor):
         opts = ctx.opts
         if opts.ce.reduction == "none":
