@@ -508,7 +508,7 @@ def test_create_graph_raises_where_the_gradient_is_made_in_forward(backend):
         (row,) = torch.autograd.grad(g[0, 0], z)
         torch.testing.assert_close(row, want[0, 0], rtol=1e-12, atol=1e-14)
         return
-    with pytest.raises(RuntimeError, match="not differentiable again.*create_graph=True"):
+    with pytest.raises(RuntimeError, match=r"not differentiable again.*create_graph=True"):
         torch.autograd.grad(loss, z, create_graph=True)
 
 

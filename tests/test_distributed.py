@@ -754,6 +754,34 @@ def test_a_revisited_layout_key_is_gathered_again(tmp_path):
         assert max(errors) < 1e-12, errors
 
 
+def _entry_points_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """The logits' path, then the fused projection with the same V_r on the same group."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(rank)
+    local, hidden, local_weight = (
+        torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((4, 3), (4, 2), (3, 2))
+    )
+    y = torch.tensor([0, 5, 1, 2])
+    group = dist.group.WORLD
+    gathers = [
+        count_collectives(call)["all_gather"]
+        for call in (
+            lambda: vocab_parallel_cross_entropy(local, y, group=group),
+            lambda: fastxent.linear_cross_entropy(hidden, local_weight, y, process_group=group),
+            lambda: fastxent.linear_cross_entropy(hidden, local_weight, y, process_group=group),
+        )
+    ]
+    torch.save(gathers, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_each_entry_point_gathers_its_own_layout(tmp_path):
+    """The fused projection checks more across ranks (chunk_size, D, hidden.requires_grad) than
+    the logits' path: a layout that path cached for the same V_r must not skip those checks."""
+    for gathers in spawn_with_deadline(tmp_path, _entry_points_worker, 2):
+        assert gathers == [1, 1, 0]
+
+
 def test_layout_cache_does_not_keep_a_destroyed_group_alive(tmp_path):
     """The shard-layout cache holds its groups weakly: after destroy_process_group() the group
     (and gloo's worker threads with it) can be freed. Run in a fresh process (world size 1)."""

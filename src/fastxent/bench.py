@@ -1112,8 +1112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         type=_names,
-        help="methods to run, comma-separated; 'fastxent' selects every backend (default: all "
-        f"of {', '.join(method_names())}; but on CPU without --full or --quick, "
+        help="methods to run, comma-separated; 'fastxent' selects every fastxent row (each "
+        f"backend and the linear walks) (default: all of {', '.join(method_names())}; but on "
+        "CPU without --full or --quick, "
         f"{' and '.join(LEFT_OUT_BY_DEFAULT)} are shown as skipped linear rows: name them to run "
         "them)",
     )

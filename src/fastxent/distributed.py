@@ -38,12 +38,13 @@ global ``lse``.
 Communication, all inside forward (backward only scales the kept gradient, as in
 :class:`fastxent._autograd.CrossEntropyFunction`, which this module reuses unchanged):
 
-* a call whose layout key ``(V_r, vocab_start)`` differs from the group's last one also makes
-  one ``all_gather`` of eleven int64 per rank: whether the rank's own input checks passed (else
-  its exception's class), the logits' dtype, rows, local vocabulary size, ``vocab_start``, the
-  length of the class weights, the least and the largest counted target and three checksums of
-  the targets, to check every rank's inputs and derive the shard layout (fourteen for the fused
-  projection, which also compares ``chunk_size``, ``hidden.requires_grad`` and ``D``). The
+* a call whose layout key (the entry point, ``V_r``, ``vocab_start``) differs from the group's
+  last one also makes one ``all_gather`` of twelve int64 per rank: whether the rank's own input
+  checks passed (else its exception's class), the logits' dtype, rows, local vocabulary size,
+  ``vocab_start``, the length of the class weights, the least and the largest counted target, a
+  hash of the options and three checksums of the targets, to check every rank's inputs and
+  derive the shard layout (fifteen for the fused projection, which also compares
+  ``chunk_size``, ``hidden.requires_grad`` and ``D``). The
   layout ``(vocab_start, sizes of all ranks)`` is then kept with that key, the group's last,
   and later calls with the same key skip the all-gather and its checks (and their host sync):
   alternating between two layouts (two heads of different sizes) gathers on every switch;
@@ -582,10 +583,13 @@ def _shard_layout(
     """
     group_key = dist.group.WORLD if group is None else group
     last = _LAYOUTS.get(group_key)
-    if validate or last is None or last[0] != key:
+    # The entry point's fields are in the key: the fused projection checks more than the
+    # logits' path, so a layout the other path gathered does not skip its checks.
+    cache_key = None if key is None else (key, agreed)
+    if validate or cache_key is None or last is None or last[0] != cache_key:
         # The all-gather compares every rank's class-weight length and target range with V.
         layout = _gather_layout(mine, group, device, agreed)
-        _LAYOUTS[group_key] = (key, layout)
+        _LAYOUTS[group_key] = (cache_key, layout)
         return layout
     if isinstance(mine, Exception):
         raise mine
