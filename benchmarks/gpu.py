@@ -193,7 +193,7 @@ def ce_providers(small: bool) -> dict[str, Callable]:
         "torch": lambda z, y: lambda: F.cross_entropy(z, y),
     }
     if not small:  # compiling on CPU takes minutes and says nothing about the GPU
-        compiled = torch.compile(F.cross_entropy)
+        compiled = torch.compile(F.cross_entropy, dynamic=False)  # each shape specialised
         providers["torch.compile"] = lambda z, y: lambda: compiled(z, y)
 
     def liger(z, y):
@@ -232,7 +232,9 @@ def linear_providers(small: bool) -> dict[str, Callable]:
         "torch": eager,
     }
     if not small:
-        compiled = torch.compile(lambda h, w, y: F.cross_entropy((h @ w.T).float(), y))
+        compiled = torch.compile(
+            lambda h, w, y: F.cross_entropy((h @ w.T).float(), y), dynamic=False
+        )  # each shape specialised, as the peers are
         providers["torch.compile"] = lambda h, w, y: lambda: compiled(h, w, y)
 
     def native(h, w, y):

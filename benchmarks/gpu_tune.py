@@ -112,7 +112,7 @@ def part_linear(dtype) -> None:
         )
         default = lin.default_chunk_size(v, d, dtype, n)
         for flag in (True, False):
-            if flag and not lin.CUDA_FLOAT32_OUT_MATMUL:
+            if flag and not lin.cuda_float32_out_matmul():
                 continue
             saved, lin.CUDA_FLOAT32_OUT_MATMUL = lin.CUDA_FLOAT32_OUT_MATMUL, flag
             for chunk in sorted({2048, 4096, default}):

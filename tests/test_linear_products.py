@@ -196,3 +196,17 @@ def test_the_walk_under_torch_compile():
     loss.backward()
     got = (loss.detach(), *(x.grad for x in leaves))
     assert_close_f32(got, oracle(hidden, weight, bias, target))
+
+
+def test_cuda_float32_out_matmul_is_tried_once(monkeypatch):
+    """Whether ∂W takes cuBLAS's float32-out addmm is tried, not read off the version: without
+    CUDA the try fails cleanly (the blocked ∂W path serves); with PyTorch >= 2.11 on a GPU,
+    where it is known to work, it succeeds. The answer is kept."""
+    has_overload = "dtype_out" in torch.ops.aten.addmm.overloads()
+    monkeypatch.setattr(_linear, "CUDA_FLOAT32_OUT_MATMUL", None if has_overload else False)
+    works = _linear.cuda_float32_out_matmul()
+    if not torch.cuda.is_available():
+        assert works is False
+    elif tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 11):
+        assert works is True
+    assert _linear.CUDA_FLOAT32_OUT_MATMUL is works

@@ -519,6 +519,20 @@ def test_gpu_backward_scales_by_grad_output_on_the_device(grad_output):
 
 @pytest.mark.gpu
 @compiled
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_logits_on_a_device_that_is_not_the_current_one():
+    """Triton launches on the current device: the launchers make the logits' device current."""
+    z = torch.randn(64, 1000, device="cuda:1", requires_grad=True)
+    target = torch.randint(0, 1000, (64,), device="cuda:1")
+    with torch.cuda.device(0):
+        (fastxent.cross_entropy(z, target, backend="triton") * 2.5).backward()
+    x = z.detach().clone().requires_grad_()
+    (torch.nn.functional.cross_entropy(x, target) * 2.5).backward()
+    torch.testing.assert_close(z.grad, x.grad, rtol=0.0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@compiled
 @pytest.mark.parametrize("chunk_size", [48, None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_linear_cross_entropy_against_reference(dtype, chunk_size):

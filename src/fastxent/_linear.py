@@ -71,8 +71,33 @@ CPU_CHUNK_MIN_BYTES = 16 << 20
 FILTER_BLOCK = 128  # vocabulary entries per block for filter_eps (a multiple of GPU tile widths)
 WEIGHT_BLOCK = 8192  # vocab rows per half-precision ∂W product before its float32 accumulation
 # On CUDA, ∂W += gᵀh for half-precision g, h goes straight into the float32 accumulator
-# (torch.addmm with out_dtype, PyTorch >= 2.8): no half-precision (V, D) product in between.
-CUDA_FLOAT32_OUT_MATMUL = "dtype_out" in torch.ops.aten.addmm.overloads()
+# (torch.addmm with out_dtype): no half-precision (V, D) product in between. None: not yet
+# tried (cuda_float32_out_matmul); False: this PyTorch cannot.
+CUDA_FLOAT32_OUT_MATMUL: bool | None = (
+    None if "dtype_out" in torch.ops.aten.addmm.overloads() else False
+)
+
+
+def cuda_float32_out_matmul() -> bool:
+    """Whether cuBLAS adds half-precision ``gᵀh`` into a float32 ``∂W`` (``torch.addmm`` with
+    ``out_dtype``), tried once on tiny tensors of the current CUDA device.
+
+    PyTorch has the overloads from 2.8, but its first addmm refused a float32 ``self`` with
+    half-precision operands ("self and mat2 must have the same dtype", pytorch#154086), which
+    a later release relaxed: only a try tells. Otherwise ∂W goes by blocks of half-precision
+    products added in float32.
+    """
+    global CUDA_FLOAT32_OUT_MATMUL
+    if CUDA_FLOAT32_OUT_MATMUL is None:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device="cuda")
+            acc = torch.zeros(2, 2, device="cuda")
+            torch.mm(a, a, out_dtype=acc.dtype, out=acc)
+            torch.addmm(acc, a, a, out_dtype=acc.dtype, out=acc)
+            CUDA_FLOAT32_OUT_MATMUL = bool((acc == 4.0).all())  # one host sync, once
+        except (RuntimeError, TypeError, AssertionError):  # AssertionError: no CUDA in torch
+            CUDA_FLOAT32_OUT_MATMUL = False
+    return CUDA_FLOAT32_OUT_MATMUL
 
 
 @dataclass(frozen=True)
@@ -460,7 +485,7 @@ def _dense_update(
         else:
             dw.addmm_(g.t(), h)
         return
-    if dw.is_cuda and CUDA_FLOAT32_OUT_MATMUL:  # cuBLAS: half in, float32 out (C += AB)
+    if dw.is_cuda and cuda_float32_out_matmul():  # cuBLAS: half in, float32 out (C += AB)
         if overwrite:
             torch.mm(g.t(), h, out_dtype=dw.dtype, out=dw)
         else:

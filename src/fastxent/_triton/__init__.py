@@ -13,6 +13,7 @@ kernel would still receive its options as float32).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -110,37 +111,45 @@ def cross_entropy_rows(
     rows = torch.empty(num_rows, dtype=torch.float32, device=z.device)
     block, num_warps = launch_config(num_classes)
     eps = opts.label_smoothing
-    kernels.cross_entropy_rows_kernel[(num_rows,)](
-        zk,
-        zk.stride(0),
-        tk,
-        tk.stride(0),
-        zk if wk is None else wk,
-        zk if gk is None else gk,
-        0 if gk is None else gk.stride(0),
-        rows,
-        ce_scale.to(device=z.device, dtype=torch.float32),
-        z_scale.to(device=z.device, dtype=torch.float32),
-        num_classes,
-        opts.ignore_index,
-        1.0 - eps,
-        eps / num_classes,
-        opts.z_loss,
-        1.0 if opts.softcap is None else opts.softcap,
-        opts.logit_scale,
-        SOFT=opts.soft,
-        HAS_WEIGHT=wk is not None,
-        HAS_SMOOTHING=eps != 0.0,
-        HAS_Z_LOSS=opts.z_loss != 0.0,
-        HAS_SOFTCAP=opts.softcap is not None,
-        HAS_SCALE=opts.logit_scale != 1.0,
-        WRITE_GRAD=gk is not None,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    with on_device(z):
+        kernels.cross_entropy_rows_kernel[(num_rows,)](
+            zk,
+            zk.stride(0),
+            tk,
+            tk.stride(0),
+            zk if wk is None else wk,
+            zk if gk is None else gk,
+            0 if gk is None else gk.stride(0),
+            rows,
+            ce_scale.to(device=z.device, dtype=torch.float32),
+            z_scale.to(device=z.device, dtype=torch.float32),
+            num_classes,
+            opts.ignore_index,
+            1.0 - eps,
+            eps / num_classes,
+            opts.z_loss,
+            1.0 if opts.softcap is None else opts.softcap,
+            opts.logit_scale,
+            SOFT=opts.soft,
+            HAS_WEIGHT=wk is not None,
+            HAS_SMOOTHING=eps != 0.0,
+            HAS_Z_LOSS=opts.z_loss != 0.0,
+            HAS_SOFTCAP=opts.softcap is not None,
+            HAS_SCALE=opts.logit_scale != 1.0,
+            WRITE_GRAD=gk is not None,
+            BLOCK=block,
+            num_warps=num_warps,
+        )
     if grad is not None and gk is not grad:
         grad.copy_(gk)
     return rows
+
+
+def on_device(x: Tensor) -> contextlib.AbstractContextManager:
+    """``x``'s GPU as the current device: Triton launches on the current device and stream,
+    not on its arguments' device, so a tensor on ``cuda:1`` while ``cuda:0`` is current would
+    be read through the wrong GPU's context."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 SCALE_BLOCK = 4096  # elements per tile of scale_unless_one
@@ -163,9 +172,11 @@ def scale_unless_one(x: Tensor, factor: Tensor) -> None:
         x.mul_(factor)
         return
     grid = (min(SCALE_PROGRAMS, -(-numel // SCALE_BLOCK)),)
-    kernels.scale_unless_one_kernel[grid](
-        x, factor.to(device=x.device, dtype=torch.float32), numel, BLOCK=SCALE_BLOCK, num_warps=8
-    )
+    with on_device(x):
+        kernels.scale_unless_one_kernel[grid](
+            x, factor.to(device=x.device, dtype=torch.float32), numel, BLOCK=SCALE_BLOCK,
+            num_warps=8,
+        )  # fmt: skip
 
 
 def _unit_stride(x: Tensor) -> Tensor:

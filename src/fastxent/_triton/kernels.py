@@ -18,8 +18,9 @@ arithmetic in float32 (bf16/fp16 are widened on load, the gradient is rounded on
        \frac{\partial \ell}{\partial z_i} = \Big(o_i\,(a \textstyle\sum_j t_j
            + 2 b s\,\mathrm{lse}) - a\, t_i\Big)\, \frac{\partial z'_i}{\partial z_i}
 
-   written once, tile by tile. Each tile is read before it is written, and ``z_y`` was read in
-   pass 1, so the gradient buffer may be the logits themselves.
+   written once, tile by tile. Each tile is read before it is written (by the same threads),
+   and a barrier between the passes orders every thread's read of ``z_y`` before any store, so
+   the gradient buffer may be the logits themselves.
 
 64-bit offsets: the program id is widened to int64 before it is multiplied by the row stride,
 so ``row·stride`` (which exceeds 2^31 elements once N×V does) is computed in int64 and folded
@@ -194,6 +195,11 @@ def cross_entropy_rows_kernel(
 
     # ---- pass 2: the gradient, written once ----
     if WRITE_GRAD:
+        if not SOFT:
+            # Each thread read z[y] above after pass 1; the loss's copy is warp 0's. Where the
+            # gradient is written over the logits (inplace_backward, the linear walk's chunks),
+            # the warp that owns column y must not store before warp 0 has read it.
+            tl.debug_barrier()
         coef = a * sum_t  # ∂ℓ/∂z'_i = coef·o_i - a·t_i
         if HAS_Z_LOSS:
             coef += counted * 2.0 * b * z_loss * lse
