@@ -118,6 +118,33 @@ def test_strided_inputs_take_torch_mm_for_a_strided_weight():
     assert_close_f32(ours(hidden_view, weight, bias, target, chunk_size=4), want)
 
 
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_a_non_contiguous_bias_through_both_products(layout, product):
+    """A bias that is a strided slice or an expanded scalar: oneDNN read it as dense memory
+    (the loss off by a third, or reading past the expanded one's element)."""
+    hidden, weight, bias, target = make_case(
+        (10,), dim=12, num_classes=50, seed=9, dtype=torch.float32
+    )
+    if layout == "strided":
+        base = torch.stack([bias, -bias], dim=1).flatten().requires_grad_()  # (100,)
+        bias_view = base[::2]  # bias's values, stride 2
+    else:
+        base = bias[:1].clone().requires_grad_()
+        bias_view = base.expand(50)  # stride 0
+        bias = bias_view.detach().contiguous()
+    assert not bias_view.is_contiguous()
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight)]
+    loss = fastxent.linear_cross_entropy(*leaves, target, bias_view, chunk_size=4, backend="torch")
+    loss.backward()
+    want = oracle(hidden, weight, bias, target)
+    if layout == "strided":
+        db = base.grad[::2]
+    else:  # a constant bias moves no softmax: its gradient Σ_j ∂ℓ/∂z_j is 0 up to rounding
+        db = None
+        assert base.grad.abs().max() <= 1e-6
+    assert_close_f32((loss.detach(), leaves[0].grad, leaves[1].grad, db), want)
+
+
 @needs_onednn
 def test_onednn_only_for_float32_on_cpu():
     """float64 keeps MKL's dgemm (torch.mm); bf16/fp16 keep torch.mm, which is oneDNN's there."""

@@ -418,6 +418,8 @@ def chunked_pass(
     step = opts.chunk_size
     rows_max = min(step, toks.num_counted)
     linear = small_rows_linear(hidden, weight)
+    if linear is not None and bias is not None:
+        bias = bias.contiguous()  # oneDNN reads the bias as dense memory, whatever its strides
     # torch.mm writes into one kept buffer; oneDNN allocates each chunk's logits itself.
     buf = None if linear else reusable_empty((rows_max, num_classes), hidden.dtype, hidden.device)
     wt = weight.t()  # (D, V)

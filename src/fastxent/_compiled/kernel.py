@@ -296,11 +296,17 @@ def _suits_the_graph(z: Tensor, target: Tensor, opts: CrossEntropyOptions, v: Va
     - a single row or class: nothing to gain from a compiled loop, and each would cost the
       graph a specialisation of its own (dynamo specialises sizes 0 and 1);
     - the gradient written into row-strided logits: inductor (torch 2.13) failed to build it
-      (KeyError 'buf0', with softcap and V <= 64).
+      (KeyError 'buf0', with softcap and V <= 64);
+    - the gradient written into the logits with softcap and V <= K: the shift's slice is then
+      the whole row, z' of both became one (M, V) buffer, and inductor (torch 2.13) failed to
+      build the label-smoothing variants (KeyError 'buf3'). A failed variant runs portably for
+      the rest of the process, so one small call made every later large one slower.
     """
     if z.stride(1) != 1 or (opts.soft and target.stride(1) != 1):
         return False
     if z.shape[0] <= 1 or z.shape[1] <= 1:
+        return False
+    if v.inplace and v.softcap and z.shape[1] <= SHIFT_COLUMNS:
         return False
     return not (v.inplace and not z.is_contiguous())
 
