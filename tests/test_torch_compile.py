@@ -17,10 +17,11 @@ SMALL, LARGE = (32, 512), (600, 1000)  # below and above auto's fused-ops limit 
 F32 = {"rtol": 1e-5, "atol": 1e-6}
 
 
-def compiled_and_eager(fn, *inputs, fullgraph=False):
+def compiled_and_eager(fn, *inputs, fullgraph=False, dynamic=None):
     """(loss, grads) of ``fn`` compiled, then eager, on fresh leaves of the float inputs."""
     results = []
-    for run in (torch.compile(fn, backend="aot_eager", fullgraph=fullgraph), fn):
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=fullgraph, dynamic=dynamic)
+    for run in (compiled, fn):
         leaves = [x.clone().requires_grad_() if x.is_floating_point() else x for x in inputs]
         loss = run(*leaves)
         loss.sum().backward()
@@ -60,19 +61,24 @@ def test_cross_entropy_compiled_matches_eager(backend, shape):
         assert 0 < breaks <= 2  # the kernel path, and nothing before it
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
 @pytest.mark.parametrize(
-    "options", [{}, {"reduction": "none"}, {"z_loss": 1e-3, "label_smoothing": 0.1}]
+    "options",
+    [{}, {"reduction": "none"}, {"z_loss": 1e-3, "label_smoothing": 0.1, "softcap": 30.0}],
 )
-def test_small_auto_calls_trace_with_fullgraph(options):
+def test_small_auto_calls_trace_with_fullgraph(options, dynamic):
+    """dynamic=True makes the float options symbolic: the checks on them must trace too
+    (math.isfinite did not: 'torch.* op returned non-Tensor')."""
     z, y = torch.randn(SMALL), torch.randint(0, SMALL[1], SMALL[:1])
     got, want = compiled_and_eager(
-        lambda z, y: fastxent.cross_entropy(z * 2, y, **options), z, y, fullgraph=True
-    )
+        lambda z, y: fastxent.cross_entropy(z * 2, y, **options), z, y, fullgraph=True,
+        dynamic=dynamic,
+    )  # fmt: skip
     assert_same(got, want)
     h, w = torch.randn(16, 8), torch.randn(100, 8)
     got, want = compiled_and_eager(
         lambda h, w, y: fastxent.linear_cross_entropy(h, w, y, **options),
-        h, w, torch.randint(0, 100, (16,)), fullgraph=True,
+        h, w, torch.randint(0, 100, (16,)), fullgraph=True, dynamic=dynamic,
     )  # fmt: skip
     assert_same(got, want)
 

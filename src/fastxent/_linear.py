@@ -60,6 +60,7 @@ from fastxent._options import (
     check_flag,
     check_number,
     check_target_kind,
+    is_finite,
 )
 
 CHUNK_BYTES = 64 << 20  # logits of one chunk: 64 MB, or half of ∂W's accumulator if that is more
@@ -256,7 +257,7 @@ def check_chunking(
             "with chunk_size or filter_eps, which apply to the token walk (leave them None)."
         )
     check_number("filter_eps", filter_eps, none_means="off")
-    if filter_eps is not None and not (math.isfinite(filter_eps) and filter_eps >= 0.0):
+    if filter_eps is not None and not (is_finite(filter_eps) and filter_eps >= 0.0):
         raise ValueError(f"filter_eps must be None (off) or a number >= 0, got {filter_eps}.")
     return chunk_size, vocab_block
 

@@ -6,7 +6,6 @@ came, so that bad input never reaches a kernel and never turns into a silent wro
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 import warnings
@@ -189,6 +188,13 @@ def check_count(name: str, value: object) -> int | None:
     return count
 
 
+def is_finite(x: float) -> bool:
+    """``math.isfinite(x)`` in arithmetic (x - x is NaN for ±inf and NaN), which dynamo traces
+    where the floats are symbolic (``torch.compile(dynamic=True)``); math.isfinite breaks the
+    graph there."""
+    return x - x == 0.0
+
+
 def check_scalars(
     reduction: str,
     label_smoothing: float,
@@ -205,11 +211,11 @@ def check_scalars(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
-    if not (math.isfinite(z_loss) and z_loss >= 0.0):
+    if not (is_finite(z_loss) and z_loss >= 0.0):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}.")
-    if softcap is not None and not (math.isfinite(softcap) and softcap > 0.0):
+    if softcap is not None and not (is_finite(softcap) and softcap > 0.0):
         raise ValueError(f"softcap must be None (off) or a finite number > 0, got {softcap}.")
-    if not (math.isfinite(logit_scale) and logit_scale != 0.0):
+    if not (is_finite(logit_scale) and logit_scale != 0.0):
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}.")
 
 
