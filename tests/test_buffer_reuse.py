@@ -77,6 +77,41 @@ def test_a_retained_graph_keeps_its_buffer():
     torch.testing.assert_close(again, first)
 
 
+def storage_of(x):
+    return x.untyped_storage().data_ptr()
+
+
+def test_a_smaller_gradient_takes_a_kept_storage_up_to_twice_its_size():
+    """Batches whose size changes every step reuse kept storages (each fresh one pays a page
+    fault per page): one of 3/4 of a kept storage's size takes it; one of 3/8 does not."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(128, 2 * V, generator=g).requires_grad_()  # 4 MiB gradient
+    y = torch.randint(0, 2 * V, (128,), generator=g)
+    step(z, y)
+    first = storage_of(z.grad)
+    z.grad = None
+    for rows, reused in ((96, True), (48, False)):
+        part = z.detach()[:rows].clone().requires_grad_()
+        step(part, y[:rows])
+        assert (storage_of(part.grad) == first) == reused, rows
+        torch.testing.assert_close(part.grad, torch_grad(part, y[:rows]))
+
+
+def test_an_unused_kept_storage_is_let_go():
+    """One outsized step does not pin its gradient's memory: a kept storage that serves none of
+    the next SPARE_AGE requests leaves the list (and is freed once nothing else holds it)."""
+    z, y = make(9)
+    big = torch.randn(4 * N, V).requires_grad_()
+    step(big, torch.randint(0, V, (4 * N,)))
+    big_storage = storage_of(big.grad)
+    big.grad = None
+    for _ in range(_autograd.SPARE_AGE + 1):
+        step(z, y)
+        z.grad = None
+    assert big_storage not in [s.data_ptr() for s, _ in _autograd._spares]
+    assert len(_autograd._spares) == 1
+
+
 def test_empty_cache_releases_the_buffer():
     z, y = make(6)
     step(z, y)

@@ -183,34 +183,52 @@ def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
 
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
-_spares: list[torch.UntypedStorage] = []  # recent large CPU buffers, for reuse; newest last
+# recent large CPU storages, for reuse, newest last, each with the request count when last
+# handed out (_requests): the clock by which unused ones age out
+_spares: list[tuple[torch.UntypedStorage, int]] = []
 _spares_lock = threading.Lock()
+_requests = 0
 SPARES = 4  # how many are kept: a step's gradient, a linear walk's logits and ∂W, one more
 REUSE_MIN_BYTES = 1 << 20
+REUSE_MAX_RATIO = 2  # a kept storage serves a buffer of at least 1/2 of its bytes
+SPARE_AGE = 16  # a kept storage not handed out in the last 16 requests is let go
 
 
 def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.empty(shape)``, contiguous; on CPU, a kept storage of that size when it is free.
+    """``torch.empty(shape)``, contiguous; on CPU, a kept storage when one fits and is free.
 
     A fresh large CPU buffer costs a page fault per 4 KiB page at first touch (glibc returns
     large blocks to the system when they are freed): for a gradient about as long as the kernel
     itself, for the linear walk's logits and ∂W a tenth of a step on two cores. So the storages of
-    the last :data:`SPARES` such buffers (1 MiB or more) are kept, and one is handed out again for
-    a buffer of the same size once nothing else holds it: no tensor, view or .grad on it (its
-    use count is 1, the list's). The CUDA caching allocator already does this for GPU memory.
-    :func:`empty_cache` releases them.
+    the last :data:`SPARES` such buffers (1 MiB or more) are kept, and the smallest that holds
+    the buffer, with at most :data:`REUSE_MAX_RATIO` times its bytes, is handed out again once
+    nothing else holds it: no tensor, view or .grad on it (its use count is 1, the list's). A
+    batch size that changes every step (sequence packing) then still reuses storages; an exact
+    size match did not, and paid the page faults every step (3.6x the kernel's time). One that
+    serves no buffer for :data:`SPARE_AGE` requests is let go, so that a single outsized step
+    does not hold its gradient's memory for the rest of the process. The CUDA caching allocator
+    does this for GPU memory. :func:`empty_cache` releases them all.
     """
+    global _requests
     nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < REUSE_MIN_BYTES or _storage_use_count is None:
         return torch.empty(shape, dtype=dtype, device=device)
     with _spares_lock:  # two threads must not both take a storage whose use count is 1
-        for i, storage in enumerate(_spares):
-            if storage.nbytes() == nbytes and _storage_use_count(storage._cdata) == 1:
-                _spares.append(_spares.pop(i))  # now the most recently used
-                strides = tuple(math.prod(shape[k + 1 :]) for k in range(len(shape)))
-                return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
+        _requests += 1
+        _spares[:] = [(s, last) for s, last in _spares if _requests - last <= SPARE_AGE]
+        fits = [
+            i
+            for i, (storage, _) in enumerate(_spares)
+            if nbytes <= storage.nbytes() <= REUSE_MAX_RATIO * nbytes
+            and _storage_use_count(storage._cdata) == 1
+        ]
+        if fits:
+            storage, _ = _spares.pop(min(fits, key=lambda i: _spares[i][0].nbytes()))
+            _spares.append((storage, _requests))  # now the most recently used
+            strides = tuple(math.prod(shape[k + 1 :]) for k in range(len(shape)))
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape, strides)
         buffer = torch.empty(shape, dtype=dtype)
-        _spares.append(buffer.untyped_storage())
+        _spares.append((buffer.untyped_storage(), _requests))
         del _spares[:-SPARES]
         return buffer
 
