@@ -27,6 +27,7 @@ import row_passes  # noqa: E402
 import small_logits  # noqa: E402
 import softcap_tanh  # noqa: E402
 import split_gradient  # noqa: E402
+import varying_batch  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -44,6 +45,7 @@ import split_gradient  # noqa: E402
         (row_passes, ["--n", "8", "--v", "300", "--graphs", "head shift,two graphs"]),
         (split_gradient, ["--n", "8", "--v", "300", "--options"]),
         (softcap_tanh, ["--n", "8", "--v", "300"]),
+        (varying_batch, ["--v", "2048", "--n-min", "128", "--n-max", "300", "--steps", "5"]),
     ],
     ids=[
         "linear_chunks",
@@ -55,12 +57,22 @@ import split_gradient  # noqa: E402
         "row_passes",
         "split_gradient",
         "softcap_tanh",
+        "varying_batch",
     ],
 )
 def test_script_runs_on_tiny_shapes(script, flags, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script.__file__, *flags, "--rounds", "1"])
     script.main()  # in this process: torch.compile's start-up is paid once per test session
     assert "× " in capsys.readouterr().out
+
+
+def test_varying_batch_outlier_reports_both_methods(monkeypatch, capsys):
+    flags = ["--v", "2048", "--n-min", "128", "--outlier", "600", "--steps", "2"]
+    monkeypatch.setattr(sys, "argv", [varying_batch.__file__, *flags])
+    varying_batch.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["F.cross_entropy", "fastxent"]
+    assert all("MiB held after 2 steps of N=128" in line for line in lines)
 
 
 def test_autocast_script_runs_on_tiny_shapes(capsys):
