@@ -280,20 +280,36 @@ def test_rows_with_a_non_finite_head_or_nan():
 
 
 def test_softcap_tanh_matches_tanh_eager_and_compiled():
-    # The kernel's tanh (through expm1): a few ulps eager; compiled, inductor's expm1 loses
-    # relative accuracy near 0, so the bound there is absolute (what z' = c·tanh(z/c) shifts by).
-    magnitudes = torch.logspace(-30, 3, 2001, dtype=torch.float64)
+    """The kernel's tanh (expm1, and its series below |x| = 1/4) within 2 float32 ulps of tanh,
+    relative, eager and compiled: inductor's expm1 alone gave 0 for |x| < 1e-8."""
+    magnitudes = torch.logspace(-30, 3, 20001, dtype=torch.float64)
     x = torch.cat([magnitudes, -magnitudes, torch.zeros(1)]).float()
     want = torch.tanh(x.double())
     eager = kernel._tanh(x).double()
     assert ((eager - want).abs() <= 2 * 2.0**-23 * want.abs()).all()
     compiled = torch.compile(kernel._tanh, dynamic=True)(x).double()
-    assert ((compiled - want).abs() <= 2 * 2.0**-23 * want.abs() + 2.0**-22).all()
+    assert ((compiled - want).abs() <= 2 * 2.0**-23 * want.abs()).all()
     special = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
     got = kernel._tanh(special)
     assert got[:2].tolist() == [1.0, -1.0] and got[2].isnan() and got[3].item() == 0.0
     wide = torch.compile(kernel._tanh, dynamic=True)(x.double())  # float64: tanh itself
     assert ((wide - want).abs() <= 2 * 2.0**-52 * want.abs()).all()
+
+
+@pytest.mark.parametrize("softcap", [1e5, 1e8, 1e30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cap_far_above_the_logits_is_the_identity(softcap, dtype):
+    """c ≫ |z|: z' = c·tanh(z/c) is z. The graph's tanh of z/c ~ 1e-8 came out 0 (inductor's
+    expm1 near 0), losses 5-40% off; now the loss and gradient are those without softcap, within
+    the dtype's rounding of the gradient (loss: float32 sums)."""
+    gen = torch.Generator().manual_seed(4)
+    z = (torch.randn(64, 300, generator=gen) * 2).to(dtype)
+    y = torch.randint(0, 300, (64,), generator=gen)
+    loss, grad = run(z, y, softcap=softcap)
+    ref_loss, ref_grad = oracle(z.double(), y)
+    grad_tol = 1e-6 if dtype == torch.float32 else 2.0**-8
+    assert max_err(loss.double(), ref_loss) <= 1e-6
+    assert max_err(grad.double(), ref_grad) <= grad_tol
 
 
 def test_split_variants_are_float_index_targets_without_softcap_into_a_buffer(monkeypatch):

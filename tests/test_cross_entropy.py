@@ -478,14 +478,46 @@ def _copying_unpack(loss_fn):
     return run
 
 
-@pytest.mark.parametrize("wrap", [_checkpointed, _copying_unpack], ids=["checkpoint", "copies"])
+def _hooked(pack, unpack):
+    def wrap(loss_fn):
+        def run(x):
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                return loss_fn(x)
+
+        return run
+
+    return wrap
+
+
+def _on_cpu(loss_fn):
+    def run(x):
+        with torch.autograd.graph.save_on_cpu():
+            return loss_fn(x)
+
+    return run
+
+
+HOOKED = {
+    "checkpoint": _checkpointed,
+    "copies": _copying_unpack,
+    "identity": _hooked(lambda t: t, lambda t: t),  # a new tensor object on the same memory
+    "detach": _hooked(lambda t: t, lambda t: t.detach()),
+    "save_on_cpu": _on_cpu,
+}
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("wrap", HOOKED.values(), ids=HOOKED.keys())
 @pytest.mark.parametrize("backend", ["torch", "compiled"])
-def test_backward_again_on_a_fresh_buffer(wrap, backend):
-    """A backward that gets a fresh buffer (recomputed, or copied by an unpack hook) scales it by
-    its own grad_output, not by the ratio to the factor an earlier backward folded into another."""
+def test_backward_again_through_saved_tensor_hooks(wrap, backend, inplace):
+    """Under saved-tensor hooks each backward may get a recomputed buffer, a copy, or the
+    kept memory under a new tensor: each scales by its own grad_output (folding into the first
+    and rescaling by a ratio gave 1/2 or 2x the gradient on the second backward)."""
     z = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 16, (8,), generator=torch.Generator().manual_seed(0))
-    loss = wrap(lambda x: fastxent.cross_entropy(x * 1.0, target, backend=backend))(z)
+    loss = wrap(
+        lambda x: fastxent.cross_entropy(x * 1.0, target, backend=backend, inplace_backward=inplace)
+    )(z)
     want = loss_and_grad(F.cross_entropy, z, target)[1]
     for factor in (2.0, 1.0, 3.0):
         (got,) = torch.autograd.grad(factor * loss, z, retain_graph=True)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fastxent
+from fastxent.check import torch_composed
 
 SCALE = 2.0**16
 
@@ -42,6 +43,27 @@ def test_cross_entropy_float16_gradient_survives_loss_scaling(backend):
     torch.testing.assert_close(loss.double(), F.cross_entropy(exact.detach(), target))
     assert norm_error(ours.grad, exact.grad) <= 1.5 * norm_error(theirs.grad, exact.grad)
     assert float((ours.grad == 0).double().mean()) < 0.01  # was 0.6: entries flushed to zero
+
+
+@pytest.mark.parametrize("options", [{"logit_scale": 1e5}, {"logit_scale": 1e5, "softcap": 3.0}])
+@pytest.mark.parametrize("backend", ["torch", "compiled", "linear"])
+def test_a_large_logit_scale_does_not_overflow_the_float16_mean(backend, options):
+    """A row's entries carry the chain factor α (α(1 - tanh²) with softcap): written before the
+    mean's 1/N, α = 1e5 made them inf where the mean's gradient, 12496 here, fits float16."""
+    z = torch.zeros(8, 16)
+    z[:, 1] = 1e-5
+    target = torch.zeros(8, dtype=torch.long)
+    exact = z.half().double().requires_grad_()
+    torch_composed(exact, target, **options).backward()  # PyTorch's ops, in float64
+    if backend == "linear":  # the logits as h·Wᵀ with W the identity
+        ours = z.half().requires_grad_()
+        eye = torch.eye(16).half()
+        fastxent.linear_cross_entropy(ours, eye, target, chunk_size=4, **options).backward()
+    else:
+        ours = z.half().requires_grad_()
+        fastxent.cross_entropy(ours, target, backend=backend, **options).backward()
+    assert torch.isfinite(ours.grad).all()
+    torch.testing.assert_close(ours.grad.double(), exact.grad.half().double(), rtol=2e-3, atol=0)
 
 
 def test_retained_graph_backward_twice_keeps_the_factor():

@@ -68,12 +68,6 @@ SCRIPT = textwrap.dedent(
                            constexprs={(scale.arg_names.index("BLOCK"),): 4096})
         out = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
         assert len(out.asm["cubin"]) > 0
-        if "WRITE_GRAD" in on and not soft:  # z_y is read by every thread after pass 1: a
-            # barrier between the row loss's store and the first gradient store orders it
-            lines = out.asm["ptx"].splitlines()
-            stores = [i for i, line in enumerate(lines) if "st.global" in line]
-            barriers = [i for i, line in enumerate(lines) if "bar.sync" in line]
-            assert any(stores[0] < i < stores[1] for i in barriers), (dtype, sorted(on))
         compiled += 1
     print("compiled", compiled)
     """

@@ -40,7 +40,6 @@ import contextlib
 import functools
 import math
 import threading
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -100,6 +99,7 @@ def deferred_mean(
     grad_dtype: torch.dtype,
     reduction: str,
     weight: Tensor | None = None,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     r"""The reduction's scales for a float16 gradient of a "mean": ``(a/f, b/f, f)``.
 
@@ -107,10 +107,12 @@ def deferred_mean(
     ``o_i / N``: below float16's smallest subnormal (6e-8) for most classes of a large vocabulary
     (``o_i ≈ 1/V``), so they would flush to zero before backward multiplies them by grad_output,
     the very loss scale (2^16 under GradScaler) that is there to keep them. So a float16 gradient
-    is written with ``a/f`` and ``b/f``, where ``f`` is ``a·w_max`` (``b`` where that is 0)
-    rounded down to a power of two (1 where both are 0), so entries are near ``o_i·w_y/w_max``
-    (``w_max`` the largest class weight, 1 without weights: the entries carry ``w_y``, and weights
-    of 1e5 overflowed float16 where PyTorch's weighted mean does not depend on their scale), and
+    is written with ``a/f`` and ``b/f``, where ``f`` is ``a·w_max·max(1, |α|)`` (``b`` where that
+    is 0) rounded down to a power of two (1 where both are 0), so entries are near
+    ``o_i·w_y/w_max`` (``w_max`` the largest class weight, 1 without weights: the entries carry
+    ``w_y``, and weights of 1e5 overflowed float16 where PyTorch's weighted mean does not depend
+    on their scale; likewise the chain factor ``α`` of a logit scale, or of softcap's
+    ``α(1 - tanh²)``: at α = 1e5 a row's entries overflowed where the mean's did not), and
     ``f`` joins grad_output in backward; the loss is ``f·Σ rows``. A power of two changes no
     rounding: ``fp16(x·a/f)·f`` is ``fp16(x·a)`` wherever the latter is a normal number, and a
     loss scale (a power of two too) then multiplies exactly. Other dtypes (float32's and bf16's
@@ -118,11 +120,12 @@ def deferred_mean(
     """
     if grad_dtype != torch.float16 or reduction != "mean":
         return ce_scale, z_scale, None
+    chain = max(1.0, abs(logit_scale))
     if weight is not None and weight.numel():
         ce_scale_max = ce_scale * weight.detach().abs().amax().to(ce_scale)
-        f = torch.where(ce_scale_max != 0, ce_scale_max, z_scale)
+        f = torch.where(ce_scale_max != 0, ce_scale_max, z_scale) * chain
     else:
-        f = torch.where(ce_scale != 0, ce_scale, z_scale)
+        f = torch.where(ce_scale != 0, ce_scale, z_scale) * chain
     power_of_two = torch.ldexp(torch.ones_like(f), torch.frexp(f).exponent - 1)  # ≤ f, > f/2
     f = torch.where(torch.isfinite(f) & (f != 0), power_of_two, torch.ones_like(f))
     return ce_scale / f, z_scale / f, f
@@ -204,7 +207,7 @@ def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
     the buffer, with at most :data:`REUSE_MAX_RATIO` times its bytes, is handed out again once
     nothing else holds it: no tensor, view or .grad on it (its use count is 1, the list's). A
     batch size that changes every step (sequence packing) then still reuses storages; an exact
-    size match did not, and paid the page faults every step (3.6x the kernel's time). One that
+    size match did not, and paid the page faults every step (3.6x a fixed size's time). One that
     serves no buffer for :data:`SPARE_AGE` requests is let go, so that a single outsized step
     does not hold its gradient's memory for the rest of the process. The CUDA caching allocator
     does this for GPU memory. :func:`empty_cache` releases them all.
@@ -334,13 +337,29 @@ MODIFIED_SINCE_FORWARD = (
 )
 
 
+_top_saved_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (activation checkpointing, ``save_on_cpu``, any
+    ``saved_tensors_hooks``) will pack what forward saves now; True when PyTorch cannot tell."""
+    if _top_saved_hooks is None:
+        return True
+    try:
+        return _top_saved_hooks(False) is not None
+    except (RuntimeError, TypeError):
+        return True
+
+
 def keep_for_backward(ctx, *grads: Tensor | None) -> None:
     """Hold the gradients made in forward for backward as autograd holds saved tensors: freed
     by a backward that does not retain the graph (a loss kept after backward, in a list of
     losses say, does not keep them alive), and checked then for in-place writes since forward."""
     ctx.save_for_backward(*grads)
-    # per buffer: (the tensor a backward multiplied its factor into, that factor), or None
-    ctx.folded = [None] * len(grads)
+    ctx.folded = None  # the factor the first backward multiplied into the buffers
+    # What an unpack hook returns may be a recomputed buffer (checkpointing), a copy, or a new
+    # tensor on the kept memory: backward cannot tell whether an earlier one folded into it.
+    ctx.hooked = saved_tensor_hooks_active()
 
 
 def kept_gradients(ctx) -> tuple[Tensor | None, ...]:
@@ -365,9 +384,11 @@ def scaled_gradients(
     (which can keep it as a leaf's .grad), or its cast. It writes through ``.data``, which does
     not move the version counter that autograd checks the kept buffers against: that write is
     part of backward, not a change since forward. A later backward through a retained graph
-    that gets the same buffer back scales into new tensors by ``factor`` over the folded one;
-    one that gets another (activation checkpointing recomputes the loss at each unpack, a
-    ``saved_tensors_hooks`` unpack may copy) has an unscaled buffer and folds it afresh.
+    scales into new tensors by ``factor`` over the folded one.
+
+    Not where forward saved its buffers through saved-tensor hooks (``ctx.hooked``): their
+    unpack may hand each backward a recomputed buffer (activation checkpointing), a copy, or a
+    new tensor on the folded memory, so there every backward scales into a new tensor.
 
     A buffer cast to another dtype (a float32 ∂W accumulator for bf16/fp16 weights) is scaled
     before the cast: a float16 sum over tokens that the factor brings into range stays finite.
@@ -376,27 +397,27 @@ def scaled_gradients(
     of ∂W), so there the buffer is folded in place and then cast.
     """
     grads = kept_gradients(ctx)
+    folds = [g is not None and not ctx.hooked and (d in (None, g.dtype) or g.device.type == "cpu")
+             for g, d in zip(grads, dtypes, strict=True)]  # fmt: skip
+    first = ctx.folded is None
+    if first:
+        ctx.folded = factor.detach().clone()
+    elif any(folds) and bool((ctx.folded == 0).any()):
+        raise RuntimeError(
+            "cannot back-propagate this loss again after a backward with grad_output 0 "
+            "(fastxent folds grad_output into its gradient buffer); recompute the loss."
+        )
     out = []
-    for i, (g, dtype) in enumerate(zip(grads, dtypes, strict=True)):
+    for g, dtype, fold in zip(grads, dtypes, folds, strict=True):
         if g is None:
             out.append(None)
-            continue
-        earlier = ctx.folded[i]
-        ratio = factor
-        if earlier is not None and earlier[0]() is g:  # this very buffer holds earlier·g
-            if bool((earlier[1] == 0).any()):
-                raise RuntimeError(
-                    "cannot back-propagate this loss again after a backward with grad_output 0 "
-                    "(fastxent folds grad_output into its gradient buffer); recompute the loss."
-                )
-            ratio = factor / earlier[1]
-        elif dtype in (None, g.dtype) or g.device.type == "cpu":
+        elif fold and first:
             scale_by_grad_output(g.data, factor)
-            ctx.folded[i] = (weakref.ref(g), factor.detach().clone())
             out.append(g.detach().to(dtype or g.dtype))  # the buffer itself in its own dtype
-            continue
-        scaled = torch.empty(g.shape, dtype=dtype or g.dtype, device=g.device)
-        out.append(scaled_in_blocks(g, ratio, scaled))
+        else:
+            ratio = factor / ctx.folded if fold else factor
+            scaled = torch.empty(g.shape, dtype=dtype or g.dtype, device=g.device)
+            out.append(scaled_in_blocks(g, ratio, scaled))
     return out
 
 
@@ -445,7 +466,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad = z if opts.inplace_backward else gradient_buffer_like(z)
         ce_scale, z_scale = reduction_scales(z, target, weight, opts)
         ce_scale, z_scale, factor = deferred_mean(
-            ce_scale, z_scale, z.dtype, opts.reduction, weight
+            ce_scale, z_scale, z.dtype, opts.reduction, weight, opts.logit_scale
         )
         rows = kernel(z, target, weight, opts, ce_scale, z_scale, grad)  # (M,)
         ctx.opts, ctx.factor = opts, factor

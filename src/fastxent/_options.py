@@ -6,6 +6,7 @@ came, so that bad input never reaches a kernel and never turns into a silent wro
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import warnings
@@ -189,10 +190,14 @@ def check_count(name: str, value: object) -> int | None:
 
 
 def is_finite(x: float) -> bool:
-    """``math.isfinite(x)`` in arithmetic (x - x is NaN for ±inf and NaN), which dynamo traces
-    where the floats are symbolic (``torch.compile(dynamic=True)``); math.isfinite breaks the
-    graph there."""
-    return x - x == 0.0
+    """``math.isfinite(x)``; while dynamo traces, the same test in arithmetic (``x - x`` is NaN
+    for ±inf and NaN), since math.isfinite does not trace on the symbolic floats of
+    ``torch.compile(dynamic=True)`` (or of a float option whose value changed between calls):
+    a graph break, and an error under ``fullgraph=True``. Dynamo assumes symbolic floats are
+    finite, so there a non-finite option is not caught: the loss is then inf or NaN."""
+    if torch.compiler.is_dynamo_compiling():
+        return x - x == 0.0
+    return math.isfinite(x)
 
 
 def check_scalars(
