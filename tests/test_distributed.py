@@ -782,6 +782,27 @@ def test_each_entry_point_gathers_its_own_layout(tmp_path):
         assert gathers == [1, 1, 0]
 
 
+def _equal_options_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Equal option values written differently on the two ranks (0 and 0.0, -0.0 and 0.0, 1 and
+    1.0, a NumPy float and its value), each call on a new group: its first, all-gathered."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    local = torch.randn(4, 5, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    y = torch.tensor([0, 3, 7, 9])
+    spellings = [
+        {"z_loss": 0, "logit_scale": 1, "softcap": 5, "label_smoothing": np.float64(0.1)},
+        {"z_loss": -0.0, "logit_scale": 1.0, "softcap": 5.0, "label_smoothing": 0.1},
+    ]
+    group = dist.new_group(list(range(world)))
+    loss = vocab_parallel_cross_entropy(local, y, group=group, **spellings[rank])
+    torch.save(float(loss), Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_equal_options_spelled_differently_agree(tmp_path):
+    losses = spawn_with_deadline(tmp_path, _equal_options_worker, 2)
+    assert losses[0] == losses[1]
+
+
 def test_layout_cache_does_not_keep_a_destroyed_group_alive(tmp_path):
     """The shard-layout cache holds its groups weakly: after destroy_process_group() the group
     (and gloo's worker threads with it) can be freed. Run in a fresh process (world size 1)."""

@@ -292,6 +292,12 @@ ONE_RANK_CASES = {
         ELSEWHERE,
         _linear_call({"bias": lambda r, w: torch.zeros(V, dtype=torch.float64)}),
     ),
+    "hidden_not_a_tensor": bad_on_rank_1(
+        TypeError,
+        "hidden must be a torch.Tensor, got list",
+        ELSEWHERE,
+        _linear_call({"hidden": lambda r, w: [[0.0] * D]}),
+    ),
     "other_backend": bad_on_rank_1(
         ValueError,
         "backend must be 'auto' or 'torch', got 'triton'",

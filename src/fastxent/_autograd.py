@@ -325,8 +325,8 @@ def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
     dtype); autocast's op lists (on CUDA they send exp, sum, log_softmax and more to float32)
     would change the ops under them.
     """
-    if autocast_dtype(x.device) is None:
-        return contextlib.nullcontext()
+    if not isinstance(x, Tensor) or autocast_dtype(x.device) is None:  # not a tensor: the
+        return contextlib.nullcontext()  # caller's checks say so (on every rank, vocab-parallel)
     return torch.autocast(x.device.type, enabled=False)
 
 

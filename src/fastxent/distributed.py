@@ -437,9 +437,12 @@ _AGREED = (_OPTIONS,)
 _LINEAR_AGREED = ("chunk_size (0 = None)", "hidden.requires_grad", "hidden.shape[-1] (D)", _OPTIONS)
 
 
-def _options_hash(*options: object) -> int:
-    """One int for the scalar options, the same on every rank exactly when they are."""
-    return zlib.crc32(repr(options).encode())
+def _options_hash(reduction: str, ignore_index: int, *scalars: float | None) -> int:
+    """One int for the options, the same on every rank exactly when their values are equal: the
+    float options hashed as floats (``0`` and ``0.0``, ``-0.0`` and ``0.0``, a NumPy float and
+    its value were refused as different when their reprs were hashed)."""
+    floats = tuple(None if x is None else float(x) + 0.0 for x in scalars)  # + 0.0: -0.0 → 0.0
+    return zlib.crc32(repr((reduction, int(ignore_index), *floats)).encode())
 
 
 # A rank whose checks failed sends 1 + the index here of its exception's class (0: passed), so
