@@ -93,6 +93,9 @@ def reduction_scales(
     return (inverse_n if total_weight is n else inverse(total_weight)), inverse_n
 
 
+CHAIN_KEPT = 2.0**12  # float16 mean: entries keep a logit scale's factor up to this much
+
+
 def deferred_mean(
     ce_scale: Tensor,
     z_scale: Tensor,
@@ -107,12 +110,13 @@ def deferred_mean(
     ``o_i / N``: below float16's smallest subnormal (6e-8) for most classes of a large vocabulary
     (``o_i ≈ 1/V``), so they would flush to zero before backward multiplies them by grad_output,
     the very loss scale (2^16 under GradScaler) that is there to keep them. So a float16 gradient
-    is written with ``a/f`` and ``b/f``, where ``f`` is ``a·w_max·max(1, |α|)`` (``b`` where that
-    is 0) rounded down to a power of two (1 where both are 0), so entries are near
+    is written with ``a/f`` and ``b/f``, where ``f`` is ``a·w_max·max(1, |α|/2^12)`` (``b`` where
+    that is 0) rounded down to a power of two (1 where both are 0), so entries are near
     ``o_i·w_y/w_max`` (``w_max`` the largest class weight, 1 without weights: the entries carry
     ``w_y``, and weights of 1e5 overflowed float16 where PyTorch's weighted mean does not depend
-    on their scale; likewise the chain factor ``α`` of a logit scale, or of softcap's
-    ``α(1 - tanh²)``: at α = 1e5 a row's entries overflowed where the mean's did not), and
+    on their scale), times the chain factor of a logit scale ``α`` (or softcap's
+    ``α(1 - tanh²)``) up to 2^12: at α = 1e5 a row's entries overflowed where the mean's did
+    not, while dividing all of α out flushed the small entries of a moderate α (100) to zero.
     ``f`` joins grad_output in backward; the loss is ``f·Σ rows``. A power of two changes no
     rounding: ``fp16(x·a/f)·f`` is ``fp16(x·a)`` wherever the latter is a normal number, and a
     loss scale (a power of two too) then multiplies exactly. Other dtypes (float32's and bf16's
@@ -120,7 +124,7 @@ def deferred_mean(
     """
     if grad_dtype != torch.float16 or reduction != "mean":
         return ce_scale, z_scale, None
-    chain = max(1.0, abs(logit_scale))
+    chain = max(1.0, abs(logit_scale) / CHAIN_KEPT)  # α's part beyond CHAIN_KEPT, see above
     if weight is not None and weight.numel():
         ce_scale_max = ce_scale * weight.detach().abs().amax().to(ce_scale)
         f = torch.where(ce_scale_max != 0, ce_scale_max, z_scale) * chain
