@@ -468,17 +468,9 @@ def _checkpointed(loss_fn):
     return lambda x: torch.utils.checkpoint.checkpoint(loss_fn, x, use_reentrant=False)
 
 
-def _copying_unpack(loss_fn):
-    """loss_fn with saved tensors unpacked as copies (a saved_tensors_hooks pair that copies)."""
-
-    def run(x):
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.clone()):
-            return loss_fn(x)
-
-    return run
-
-
 def _hooked(pack, unpack):
+    """loss_fn with its saved tensors packed and unpacked by ``pack``, ``unpack``."""
+
     def wrap(loss_fn):
         def run(x):
             with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -499,7 +491,7 @@ def _on_cpu(loss_fn):
 
 HOOKED = {
     "checkpoint": _checkpointed,
-    "copies": _copying_unpack,
+    "copies": _hooked(lambda t: t, lambda t: t.clone()),
     "identity": _hooked(lambda t: t, lambda t: t),  # a new tensor object on the same memory
     "detach": _hooked(lambda t: t, lambda t: t.detach()),
     "save_on_cpu": _on_cpu,

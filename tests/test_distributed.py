@@ -756,7 +756,7 @@ def test_a_revisited_layout_key_is_gathered_again(tmp_path):
 
 def _entry_points_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """The logits' path, then the fused projection with the same V_r on the same group."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(rank, world, init_file, 60)
     gen = torch.Generator().manual_seed(rank)
     local, hidden, local_weight = (
         torch.randn(shape, generator=gen, dtype=torch.float64) for shape in ((4, 3), (4, 2), (3, 2))
@@ -785,7 +785,7 @@ def test_each_entry_point_gathers_its_own_layout(tmp_path):
 def _equal_options_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Equal option values written differently on the two ranks (0 and 0.0, -0.0 and 0.0, 1 and
     1.0, a NumPy float and its value), each call on a new group: its first, all-gathered."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(rank, world, init_file, 60)
     local = torch.randn(4, 5, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
     y = torch.tensor([0, 3, 7, 9])
     spellings = [

@@ -125,11 +125,10 @@ def deferred_mean(
     if grad_dtype != torch.float16 or reduction != "mean":
         return ce_scale, z_scale, None
     chain = max(1.0, abs(logit_scale) / CHAIN_KEPT)  # α's part beyond CHAIN_KEPT, see above
+    ce_scale_max = ce_scale  # a·w_max
     if weight is not None and weight.numel():
         ce_scale_max = ce_scale * weight.detach().abs().amax().to(ce_scale)
-        f = torch.where(ce_scale_max != 0, ce_scale_max, z_scale) * chain
-    else:
-        f = torch.where(ce_scale != 0, ce_scale, z_scale) * chain
+    f = torch.where(ce_scale_max != 0, ce_scale_max, z_scale) * chain
     power_of_two = torch.ldexp(torch.ones_like(f), torch.frexp(f).exponent - 1)  # ≤ f, > f/2
     f = torch.where(torch.isfinite(f) & (f != 0), power_of_two, torch.ones_like(f))
     return ce_scale / f, z_scale / f, f
