@@ -58,6 +58,34 @@ def test_a_gradient_still_held_is_never_overwritten(keep):
     torch.testing.assert_close(other.grad, torch_grad(other, y2))
 
 
+def test_a_gradient_whose_storage_object_is_held_is_never_overwritten():
+    # t.untyped_storage() is one Python object per storage, the one the reuse list keeps: it
+    # adds a Python reference, not a use count
+    z, y = make(3)
+    step(z, y)
+    storage = z.grad.untyped_storage()
+    snapshot = z.grad.clone()
+    z.grad = None
+    other, y2 = make(4)
+    step(other, y2)
+    kept = torch.empty(0).set_(storage, 0, (N, V))
+    assert torch.equal(kept, snapshot)
+    torch.testing.assert_close(other.grad, torch_grad(other, y2))
+
+
+def test_a_gradient_in_shared_memory_is_let_go():
+    # what torch.multiprocessing does to a tensor it sends: the receiving process's mapping is
+    # not seen in this process's use count, so the storage must not be handed out again
+    z, y = make(5)
+    step(z, y)
+    shared = z.grad.share_memory_().data_ptr()
+    z.grad = None
+    other, y2 = make(6)
+    step(other, y2)
+    assert other.grad.data_ptr() != shared
+    assert all(not s.is_shared() for s, _ in _autograd._spares)
+
+
 def test_gradient_accumulation_is_exact():
     """.grad is not reset: the second gradient accumulates into the first buffer, not over it."""
     z, y = make(3)

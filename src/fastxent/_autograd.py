@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import threading
 from collections.abc import Callable
 
@@ -208,7 +209,9 @@ def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
     itself, for the linear walk's logits and ∂W a tenth of a step on two cores. So the storages of
     the last :data:`SPARES` such buffers (1 MiB or more) are kept, and the smallest that holds
     the buffer, with at most :data:`REUSE_MAX_RATIO` times its bytes, is handed out again once
-    nothing else holds it: no tensor, view or .grad on it (its use count is 1, the list's). A
+    nothing else holds it: no tensor, view or .grad on it, and no Python reference to its
+    storage object (:func:`_unheld`); a storage moved to shared memory (sent to another process)
+    is let go, as that process's use is not seen here. A
     batch size that changes every step (sequence packing) then still reuses storages; an exact
     size match did not, and paid the page faults every step (3.6x a fixed size's time). One that
     serves no buffer for :data:`SPARE_AGE` requests is let go, so that a single outsized step
@@ -221,12 +224,16 @@ def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
         return torch.empty(shape, dtype=dtype, device=device)
     with _spares_lock:  # two threads must not both take a storage whose use count is 1
         _requests += 1
-        _spares[:] = [(s, last) for s, last in _spares if _requests - last <= SPARE_AGE]
+        # let go: the aged, and those in shared memory (another process may map them, unseen)
+        _spares[:] = [
+            (s, last)
+            for s, last in _spares
+            if _requests - last <= SPARE_AGE and not s.is_shared()
+        ]
         fits = [
             i
-            for i, (storage, _) in enumerate(_spares)
-            if nbytes <= storage.nbytes() <= REUSE_MAX_RATIO * nbytes
-            and _storage_use_count(storage._cdata) == 1
+            for i, entry in enumerate(_spares)
+            if nbytes <= entry[0].nbytes() <= REUSE_MAX_RATIO * nbytes and _unheld(entry)
         ]
         if fits:
             storage, _ = _spares.pop(min(fits, key=lambda i: _spares[i][0].nbytes()))
@@ -237,6 +244,26 @@ def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
         _spares.append((buffer.untyped_storage(), _requests))
         del _spares[:-SPARES]
         return buffer
+
+
+def _python_references(entry: tuple[torch.UntypedStorage, int]) -> int:
+    """How many Python references the kept storage object of ``entry`` has, this call's own
+    included (compared with :data:`_KEPT_ONLY`, counted by the same call). It takes the entry,
+    not the storage, and :func:`_unheld` names no local for the storage: each would be one
+    more reference than the count it is compared with."""
+    return sys.getrefcount(entry[0])
+
+
+# A storage kept by the list alone: its entry's reference, and this count's own.
+_KEPT_ONLY = _python_references((torch.UntypedStorage(1), 0))
+
+
+def _unheld(entry: tuple[torch.UntypedStorage, int]) -> bool:
+    """Whether nothing but the list holds ``entry``'s storage: no tensor, view or .grad on it
+    (its use count is 1: the storage object's) and no other Python reference to that storage
+    object. PyTorch keeps one Python object per storage, so ``t.untyped_storage()`` kept by a
+    caller is the list's own object: it adds no use count, only a Python reference."""
+    return _storage_use_count(entry[0]._cdata) == 1 and _python_references(entry) == _KEPT_ONLY
 
 
 def gradient_buffer_like(z: Tensor) -> Tensor:
