@@ -139,6 +139,17 @@ def test_narrow_integer_targets_are_checked_as_int64(backend, dtype, bad, ignore
         fastxent.cross_entropy(Z.double(), target, ignore_index=ignore_index, backend=backend)
 
 
+@pytest.mark.skipif(not hasattr(torch, "uint64"), reason="no uint64 before PyTorch 2.3")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_uint64_targets_are_refused_as_int64_cannot_hold_them(backend):
+    """2**64 - 100 read as int64 is -100: it passed as ignored and its row's loss was 0."""
+    target = torch.tensor([0, 1, 2**64 - 100, 3], dtype=torch.uint64)
+    with pytest.raises(TypeError, match="got torch.uint64 .int64 cannot hold all of uint64"):
+        fastxent.cross_entropy(Z, target, backend=backend)
+    with pytest.raises(TypeError, match="got torch.uint64 .int64 cannot hold all of uint64"):
+        fastxent.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), target, backend=backend)
+
+
 def test_modules_check_inplace_backward_and_devices():
     with pytest.raises(TypeError, match="inplace_backward must be True or False, got str"):
         fastxent.CrossEntropyLoss(inplace_backward="yes")

@@ -88,9 +88,20 @@ def legacy_reduction(size_average: bool | None, reduce: bool | None, reduction: 
     return legacy
 
 
+# Read as int64, uint64 indices from 2**63 on wrap to negative numbers: 2**64 - 100 would pass
+# as ignore_index -100. PyTorch refuses every integer dtype but int64.
+_WRAPPING_INDEX_DTYPES = tuple(d for d in (getattr(torch, "uint64", None),) if d is not None)
+
+
 def holds_class_indices(target: Tensor) -> bool:
-    """Whether ``target``'s dtype is an integer one (not floating, complex or bool)."""
-    return not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
+    """Whether ``target``'s dtype is an integer one that int64 holds (not floating, complex,
+    bool or uint64)."""
+    return not (
+        target.is_floating_point()
+        or target.is_complex()
+        or target.dtype == torch.bool
+        or target.dtype in _WRAPPING_INDEX_DTYPES
+    )
 
 
 def check_ignore_index(ignore_index: int) -> int:
@@ -415,8 +426,14 @@ def check_target_kind(
             )
         return True
     if not holds_class_indices(target):
+        wraps = (
+            " (int64 cannot hold all of uint64: convert with target.long())"
+            if (target.dtype in _WRAPPING_INDEX_DTYPES)
+            else ""
+        )
         raise TypeError(
-            f"target must hold class indices (int64) or probabilities (float), got {target.dtype}."
+            f"target must hold class indices (int64) or probabilities (float), got "
+            f"{target.dtype}{wraps}."
         )
     if tuple(target.shape) != index_shape:
         raise ValueError(
