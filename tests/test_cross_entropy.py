@@ -68,6 +68,50 @@ def test_parity_with_torch_float64(backend, shape, soft, weighted, reduction, la
         torch.testing.assert_close(got[1], want[1], rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("backend", [*PATHS, "compiled"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("shape", [(5, 7), (3, 7, 2, 4)])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_probability_targets_and_their_class_weights_get_pytorchs_gradients(
+    backend, reduction, shape, z_loss
+):
+    """PyTorch differentiates its probability-target loss in the targets and class weights
+    too; such calls run on PyTorch's ops (whatever the backend) and match its gradients to
+    1e-12. The z-loss s·lse² reaches neither (its mean is over the rows, as the CE's)."""
+    z, target, weight = make_case(shape, soft=True, weighted=True)
+    g = torch.Generator().manual_seed(1)
+
+    def leaves():
+        return [x.detach().clone().requires_grad_() for x in (z, target, weight)]
+
+    mine, theirs = leaves(), leaves()
+    kwargs = {"reduction": reduction, "label_smoothing": 0.2}
+    loss = fastxent.cross_entropy(*mine, z_loss=z_loss, backend=backend, **kwargs)
+    want = F.cross_entropy(*theirs, **kwargs)
+    lse_squared = torch.logsumexp(theirs[0], dim=1).square() * z_loss
+    want = want + (lse_squared if reduction == "none" else getattr(lse_squared, reduction)())
+    grad_output = torch.rand(want.shape, generator=g, dtype=torch.float64) + 0.5
+    loss.backward(grad_output)
+    want.backward(grad_output)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-13)
+    for got_grad, want_grad in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(got_grad.grad, want_grad.grad, rtol=1e-12, atol=1e-13)
+
+
+def test_targets_requiring_grad_need_no_detach_without_a_graph():
+    """Under no_grad a target or class weight that requires grad asks for no gradient."""
+    z, target, weight = make_case((5, 7), soft=True, weighted=True)
+    want = F.cross_entropy(z, target, weight)
+    with torch.no_grad():
+        got = fastxent.cross_entropy(
+            z, target.requires_grad_(), weight.requires_grad_(), backend="torch"
+        )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+    z, target, _ = make_case((5, 7), soft=False, weighted=False)
+    with pytest.raises(ValueError, match="not computed for class-index targets"):
+        fastxent.cross_entropy(z, target, weight)  # as PyTorch: no weight gradient there
+
+
 @pytest.mark.parametrize("backend", PATHS)
 @pytest.mark.parametrize(
     "extras",

@@ -38,7 +38,6 @@ T = torch.tensor([0, 1, 2, 3])
         ({"z_loss": True}, TypeError, "z_loss must be a number, got bool"),
         ({"softcap": "30"}, TypeError, r"softcap must be a number or None \(off\), got str"),
         ({"target": torch.rand(4, 5), "ignore_index": 3}, ValueError, "ignore_index is only"),
-        ({"target": torch.rand(4, 5, requires_grad=True)}, ValueError, r"target.detach\(\)"),
         ({"backend": "cuda"}, ValueError, "unknown backend 'cuda'"),
         ({"ignore_index": None}, TypeError, "ignore_index must be an int .* NoneType None"),
         ({"ignore_index": 1.5}, TypeError, "ignore_index must be an int .* float 1.5"),
@@ -144,9 +143,9 @@ def test_narrow_integer_targets_are_checked_as_int64(backend, dtype, bad, ignore
 def test_uint64_targets_are_refused_as_int64_cannot_hold_them(backend):
     """2**64 - 100 read as int64 is -100: it passed as ignored and its row's loss was 0."""
     target = torch.tensor([0, 1, 2**64 - 100, 3], dtype=torch.uint64)
-    with pytest.raises(TypeError, match="got torch.uint64 .int64 cannot hold all of uint64"):
+    with pytest.raises(TypeError, match=r"got torch.uint64 \(int64 cannot hold all of uint64"):
         fastxent.cross_entropy(Z, target, backend=backend)
-    with pytest.raises(TypeError, match="got torch.uint64 .int64 cannot hold all of uint64"):
+    with pytest.raises(TypeError, match=r"got torch.uint64 \(int64 cannot hold all of uint64"):
         fastxent.linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), target, backend=backend)
 
 

@@ -549,6 +549,39 @@ def test_default_chunk_size_splits_the_tokens_evenly(num_tokens, rows):
     assert -(-num_tokens // chunk) == -(-num_tokens // 2304)  # no more chunks than the limit's
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("walk", [{}, {"chunk_size": 3}])
+def test_probability_targets_and_class_weights_get_pytorchs_gradients(reduction, shift, walk):
+    """As cross_entropy: a target or class weight that requires grad is differentiated on
+    PyTorch's ops (the logits materialised, walk options set aside), to 1e-12 of PyTorch."""
+    hidden, weight, bias, target = make_case((2, 5), num_classes=30, soft=True, seed=21)
+    class_weight = torch.rand(30, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def leaves():
+        return [x.detach().clone().requires_grad_() for x in (hidden, weight, bias, target)]
+
+    (h, w, b, y), theirs = leaves(), leaves()
+    cw, their_cw = (class_weight.clone().requires_grad_() for _ in range(2))
+    loss = fastxent.linear_cross_entropy(
+        h, w, y, b, class_weight=cw, reduction=reduction, label_smoothing=0.1, shift=shift,
+        backend=BACKEND, **walk,
+    )  # fmt: skip
+    th, tw, tb, ty = theirs
+    if shift:
+        th, ty = th[:, :-1], ty[:, 1:]
+    want = F.cross_entropy(
+        F.linear(th, tw, tb).flatten(0, 1), ty.flatten(0, 1), their_cw, reduction=reduction,
+        label_smoothing=0.1,
+    ).reshape(loss.shape)  # fmt: skip
+    grad_output = torch.rand(want.shape, dtype=torch.float64) + 0.5
+    loss.backward(grad_output)
+    want.backward(grad_output)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-13)
+    for got, expected in zip([h, w, b, y, cw], [*theirs, their_cw], strict=True):
+        torch.testing.assert_close(got.grad, expected.grad, rtol=1e-12, atol=1e-13)
+
+
 def _call(**overrides):
     hidden, weight, bias, target = make_case((2, 4), num_classes=20, seed=14)
     args = {"hidden": hidden, "weight": weight, "target": target, "bias": bias}
@@ -647,8 +680,6 @@ def test_shift_errors_count_the_shifted_targets():
         _call(target=torch.zeros(2, 3, dtype=torch.long), shift=True)
     with pytest.raises(ValueError, match="ignore_index is only supported"):
         _call(target=torch.rand(2, 4, 20, dtype=torch.float64), ignore_index=0)
-    with pytest.raises(ValueError, match="probability targets are not supported"):
-        _call(target=torch.rand(2, 4, 20, dtype=torch.float64, requires_grad=True))
 
 
 def test_auto_takes_the_fused_ops_path_for_small_cpu_calls(monkeypatch, shapes_passed_to):

@@ -226,9 +226,7 @@ def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
         _requests += 1
         # let go: the aged, and those in shared memory (another process may map them, unseen)
         _spares[:] = [
-            (s, last)
-            for s, last in _spares
-            if _requests - last <= SPARE_AGE and not s.is_shared()
+            (s, last) for s, last in _spares if _requests - last <= SPARE_AGE and not s.is_shared()
         ]
         fits = [
             i

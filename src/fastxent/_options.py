@@ -267,11 +267,13 @@ def check_weight(
     name: str = "weight",
     device: torch.device | None = None,
     of: str = "input",
+    soft: bool = False,
 ) -> None:
-    """Class weights are a 1-D floating tensor of length C, not requiring grad, on ``device``
-    (that of the tensor named ``of``) when given. Any floating dtype: they are used in the
-    accumulation dtype (float32, float64 for float64 logits), where PyTorch asks for the
-    logits' dtype."""
+    """Class weights are a 1-D floating tensor of length C, on ``device`` (that of the tensor
+    named ``of``) when given. Any floating dtype: they are used in the accumulation dtype
+    (float32, float64 for float64 logits), where PyTorch asks for the logits' dtype. They may
+    require grad only with probability targets (``soft``; see :func:`needs_pytorch_autograd`),
+    as in PyTorch, whose class-index loss has no weight gradient either."""
     if weight is None:
         return
     if not isinstance(weight, Tensor):
@@ -284,11 +286,21 @@ def check_weight(
         )
     if not weight.is_floating_point():
         raise TypeError(f"{name} must be floating point, got dtype {weight.dtype}.")
-    if weight.requires_grad and torch.is_grad_enabled():
+    if weight.requires_grad and torch.is_grad_enabled() and not soft:
         raise ValueError(
-            f"gradients with respect to the class weights are not computed (as in PyTorch); "
-            f"pass {name}.detach()."
+            f"gradients with respect to the class weights are not computed for class-index "
+            f"targets (as in PyTorch); pass {name}.detach()."
         )
+
+
+def needs_pytorch_autograd(soft: bool, target: Tensor, weight: Tensor | None) -> bool:
+    """Whether a gradient is asked for that only PyTorch's ops give: of probability targets,
+    or of class weights with them (grad mode on and one of them requiring grad). The kernels
+    compute the logits' gradient alone; with probability targets y and weights w, PyTorch's
+    loss also differentiates −Σ_c w_c y'_c log o_c in y (through y' = (1−ε)y + ε/C) and w."""
+    if not (soft and torch.is_grad_enabled()):
+        return False
+    return target.requires_grad or (weight is not None and weight.requires_grad)
 
 
 def values_readable(*tensors: Tensor | None) -> bool:
@@ -418,11 +430,6 @@ def check_target_kind(
                 f"probability targets must have shape {soft_shape} ({context}), got "
                 f"{tuple(target.shape)}; for class indices pass an integer (int64) tensor of "
                 f"shape {index_shape}."
-            )
-        if target.requires_grad:
-            raise ValueError(
-                "gradients with respect to probability targets are not supported; pass "
-                "target.detach()."
             )
         return True
     if not holds_class_indices(target):

@@ -32,6 +32,7 @@ from fastxent._options import (
     check_weight,
     holds_class_indices,
     legacy_reduction,
+    needs_pytorch_autograd,
     start_index_target_check,
     values_readable,
 )
@@ -169,8 +170,11 @@ def cross_entropy(
     Args:
         input: logits, any floating dtype. bf16/fp16 accumulate in float32.
         target: class indices in ``[0, C)`` (or ``ignore_index``), or probabilities.
+            Probabilities that require grad are differentiated as PyTorch does, on PyTorch's
+            ops (which keep an N×C log-softmax; so do class weights that require grad).
         weight: ``(C,)`` class weights. "mean" divides by the total weight of the counted targets
             (index targets) or by the number of rows (probability targets), as PyTorch does.
+            They may require grad with probability targets only, as in PyTorch.
         size_average, reduce: PyTorch's deprecated pair, accepted in their positions for
             drop-in calls and turned into ``reduction`` as PyTorch does (with a deprecation
             warning).
@@ -234,7 +238,7 @@ def cross_entropy(
     ):
         target = target.reshape(())  # PyTorch takes a (1,) class index for (C,) logits too
     soft = check_targets(input, target, class_dim)
-    check_weight(weight, num_classes, device=input.device)
+    check_weight(weight, num_classes, device=input.device, soft=soft)
     check_soft_ignore_index(soft, ignore_index)
     check_flag("inplace_backward", inplace_backward)
     if inplace_backward:
@@ -243,6 +247,7 @@ def cross_entropy(
     transformed = under_torch_func(input, target, weight)  # PyTorch's ops check the targets
     fused_ops = (
         transformed
+        or needs_pytorch_autograd(soft, target, weight)
         or not values_readable(input, target, weight)  # meta, torch.export: PyTorch's ops
         or (uses_composed(backend, input.device, input.numel()) and not inplace_backward)
     )
@@ -424,7 +429,7 @@ def linear_cross_entropy(
     check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
     soft = check_inputs(hidden, weight, bias, target, shift, master_weights)
     num_classes = weight.shape[0]
-    check_weight(class_weight, num_classes, "class_weight", hidden.device, "hidden")
+    check_weight(class_weight, num_classes, "class_weight", hidden.device, "hidden", soft)
     check_soft_ignore_index(soft, ignore_index)
     chunk_size, vocab_block = check_chunking(chunk_size, filter_eps, vocab_block)
     check_backend_name(backend)  # also where PyTorch's ops serve the call
@@ -440,6 +445,7 @@ def linear_cross_entropy(
     if (
         transformed
         or traced
+        or needs_pytorch_autograd(soft, target, class_weight)
         or hidden.shape[-1] == 0
         # Small calls; asked last: under torch.export the token count is a symbol, which a
         # comparison would fix to the example's value.
