@@ -12,10 +12,10 @@ autograd in backward like any other, so DDP's gradient hooks see it unchanged.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.distributed as dist
+from _leave import destroy_group_and_exit  # examples/_leave.py
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastxent
@@ -58,15 +58,8 @@ def main() -> None:
     dist.all_gather(checks, total)
     if rank == 0:
         print(f"parameter checksums per rank: {[f'{c.item():.10f}' for c in checks]}")
-    dist.destroy_process_group()
+    destroy_group_and_exit()
 
 
 if __name__ == "__main__":
     main()
-    # Leave without the interpreter's shutdown: gloo's worker threads can outlive
-    # destroy_process_group() (while anything still holds the group; DDP's internals do), and one
-    # that frees a tensor during the shutdown aborts the process ("terminate called without an
-    # active exception", as pytorch/pytorch#179291 describes), which torchrun reports as a failure.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
