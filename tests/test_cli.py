@@ -13,6 +13,17 @@ from fastxent import check, cli
 REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
 
 
+def test_version_and_python_dash_m():
+    """``python -m fastxent`` is the ``fastxent`` script; ``--version`` names torch's too."""
+    import fastxent
+
+    run = subprocess.run(
+        [sys.executable, "-m", "fastxent", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"fastxent {fastxent.__version__} (torch {torch.__version__})"
+
+
 def test_check_passes_and_prints_every_step(capsys):
     assert cli.main(["check"]) == 0
     out = capsys.readouterr().out

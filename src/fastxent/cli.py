@@ -14,10 +14,15 @@ def summary(module: ModuleType) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastxent import bench, check
+    import torch
+
+    from fastxent import __version__, bench, check
 
     parser = argparse.ArgumentParser(
         prog="fastxent", description="Softmax cross-entropy: verify the math, measure the speed."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"fastxent {__version__} (torch {torch.__version__})"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser(
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench.run(args)
     except ImportError as error:
         print(
-            f"fastxent: {error}. The command line needs its extras: pip install 'fastxent[cli]'.",
+            f"fastxent: {error}. The command line needs its extras: pip install 'fastxent[cli]' "
+            "(from a source checkout: pip install '.[cli]').",
             file=sys.stderr,
         )
         return 2
