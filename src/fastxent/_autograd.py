@@ -384,7 +384,10 @@ def keep_for_backward(ctx, *grads: Tensor | None) -> None:
     by a backward that does not retain the graph (a loss kept after backward, in a list of
     losses say, does not keep them alive), and checked then for in-place writes since forward."""
     ctx.save_for_backward(*grads)
-    ctx.folded = None  # the factor the first backward multiplied into the buffers
+    # The factor the first backward multiplied into the buffers, once there is one. Backward
+    # changes this list, never ctx's attributes: compiled autograd hands backward a proxy of
+    # ctx whose attribute writes are dropped, so each backward saw "first" and folded again.
+    ctx.folded = []
     # What an unpack hook returns may be a recomputed buffer (checkpointing), a copy, or a new
     # tensor on the kept memory: backward cannot tell whether an earlier one folded into it.
     ctx.hooked = saved_tensor_hooks_active()
@@ -427,10 +430,10 @@ def scaled_gradients(
     grads = kept_gradients(ctx)
     folds = [g is not None and not ctx.hooked and (d in (None, g.dtype) or g.device.type == "cpu")
              for g, d in zip(grads, dtypes, strict=True)]  # fmt: skip
-    first = ctx.folded is None
+    first = not ctx.folded
     if first:
-        ctx.folded = factor.detach().clone()
-    elif any(folds) and bool((ctx.folded == 0).any()):
+        ctx.folded.append(factor.detach().clone())
+    elif any(folds) and bool((ctx.folded[0] == 0).any()):
         raise RuntimeError(
             "cannot back-propagate this loss again after a backward with grad_output 0 "
             "(fastxent folds grad_output into its gradient buffer); recompute the loss."
@@ -443,7 +446,7 @@ def scaled_gradients(
             scale_by_grad_output(g.data, factor)
             out.append(g.detach().to(dtype or g.dtype))  # the buffer itself in its own dtype
         else:
-            ratio = factor / ctx.folded if fold else factor
+            ratio = factor / ctx.folded[0] if fold else factor
             scaled = torch.empty(g.shape, dtype=dtype or g.dtype, device=g.device)
             out.append(scaled_in_blocks(g, ratio, scaled))
     return out
