@@ -240,9 +240,7 @@ def cross_entropy(
     soft = check_targets(input, target, class_dim)
     check_weight(weight, num_classes, device=input.device, soft=soft)
     check_soft_ignore_index(soft, ignore_index)
-    check_flag("inplace_backward", inplace_backward)
-    if inplace_backward:
-        check_inplace_logits(input)
+    check_flag("inplace_backward", inplace_backward)  # its logits are checked by _by_kernel
     check_backend_name(backend)  # also where PyTorch's ops serve the call
     transformed = under_torch_func(input, target, weight)  # PyTorch's ops check the targets
     fused_ops = (
@@ -276,7 +274,7 @@ def cross_entropy(
                 check_index_targets(target, num_classes, ignore_index)
                 loss = composed.cross_entropy(z, t, weight, opts)
     else:
-        loss = _by_kernel(z, t, weight, opts, backend, target)
+        loss = _by_kernel(z, t, weight, opts, backend, target, input)
     if reduction == "none":
         loss = loss.reshape(input.shape[:class_dim] + input.shape[class_dim + 1 :])
     return loss
@@ -511,13 +509,18 @@ def _by_kernel(
     opts: CrossEntropyOptions,
     backend: str,
     target: Tensor,
+    logits: Tensor,
 ) -> Tensor:
     """The rows' loss through :class:`CrossEntropyFunction` and ``backend``'s row kernel; class
     indices checked by fastxent (on CUDA beside the Triton kernel, which reads bad targets
-    safely).
+    safely), and with ``inplace_backward`` the caller's ``logits`` (``z`` is their rows).
 
-    Never traced by torch.compile: one graph break (:func:`outside_graph`).
+    Never traced by torch.compile: one graph break (:func:`outside_graph`). That is also why the
+    logits are checked here: dynamo cannot trace ``Tensor._is_view``, and the paths on PyTorch's
+    ops (torch.func, torch.export, gradients of probability targets) write nothing into them.
     """
+    if opts.inplace_backward:
+        check_inplace_logits(logits)
     name, kernel = resolve_backend(backend, z.device, z.numel())
     finish_target_check = None
     if not opts.soft:
