@@ -156,3 +156,25 @@ def test_compiled_autograd_backward_through_a_retained_graph(form):
     else:
         got = scale_grad(lambda h: fastxent.linear_cross_entropy(h, weight, target, chunk_size=4))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_backward_inside_a_compiled_step_leaves_fastxents_backward_untraced():
+    """With loss.backward() in the compiled function, dynamo compiled fastxent's backward
+    frames as well and broke their graphs on the host read of grad_output (``Tensor.item()``,
+    with a warning pointing into fastxent); they now run as the kernel does, outside."""
+    z, y = torch.randn(LARGE), torch.randint(0, LARGE[1], LARGE[:1])
+    weight = torch.ones(LARGE[1], requires_grad=True)
+
+    @torch.compile(backend="aot_eager")
+    def step(z):
+        loss = fastxent.cross_entropy(z * weight, y, backend="torch")
+        loss.backward()
+        return loss.detach()
+
+    counters.clear()
+    step(z)
+    breaks = " ".join(counters["graph_break"])
+    assert "item()" not in breaks
+    leaf = weight.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(z * leaf, y).backward()
+    torch.testing.assert_close(weight.grad, leaf.grad, **F32)

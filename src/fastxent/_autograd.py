@@ -477,7 +477,9 @@ def first_order_backward(backward: Callable) -> Callable:
             raise RuntimeError(NOT_TWICE_DIFFERENTIABLE)
         return once(ctx, *grad_outputs)
 
-    return checked
+    # Not traced either: with loss.backward() inside a compiled function, dynamo compiled these
+    # frames too, breaking its graphs on the host read of grad_output with a warning.
+    return outside_graph(checked)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
