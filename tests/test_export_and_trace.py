@@ -5,6 +5,8 @@ freeze the branch): the calls are computed from PyTorch's ops. The oracle is the
 reference (fastxent.reference) on the same logits.
 """
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -186,3 +188,16 @@ def test_elementwise_mean_is_mean_with_pytorchs_deprecation_warning():
         loss_fn = fastxent.CrossEntropyLoss(reduction="elementwise_mean")
     torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, target))
     assert loss_fn.reduction == "mean"
+
+
+def test_jit_trace_warns_only_where_a_shape_decides():
+    """The error messages' shape text was formatted on every call: 14 TracerWarnings for one
+    traced loss. It is now formatted only for an error; the two checks that compare shapes
+    remain (a trace fixes their outcome, as it should)."""
+    z, target = torch.randn(8, 5, requires_grad=True), torch.randint(0, 5, (8,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn = lambda z, y: fastxent.cross_entropy(z, y, z_loss=1e-3)  # noqa: E731
+        torch.jit.trace(fn, (z, target), check_trace=False)  # one trace, no re-run
+    traced = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    assert len(traced) <= 2, [str(w.message) for w in traced]

@@ -218,9 +218,12 @@ def check_inputs(
         _check_parameter_dtype("bias", bias, hidden, master_weights)
     tokens = tuple(hidden.shape[:-1])
     after = "; shift=True uses target[..., 1:] with hidden[..., :-1, :]" if shift else ""
-    context = (
-        f"one per token of hidden of shape {tuple(hidden.shape)}, by V for probabilities{after}"
-    )
+
+    def context() -> str:
+        return (
+            f"one per token of hidden of shape {tuple(hidden.shape)}, by V for probabilities{after}"
+        )
+
     return check_target_kind(
         target, tokens, (*tokens, num_classes), context, hidden.device, "hidden"
     )

@@ -412,14 +412,15 @@ def check_target_kind(
     target: Tensor,
     index_shape: tuple[int, ...],
     soft_shape: tuple[int, ...],
-    context: str,
+    context: Callable[[], str],
     device: torch.device | None = None,
     of: str = "input",
 ) -> bool:
     """Class indices of ``index_shape`` or probabilities of ``soft_shape``, on ``device`` (that of
     the tensor named ``of``) when given; True for probabilities.
 
-    ``context`` says where the expected shapes come from, for the error messages.
+    ``context()`` says where the expected shapes come from, for the error messages: built only
+    for one (under torch.jit.trace formatting a shape warns that the trace may be wrong).
     """
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
@@ -427,7 +428,7 @@ def check_target_kind(
     if target.is_floating_point():
         if tuple(target.shape) != soft_shape:
             raise ValueError(
-                f"probability targets must have shape {soft_shape} ({context}), got "
+                f"probability targets must have shape {soft_shape} ({context()}), got "
                 f"{tuple(target.shape)}; for class indices pass an integer (int64) tensor of "
                 f"shape {index_shape}."
             )
@@ -444,7 +445,7 @@ def check_target_kind(
         )
     if tuple(target.shape) != index_shape:
         raise ValueError(
-            f"class-index targets must have shape {index_shape} ({context}), got "
+            f"class-index targets must have shape {index_shape} ({context()}), got "
             f"{tuple(target.shape)}."
         )
     return False
@@ -459,5 +460,10 @@ def check_targets(z: Tensor, target: Tensor, class_dim: int) -> bool:
             "softmax needs at least one."
         )
     index_shape = tuple(z.shape[:class_dim] + z.shape[class_dim + 1 :])
-    context = f"input of shape {tuple(z.shape)}, classes on dim {class_dim}"
-    return check_target_kind(target, index_shape, tuple(z.shape), context, z.device)
+    return check_target_kind(
+        target,
+        index_shape,
+        tuple(z.shape),
+        lambda: f"input of shape {tuple(z.shape)}, classes on dim {class_dim}",
+        z.device,
+    )
