@@ -201,3 +201,24 @@ def test_jit_trace_warns_only_where_a_shape_decides():
         torch.jit.trace(fn, (z, target), check_trace=False)  # one trace, no re-run
     traced = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     assert len(traced) <= 2, [str(w.message) for w in traced]
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_make_fx_in_real_mode_records_pytorchs_ops(backend):
+    """make_fx's default "real" mode refuses reads of tensor values (the targets' range check,
+    the "mean" shortcut): such traces are computed from PyTorch's ops, as under jit.trace, and
+    the recorded graph gives the reference's loss and gradient for other inputs too."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def loss_and_grad(z, target):
+        loss = fastxent.cross_entropy(z, target, label_smoothing=0.1, backend=backend)
+        return loss, torch.autograd.grad(loss, z)[0]
+
+    gen = torch.Generator().manual_seed(7)
+    z = torch.randn(6, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    graph = make_fx(loss_and_grad)(z, torch.randint(0, 5, (6,), generator=gen))
+    z2, target2 = torch.randn(6, 5, dtype=torch.float64, generator=gen), torch.randint(0, 5, (6,))
+    loss, grad = graph(z2.requires_grad_(), target2)
+    want_loss, want_grad = _oracle(z2.detach(), target2, label_smoothing=0.1)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-15)

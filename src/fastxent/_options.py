@@ -306,14 +306,14 @@ def needs_pytorch_autograd(soft: bool, target: Tensor, weight: Tensor | None) ->
 def values_readable(*tensors: Tensor | None) -> bool:
     """Whether Python may read the tensors' values and branch on them: not on the meta device,
     not the fake tensors that torch.export traces with (their values are symbols: a read
-    raises), and not while torch.jit.trace records (a branch would be frozen into the trace for
-    every later input). Such calls are computed from PyTorch's ops (``_torch.composed``), which
-    serve meta and traced tensors as PyTorch's own loss does, and their targets are not checked
-    here. While dynamo traces, only the meta test applies (dynamo's tensors are fake, and it
-    traces through fastxent as through any code)."""
-    if torch.jit.is_tracing() or _is_exporting():
+    raises), and not while torch.jit.trace or make_fx records (a branch would be frozen into
+    the trace for every later input; make_fx refuses the read). Such calls are computed from
+    PyTorch's ops (``_torch.composed``), which serve meta and traced tensors as PyTorch's own
+    loss does, and their targets are not checked here. While dynamo traces, only the meta test
+    applies (dynamo's tensors are fake, and it traces through fastxent as through any code)."""
+    compiling = torch.compiler.is_dynamo_compiling()  # dynamo cannot trace _proxy_tracing
+    if torch.jit.is_tracing() or _is_exporting() or (not compiling and _proxy_tracing()):
         return False
-    compiling = torch.compiler.is_dynamo_compiling()
     for x in tensors:
         if x is None:
             continue
@@ -324,6 +324,14 @@ def values_readable(*tensors: Tensor | None) -> bool:
         if not compiling and type(x) is not Tensor and _is_fake(x):
             return False
     return True
+
+
+def _proxy_tracing() -> bool:
+    """Whether make_fx (or another FX proxy trace) records the ops now: in its "real" mode the
+    tensors are real, but a read of their values raises. Private API; False where it is gone."""
+    get_mode = getattr(torch._C, "_get_dispatch_mode", None)
+    key = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
+    return get_mode is not None and key is not None and get_mode(key) is not None
 
 
 def _is_exporting() -> bool:
