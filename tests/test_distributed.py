@@ -270,6 +270,11 @@ ERROR_CASES = {
         "probability targets are not supported",
         lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _local(r, w)),
     ),
+    "uint64_target": _raises_everywhere(
+        TypeError,
+        r"class indices \(an int64 tensor\) as target, got dtype torch.uint64\.$",
+        lambda r, w: vocab_parallel_cross_entropy(_local(r, w), _y.to(torch.uint64)),
+    ),
     "target_out_of_range": _raises_everywhere(
         IndexError,
         r"target\[2\] = 1001 is out of range: the input has 1001 classes",

@@ -443,7 +443,8 @@ def check_target_kind(
         return True
     if not holds_class_indices(target):
         wraps = (
-            " (int64 cannot hold all of uint64: convert with target.long())"
+            " (int64 cannot hold all of uint64: indices from 2**63 on would wrap to negative "
+            "numbers; convert valid class indices with target.long())"
             if (target.dtype in _WRAPPING_INDEX_DTYPES)
             else ""
         )

@@ -505,7 +505,8 @@ def _check_cross_entropy(
     if not holds_class_indices(target):
         raise TypeError(
             "vocab_parallel_cross_entropy takes global class indices (an int64 tensor) as "
-            f"target; probability targets are not supported, got dtype {target.dtype}."
+            f"target, got dtype {target.dtype}"
+            + ("; probability targets are not supported." if target.is_floating_point() else ".")
         )
     rows_shape = tuple(local_logits.shape[:-1])
     if tuple(target.shape) != rows_shape:
