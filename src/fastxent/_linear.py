@@ -65,6 +65,7 @@ from fastxent._options import (
 
 CHUNK_BYTES = 64 << 20  # logits of one chunk: 64 MB, or half of ∂W's accumulator if that is more
 CHUNK_ROWS_MULTIPLE = 64  # default chunks are made even in multiples of this many rows
+CHUNK_ROWS_FINE = 8  # ... or of this many, where 64 does not fit (see default_chunk_size)
 # float32 on CPU, where chunks of few rows keep the matmuls' rate (onednn_products), a chunk
 # holds a sixth of ∂W's bytes, or 16 MiB when that is more (fewer, larger calls for a small V·D).
 CPU_CHUNK_SHARE = 6
@@ -148,7 +149,11 @@ def default_chunk_size(
     Given ``num_tokens``, the same number of chunks is made even: ``ceil(N / k)`` rows for the
     ``k`` chunks the limit needs, rounded up to a multiple of ``CHUNK_ROWS_MULTIPLE`` within it
     (a short last chunk costs nearly a full one; on an H200, Gemma-2-2B shapes: 2048-row
-    chunks 50.5 ms, 2304-row ones 53.5 ms, ``benchmarks/gpu_tune.py --part linear``).
+    chunks 50.5 ms, 2304-row ones 53.5 ms, ``benchmarks/gpu_tune.py --part linear``), else to
+    one of ``CHUNK_ROWS_FINE`` (up, or down where up does not fit: one more chunk). So the
+    heights a run meets are few whatever N is: on CPU each new height of oneDNN's chunk logits
+    left memory with the C allocator, and a token count that changed every step (a varying
+    batch, or ignored tokens, dropped before the products) grew the process by up to ~0.8 GB.
     """
     item = dtype.itemsize
     weight_grad_rows = dim * accumulation_dtype(dtype).itemsize // item
@@ -161,8 +166,12 @@ def default_chunk_size(
     if not num_tokens:
         return limit
     even = -(-num_tokens // -(-num_tokens // limit))  # ceil(N / k), k = ceil(N / limit)
-    rounded = -(-even // CHUNK_ROWS_MULTIPLE) * CHUNK_ROWS_MULTIPLE
-    return rounded if rounded <= limit else even
+    for multiple in (CHUNK_ROWS_MULTIPLE, CHUNK_ROWS_FINE):
+        rounded = -(-even // multiple) * multiple
+        if rounded <= limit:
+            return rounded
+    down = limit // CHUNK_ROWS_FINE * CHUNK_ROWS_FINE
+    return down or even
 
 
 def check_inputs(
@@ -434,9 +443,10 @@ def chunked_pass(
         tok, rows = toks.chunk(start, stop)
         h = _take(h2, tok)  # (n, D)
         y = _take(t2, tok, toks.shift) if opts.ce.soft else _take(toks.y, rows)  # (n, V) | (n,)
-        z = g = None  # the last chunk's logits are freed before this chunk's exist
+        z = g = padded = None  # the last chunk's logits are freed before this chunk's exist
         if linear is not None:
-            z = linear(h, weight, bias)  # (n, V)
+            padded = linear(_rows_padded(h, step), weight, bias)  # (n', V), n' >= n
+            z = padded[: stop - start]  # (n, V)
         elif bias is None:
             z = torch.mm(h, wt, out=buf[: stop - start])
         else:
@@ -456,10 +466,25 @@ def chunked_pass(
             eps = opts.filter_eps if factor is None else opts.filter_eps / factor
             cols = _kept_columns(g, eps)
         if cols is None:
-            _dense_update(g, h, weight, tok, dh, dw, overwrite=start == 0, linear=linear)
+            if padded is not None and padded.shape[0] > g.shape[0]:
+                padded[g.shape[0] :].zero_()  # the padding rows' gradient: none
+            _dense_update(
+                g, h, weight, tok, dh, dw, overwrite=start == 0, linear=linear, padded=padded
+            )
         elif cols.numel():
             _sparse_update(g, h, weight, tok, cols, dh, dw)
     return Walked(losses, dh, dw, db, factor)
+
+
+def _rows_padded(h: Tensor, step: int) -> Tensor:
+    """``h`` (n, D) with zero rows appended up to a multiple of ``CHUNK_ROWS_FINE`` within
+    ``step`` rows: a short last chunk's oneDNN logits then take one of a few heights (see
+    :func:`default_chunk_size`), at the cost of at most 7 rows of products."""
+    n = h.shape[0]
+    padded = -(-n // CHUNK_ROWS_FINE) * CHUNK_ROWS_FINE
+    if padded == n or padded > step:
+        return h
+    return torch.cat([h, h.new_zeros(padded - n, h.shape[1])])
 
 
 def _dense_update(
@@ -471,12 +496,15 @@ def _dense_update(
     dw: Tensor | None,
     overwrite: bool = False,
     linear: LinearProduct | None = None,
+    padded: Tensor | None = None,
 ) -> None:
     """dh[tok] = g W;  dW += gᵀ h, or dW = gᵀ h with ``overwrite`` (float32 accumulation for
-    half-precision weights). ``linear``: :func:`small_rows_linear`'s product for g W."""
+    half-precision weights). ``linear``: :func:`small_rows_linear`'s product for g W, on
+    ``padded`` where given (``g`` and zero rows: the heights of :func:`_rows_padded`)."""
     if dh is not None:
         if linear is not None:
-            dh_rows = linear(g, weight.t(), None)  # (n, D)
+            rows = g if padded is None else padded
+            dh_rows = linear(rows, weight.t(), None)[: g.shape[0]]  # (n, D)
             if isinstance(tok, slice):
                 dh[tok] = dh_rows
             else:
