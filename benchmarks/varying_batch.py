@@ -12,11 +12,20 @@ reuse (``fastxent._autograd.reusable_empty``), which a changing N must still hit
 ``--outlier N`` instead makes one step of N rows between steps of ``--n-min`` rows, for fastxent
 and for ``F.cross_entropy``, and prints how much more memory the process holds afterwards than
 before the large step.
+
+``--linear-padding STEPS`` runs ``linear_cross_entropy`` (float32, ``shift=True``) on a fixed
+``--batch`` × ``--seq`` batch of hidden size ``--d`` over ``--v`` classes whose targets end in
+padding (ignore_index) of a random length each step, as padded training does: the walk drops
+ignored tokens before its products, so its chunks change height every step. It prints the
+resident memory every ``STEPS // 8`` steps, and after glibc's ``malloc_trim``.
+
+    python benchmarks/varying_batch.py --linear-padding 800 --v 8192   # D = 128, (4, 256)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import random
 import statistics
 import time
@@ -80,6 +89,23 @@ def outlier(args) -> None:
               f"followed one of N={args.outlier}")  # fmt: skip
 
 
+def linear_padding(args) -> None:
+    rng = random.Random(0)
+    weight = (torch.randn(args.v, args.d) * 0.05).requires_grad_()
+    every = max(1, args.linear_padding // 8)
+    for i in range(1, args.linear_padding + 1):
+        hidden = torch.randn(args.batch, args.seq, args.d, requires_grad=True)
+        target = torch.randint(0, args.v, (args.batch, args.seq))
+        for row in target:
+            row[rng.randint(args.seq // 4, args.seq) :] = -100  # right padding
+        fastxent.linear_cross_entropy(hidden, weight, target, shift=True).backward()
+        weight.grad = None
+        if i % every == 0 or i == 1:
+            print(f"step {i:5d}: resident {resident_mib()} MiB")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what of it the C allocator could return
+    print(f"after malloc_trim: resident {resident_mib()} MiB")
+
+
 def _fastxent(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return fastxent.cross_entropy(x, target, backend="compiled")
 
@@ -93,10 +119,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--outlier", type=int, default=None, help="rows of the one large step")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--linear-padding", type=int, default=None, metavar="STEPS")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--d", type=int, default=128)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.outlier:
+    if args.linear_padding:
+        linear_padding(args)
+    elif args.outlier:
         outlier(args)
     else:
         phases(args, _fastxent)

@@ -112,3 +112,15 @@ def test_kernel_memory_script_reports_row_sized_extra(monkeypatch, capsys):
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert row[:3] == ["bfloat16", "index", "all"]
     assert all(0.0 <= float(x) < 1.0 for x in row[3:]), row  # no (M, V)-sized temporary
+
+
+def test_varying_batch_linear_padding_reports_resident_memory(monkeypatch, capsys):
+    flags = ["--linear-padding", "2", "--v", "512", "--d", "8", "--batch", "2", "--seq", "16"]
+    monkeypatch.setattr(sys, "argv", [varying_batch.__file__, *flags])
+    varying_batch.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "step     1",
+        "step     2",
+        "after malloc_trim",
+    ]

@@ -141,7 +141,7 @@ def default_chunk_size(
     * ``max(CPU_CHUNK_MIN_BYTES, R / CPU_CHUNK_SHARE rows)`` for float32 on CPU
       (``device_type="cpu"``) where oneDNN's products are used (:func:`onednn_products`):
       they keep their rate on chunks of ~64 rows, so the chunk can be small beside ∂W: at
-      N = 2048, D = 512, V = 65536, 82-row chunks of 20.5 MiB beside ∂W's 128 MiB, at ~1.1x the
+      N = 2048, D = 512, V = 65536, 80-row chunks of 20 MiB beside ∂W's 128 MiB, at ~1.1x the
       time of three unchunked matmuls (``python benchmarks/linear_chunks.py``). bf16 on CPU
       keeps the wide budget: its float32 ∂W accumulation is one more pass over ∂W per chunk
       (170-row chunks took 1.26x the time of 512-row ones at that shape).
