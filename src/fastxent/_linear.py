@@ -150,7 +150,8 @@ def default_chunk_size(
     ``k`` chunks the limit needs, rounded up to a multiple of ``CHUNK_ROWS_MULTIPLE`` within it
     (a short last chunk costs nearly a full one; on an H200, Gemma-2-2B shapes: 2048-row
     chunks 50.5 ms, 2304-row ones 53.5 ms, ``benchmarks/gpu_tune.py --part linear``), else to
-    one of ``CHUNK_ROWS_FINE`` (up, or down where up does not fit: one more chunk). So the
+    one of ``CHUNK_ROWS_FINE`` (up, or down to the limit's multiple where up does not fit: up to
+    7 rows fewer per chunk, so up to 7/limit more chunks, one more at N = 2048). So the
     heights a run meets are few whatever N is: on CPU each new height of oneDNN's chunk logits
     left memory with the C allocator, and a token count that changed every step (a varying
     batch, or ignored tokens, dropped before the products) grew the process by up to ~0.8 GB.
