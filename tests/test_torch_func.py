@@ -85,3 +85,32 @@ def test_an_unknown_backend_is_refused_under_a_transform_too():
         torch.func.grad(lambda z: fastxent.cross_entropy(z, y, backend="nope"))(z)
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
         fastxent.linear_cross_entropy(torch.randn(4, 0), torch.randn(10, 0), y, backend="nope")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("form", ["cross_entropy", "linear"])
+def test_batched_grad_outputs_get_a_clear_error_and_leave_the_graph_usable(form, reduction):
+    """autograd.grad(is_grads_batched=True) vmaps backward, which cannot batch the in-place
+    scaling: it raised vmap's "Batching rule not implemented for aten::mul.out". Now fastxent's
+    error says what to use instead, and a plain backward through the retained graph afterwards
+    still gives PyTorch's gradient (the failed call recorded no fold)."""
+    gen = torch.Generator().manual_seed(2)
+    hidden = torch.randn(4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(5, 3, dtype=torch.float64, generator=gen)
+    target = torch.tensor([0, 1, 3, 4])
+    if form == "cross_entropy":
+        loss = fastxent.cross_entropy(
+            hidden @ weight.T, target, reduction=reduction, backend="torch"
+        )
+    else:
+        loss = fastxent.linear_cross_entropy(
+            hidden, weight, target, reduction=reduction, chunk_size=2
+        )
+    batched = torch.stack([torch.ones_like(loss), 2 * torch.ones_like(loss)])
+    with pytest.raises(RuntimeError, match=r"is_grads_batched=True.* is not supported"):
+        torch.autograd.grad(loss, hidden, batched, is_grads_batched=True, retain_graph=True)
+    grad_output = torch.full_like(loss, 3.0)
+    (got,) = torch.autograd.grad(loss, hidden, grad_output)
+    want_loss = torch.nn.functional.cross_entropy(hidden @ weight.T, target, reduction=reduction)
+    (want,) = torch.autograd.grad(want_loss, hidden, grad_output)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -431,9 +431,7 @@ def scaled_gradients(
     folds = [g is not None and not ctx.hooked and (d in (None, g.dtype) or g.device.type == "cpu")
              for g, d in zip(grads, dtypes, strict=True)]  # fmt: skip
     first = not ctx.folded
-    if first:
-        ctx.folded.append(factor.detach().clone())
-    elif any(folds) and bool((ctx.folded[0] == 0).any()):
+    if not first and any(folds) and bool((ctx.folded[0] == 0).any()):
         raise RuntimeError(
             "cannot back-propagate this loss again after a backward with grad_output 0 "
             "(fastxent folds grad_output into its gradient buffer); recompute the loss."
@@ -449,6 +447,8 @@ def scaled_gradients(
             ratio = factor / ctx.folded[0] if fold else factor
             scaled = torch.empty(g.shape, dtype=dtype or g.dtype, device=g.device)
             out.append(scaled_in_blocks(g, ratio, scaled))
+    if first:  # recorded once the products succeeded (a batched factor fails on the first)
+        ctx.folded.append(factor.detach().clone())
     return out
 
 
@@ -458,6 +458,15 @@ NOT_TWICE_DIFFERENTIABLE = (
     "derivatives. For double backward (gradient penalties, Hessians, Hessian-vector products) "
     "use torch.nn.functional.cross_entropy, or fastxent under torch.func (grad, jacrev, hessian), "
     "where it is built from PyTorch's own ops."
+)
+
+
+NOT_BATCHED = (
+    "fastxent's backward scales the gradient it made in forward in place, which vmap cannot "
+    "batch: autograd.grad(..., is_grads_batched=True) (and gradcheck's check_batched_grad, "
+    "jacobian(vectorize=True)) is not supported on its kernel paths. Use torch.func.vjp, "
+    "jacrev or vmap(grad(...)), where fastxent runs on PyTorch's own ops, or one backward per "
+    "grad_output."
 )
 
 
@@ -475,7 +484,12 @@ def first_order_backward(backward: Callable) -> Callable:
     def checked(ctx, *grad_outputs):
         if torch.is_grad_enabled():
             raise RuntimeError(NOT_TWICE_DIFFERENTIABLE)
-        return once(ctx, *grad_outputs)
+        try:
+            return once(ctx, *grad_outputs)
+        except RuntimeError as error:
+            if "atching rule" in str(error) or "vmap" in str(error):
+                raise RuntimeError(NOT_BATCHED) from error
+            raise
 
     # Not traced either: with loss.backward() inside a compiled function, dynamo compiled these
     # frames too, breaking its graphs on the host read of grad_output with a warning.
