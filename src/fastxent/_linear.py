@@ -467,8 +467,6 @@ def chunked_pass(
             eps = opts.filter_eps if factor is None else opts.filter_eps / factor
             cols = _kept_columns(g, eps)
         if cols is None:
-            if padded is not None and padded.shape[0] > g.shape[0]:
-                padded[g.shape[0] :].zero_()  # the padding rows' gradient: none
             _dense_update(
                 g, h, weight, tok, dh, dw, overwrite=start == 0, linear=linear, padded=padded
             )
@@ -501,10 +499,14 @@ def _dense_update(
 ) -> None:
     """dh[tok] = g W;  dW += gᵀ h, or dW = gᵀ h with ``overwrite`` (float32 accumulation for
     half-precision weights). ``linear``: :func:`small_rows_linear`'s product for g W, on
-    ``padded`` where given (``g`` and zero rows: the heights of :func:`_rows_padded`)."""
+    ``padded`` where given (the logits :func:`_rows_padded` made, ``g`` their first rows: the
+    others are zeroed here, as they have no gradient)."""
     if dh is not None:
         if linear is not None:
-            rows = g if padded is None else padded
+            rows = g
+            if padded is not None and padded.shape[0] > g.shape[0]:
+                padded[g.shape[0] :].zero_()
+                rows = padded
             dh_rows = linear(rows, weight.t(), None)[: g.shape[0]]  # (n, D)
             if isinstance(tok, slice):
                 dh[tok] = dh_rows

@@ -326,12 +326,16 @@ def values_readable(*tensors: Tensor | None) -> bool:
     return True
 
 
+_get_dispatch_mode = getattr(torch._C, "_get_dispatch_mode", None)
+_PROXY_MODE = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
+
+
 def _proxy_tracing() -> bool:
     """Whether make_fx (or another FX proxy trace) records the ops now: in its "real" mode the
     tensors are real, but a read of their values raises. Private API; False where it is gone."""
-    get_mode = getattr(torch._C, "_get_dispatch_mode", None)
-    key = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "PROXY", None)
-    return get_mode is not None and key is not None and get_mode(key) is not None
+    if _get_dispatch_mode is None or _PROXY_MODE is None:
+        return False
+    return _get_dispatch_mode(_PROXY_MODE) is not None
 
 
 def _is_exporting() -> bool:
