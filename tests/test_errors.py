@@ -37,6 +37,10 @@ T = torch.tensor([0, 1, 2, 3])
         ({"label_smoothing": "0.1"}, TypeError, "label_smoothing must be a number, got str"),
         ({"z_loss": True}, TypeError, "z_loss must be a number, got bool"),
         ({"softcap": "30"}, TypeError, r"softcap must be a number or None \(off\), got str"),
+        ({"label_smoothing": torch.tensor([0.1])}, TypeError, "label_smoothing must be a numb"),
+        ({"z_loss": torch.tensor(1e-3, requires_grad=True)}, TypeError, "z_loss must be a numb"),
+        ({"logit_scale": torch.tensor(True)}, TypeError, "logit_scale must be a number, got T"),
+        ({"softcap": torch.tensor(-1.0)}, ValueError, "softcap must be None .* > 0, got -1.0"),
         ({"target": torch.rand(4, 5), "ignore_index": 3}, ValueError, "ignore_index is only"),
         ({"backend": "cuda"}, ValueError, "unknown backend 'cuda'"),
         ({"ignore_index": None}, TypeError, "ignore_index must be an int .* NoneType None"),
@@ -85,6 +89,25 @@ def test_ignore_index_accepts_numpy_and_tensor_integers():
     want = fastxent.cross_entropy(Z, T, ignore_index=1)
     for index in (np.int64(1), torch.tensor(1)):
         torch.testing.assert_close(fastxent.cross_entropy(Z, T, ignore_index=index), want)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "compiled"])
+def test_float_options_accept_0_dim_tensors_as_pytorch_does(backend):
+    """PyTorch's loss takes a 0-dim tensor for label_smoothing (its float argument): the value
+    is read, as for a Python float, by the functions, the modules and the linear form."""
+    options = {"label_smoothing": 0.25, "z_loss": 1e-3, "softcap": 4.0, "logit_scale": 0.5}
+    as_tensors = {name: torch.tensor(value) for name, value in options.items()}
+    as_tensors["label_smoothing"] = torch.tensor(0.25, dtype=torch.float64)
+    calls = [
+        lambda **o: fastxent.cross_entropy(Z, T, backend=backend, **o),
+        lambda **o: fastxent.CrossEntropyLoss(backend=backend, **o)(Z, T),
+        lambda **o: fastxent.linear_cross_entropy(Z, torch.eye(5), T, chunk_size=2, **o),
+    ]
+    for call in calls:
+        torch.testing.assert_close(call(**as_tensors), call(**options), rtol=0, atol=0)
+    smoothed = torch.nn.functional.cross_entropy(Z, T, label_smoothing=0.25)
+    torch.testing.assert_close(fastxent.cross_entropy(Z, T, label_smoothing=torch.tensor(0.25)),
+                               smoothed, rtol=1e-6, atol=1e-7)  # fmt: skip
 
 
 def test_linear_and_module_check_ignore_index():

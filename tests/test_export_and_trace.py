@@ -1,4 +1,4 @@
-"""Meta tensors, torch.export, torch.jit.trace and torch.jit.script, as PyTorch's loss meets them.
+"""Meta tensors, torch.export, torch.jit.trace/script and torch.fx, as PyTorch's loss meets them.
 
 Under each, fastxent cannot read the targets' values or must not branch on them (a trace would
 freeze the branch): the calls are computed from PyTorch's ops. The oracle is the float64
@@ -222,3 +222,26 @@ def test_make_fx_in_real_mode_records_pytorchs_ops(backend):
     want_loss, want_grad = _oracle(z2.detach(), target2, label_smoothing=0.1)
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(grad, want_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("linear_loss", [False, True])
+def test_fx_symbolic_trace_records_the_loss_as_one_call(linear_loss):
+    """torch.fx.symbolic_trace treats torch.nn modules as leaves and traces into others with
+    Proxy objects, on which no check can run: fastxent's calls are recorded whole (as fx
+    records F.cross_entropy), class weights as the module's buffer, and the GraphModule runs
+    them on real inputs, here other than the traced ones, to the reference's loss and gradient."""
+    weight = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+    options = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    model = _Head(linear_loss, **{"class_weight" if linear_loss else "weight": weight}, **options)
+    graph = torch.fx.symbolic_trace(model)
+    calls = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    want_call = fastxent.linear_cross_entropy if linear_loss else fastxent.cross_entropy
+    assert calls == [want_call], graph.code
+    x, target = _inputs(7, seed=3)
+    target[2] = IGNORED
+    loss = graph(x, target)
+    grad_bias = torch.autograd.grad(loss, model.proj.bias)[0]  # Σ_rows ∂loss/∂z
+    logits = model.proj(x)
+    want_loss, want_grad = _oracle(logits, target, weight=weight, ignore_index=IGNORED, **options)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grad_bias, want_grad.sum(0), rtol=1e-12, atol=1e-15)

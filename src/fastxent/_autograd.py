@@ -318,6 +318,25 @@ def outside_graph(fn: Callable) -> Callable:
         return torch.compiler.disable(fn)
 
 
+def fx_proxy_among(*args: object) -> bool:
+    """Whether ``torch.fx.symbolic_trace`` is tracing the call: a ``torch.fx.Proxy`` among
+    ``args``. Such calls are recorded whole (:func:`fx_recorded`)."""
+    return any(isinstance(arg, torch.fx.Proxy) for arg in args)
+
+
+def fx_recorded(fn: Callable, arguments: dict[str, object]) -> torch.fx.Proxy:
+    """The ``call_function`` node of ``fn(**arguments)`` in the graph that symbolic tracing
+    builds, as fx records ``F.cross_entropy``: the GraphModule runs ``fn`` on real tensors.
+
+    Proxies stand for no tensor: no input check or branch could run on them. (fx treats
+    ``torch.nn`` modules as leaves and traces into others, so a model holding fastxent's module
+    failed at the first check before.) Not a wrapper around ``fn``: one more Python frame would
+    be one more graph break where torch.compile breaks inside ``fn``.
+    """
+    proxy = next(arg for arg in arguments.values() if isinstance(arg, torch.fx.Proxy))
+    return proxy.tracer.create_proxy("call_function", fn, (), arguments)
+
+
 @outside_graph
 def apply_outside_graph(function: type[torch.autograd.Function], *args) -> Tensor:
     """``function.apply(*args)``, never traced by torch.compile (:func:`outside_graph`)."""

@@ -165,14 +165,23 @@ def may_overlap(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     return False
 
 
-def check_number(name: str, value: object, none_means: str | None = None) -> None:
-    """TypeError naming option ``name`` unless ``value`` is a real number (a bool is not one),
-    or None where ``none_means`` says what None stands for."""
+def check_number(name: str, value: object, none_means: str | None = None) -> object:
+    """``value``; TypeError naming option ``name`` unless it is a real number (a bool is not
+    one), or None where ``none_means`` says what None stands for. A 0-dim real tensor that
+    requires no grad is taken as its value, read with ``.item()``, as PyTorch's ops take one
+    for a float argument (the option is not differentiated, so one that requires grad is not)."""
     if value is None and none_means is not None:
-        return
+        return value
+    if (
+        isinstance(value, Tensor)
+        and value.dim() == 0
+        and not (value.requires_grad or value.is_complex() or value.dtype == torch.bool)
+    ):
+        return value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         allowed = "a number" + (f" or None ({none_means})" if none_means else "")
         raise TypeError(f"{name} must be {allowed}, got {type(value).__name__} {value!r}.")
+    return value
 
 
 def check_flag(name: str, value: object) -> None:
@@ -217,12 +226,13 @@ def check_scalars(
     z_loss: float,
     softcap: float | None,
     logit_scale: float,
-) -> None:
-    """Check the scalar options; raise TypeError or ValueError naming the bad one."""
-    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss),
-                        ("logit_scale", logit_scale)):  # fmt: skip
-        check_number(name, value)
-    check_number("softcap", softcap, none_means="off")
+) -> tuple[float, float, float | None, float]:
+    """label_smoothing, z_loss, softcap and logit_scale, checked (0-dim tensors read as
+    numbers, :func:`check_number`); raise TypeError or ValueError naming the bad one."""
+    label_smoothing = check_number("label_smoothing", label_smoothing)
+    z_loss = check_number("z_loss", z_loss)
+    logit_scale = check_number("logit_scale", logit_scale)
+    softcap = check_number("softcap", softcap, none_means="off")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -233,6 +243,7 @@ def check_scalars(
         raise ValueError(f"softcap must be None (off) or a finite number > 0, got {softcap}.")
     if not (is_finite(logit_scale) and logit_scale != 0.0):
         raise ValueError(f"logit_scale must be a finite non-zero number, got {logit_scale}.")
+    return label_smoothing, z_loss, softcap, logit_scale
 
 
 def check_logits(z: Tensor, name: str = "input") -> None:

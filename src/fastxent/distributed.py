@@ -111,6 +111,8 @@ from fastxent._autograd import (
     apply_outside_graph,
     autocast_off,
     detached_without_grad_mode,
+    fx_proxy_among,
+    fx_recorded,
 )
 from fastxent._options import (
     CrossEntropyOptions,
@@ -206,6 +208,8 @@ def vocab_parallel_cross_entropy(
         Shoeybi et al. (2019), "Megatron-LM: Training Multi-Billion Parameter Language Models
         Using Model Parallelism" (vocab-parallel cross-entropy).
     """
+    if fx_proxy_among(local_logits, target, weight):  # torch.fx.symbolic_trace
+        return fx_recorded(vocab_parallel_cross_entropy, locals())
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "vocab_parallel_cross_entropy needs an initialised torch.distributed process group; "
@@ -337,7 +341,9 @@ def vocab_parallel_linear_cross_entropy(
                 "vocab_block is for one device; with process_group the vocabulary is already "
                 "split across ranks (leave vocab_block None)."
             )
-        check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+        label_smoothing, z_loss, softcap, logit_scale = check_scalars(
+            reduction, label_smoothing, z_loss, softcap, logit_scale
+        )
         ignore_index = check_ignore_index(ignore_index)
         # Before the shape checks, which would ask for (N, V_r) probabilities.
         if isinstance(target, Tensor) and target.is_floating_point():
@@ -492,7 +498,9 @@ def _check_cross_entropy(
     """The checks of :func:`vocab_parallel_cross_entropy` that need no other rank. Returns the
     rows' shape, the logits as rows ``(N, V_r)``, the targets ``(N,)`` in int64 and ignore_index."""
     check_logits(local_logits, "local_logits")
-    check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    label_smoothing, z_loss, softcap, logit_scale = check_scalars(
+        reduction, label_smoothing, z_loss, softcap, logit_scale
+    )
     ignore_index = check_ignore_index(ignore_index)
     if local_logits.dim() < 2:
         raise ValueError(

@@ -16,6 +16,8 @@ from fastxent._autograd import (
     autocast_dtype,
     autocast_off,
     detached_without_grad_mode,
+    fx_proxy_among,
+    fx_recorded,
     outside_graph,
     under_torch_func,
 )
@@ -224,10 +226,14 @@ def cross_entropy(
         classification network outputs". Label smoothing: Szegedy et al. (2016). z-loss:
         Chowdhery et al. (2022), PaLM. Softcap: Gemma 2 (2024).
     """
+    if fx_proxy_among(input, target, weight):  # torch.fx.symbolic_trace: recorded whole
+        return fx_recorded(cross_entropy, locals())
     check_logits(input)
     reduction = legacy_reduction(size_average, reduce, reduction)
     ignore_index = check_ignore_index(ignore_index)
-    check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    label_smoothing, z_loss, softcap, logit_scale = check_scalars(
+        reduction, label_smoothing, z_loss, softcap, logit_scale
+    )
     class_dim = 0 if input.dim() == 1 else 1
     num_classes = input.shape[class_dim]
     if (
@@ -394,6 +400,8 @@ def linear_cross_entropy(
         logits, gradient filtering); Hsu et al. (2024), "Liger Kernel" (fused linear
         cross-entropy).
     """
+    if fx_proxy_among(hidden, weight, target, bias, class_weight):
+        return fx_recorded(linear_cross_entropy, locals())  # torch.fx.symbolic_trace
     from fastxent._linear import (
         LinearOptions,
         check_chunking,
@@ -424,7 +432,9 @@ def linear_cross_entropy(
             )  # fmt: skip
 
     ignore_index = check_ignore_index(ignore_index)
-    check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+    label_smoothing, z_loss, softcap, logit_scale = check_scalars(
+        reduction, label_smoothing, z_loss, softcap, logit_scale
+    )
     soft = check_inputs(hidden, weight, bias, target, shift, master_weights)
     num_classes = weight.shape[0]
     check_weight(class_weight, num_classes, "class_weight", hidden.device, "hidden", soft)

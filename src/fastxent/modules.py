@@ -48,7 +48,9 @@ class CrossEntropyLoss(nn.Module):
     ) -> None:
         super().__init__()
         reduction = legacy_reduction(size_average, reduce, reduction)
-        check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+        label_smoothing, z_loss, softcap, logit_scale = check_scalars(
+            reduction, label_smoothing, z_loss, softcap, logit_scale
+        )
         check_flag("inplace_backward", inplace_backward)
         functional.check_backend_name(backend)
         self.register_buffer("weight", weight)
@@ -122,7 +124,9 @@ class LinearCrossEntropyLoss(nn.Module):
         super().__init__()
         from fastxent._linear import check_chunking
 
-        check_scalars(reduction, label_smoothing, z_loss, softcap, logit_scale)
+        label_smoothing, z_loss, softcap, logit_scale = check_scalars(
+            reduction, label_smoothing, z_loss, softcap, logit_scale
+        )
         check_flag("shift", shift)
         chunk_size, vocab_block = check_chunking(chunk_size, filter_eps, vocab_block)
         functional.check_backend_name(backend)
