@@ -251,6 +251,34 @@ def test_float16_weighted_mean_does_not_depend_on_the_weights_scale(scale):
     assert norm_error(x.grad, exact.double() / SCALE) <= 1.5 * norm_error(theirs, exact / SCALE)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("backend", ["torch", "compiled", "linear"])
+def test_a_large_weight_of_an_untargeted_class_keeps_the_float16_mean(backend, label_smoothing):
+    """The mean's float16 gradient was divided by the largest class weight of all classes: a
+    weight of 1e8 on a class no row targets (weights of 1 elsewhere) flushed every entry to
+    zero, silently (the loss was right). Only the weights the entries carry count now: the
+    targets', and all classes' through label smoothing's ε/V share (large entries then)."""
+    z16, y = _half_case(n=16, v=256)
+    y[y == 255] = 0
+    weight = torch.ones(256)
+    weight[255] = 1e8  # class 255 is never a target
+    x = z16.clone().requires_grad_()
+    options = {"weight" if backend != "linear" else "class_weight": weight}
+    options["label_smoothing"] = label_smoothing
+    if backend == "linear":  # the logits as h·Wᵀ with W the identity
+        eye = torch.eye(256).half()
+        fastxent.linear_cross_entropy(x, eye, y, chunk_size=4, **options).backward()
+    else:
+        fastxent.cross_entropy(x, y, backend=backend, **options).backward()
+    kwargs = {"weight": weight, "label_smoothing": label_smoothing}
+    theirs = _autocast_grad(z16, y, torch.tensor(1.0), **kwargs)
+    exact = _autocast_grad(
+        z16.double(), y, torch.tensor(1.0), **{**kwargs, "weight": weight.double()}
+    )
+    assert torch.isfinite(x.grad).all()
+    assert norm_error(x.grad * SCALE, exact) <= 1.5 * norm_error(theirs * SCALE, exact)
+
+
 @pytest.mark.parametrize("shape", [(3000,), (5, 7, 300), (0, 40)], ids=str)
 def test_scaled_in_blocks_multiplies_half_precision_in_float32_in_any_shape(shape):
     """A 0-dim or per-row factor past float16's range (2^19 here) times small entries: the

@@ -83,15 +83,41 @@ def reduction_scales(
         if weight is None:
             total_weight = n
         else:
-            # Clamped: on CUDA the range check may still be in flight (start_index_target_check).
-            w_y = weight.to(dtype)[torch.where(counted, target, 0).clamp(0, weight.numel() - 1)]
-            total_weight = torch.where(counted, w_y, 0).sum()
+            total_weight = _target_weights(target, weight, counted, dtype).sum()
 
     def inverse(x: Tensor) -> Tensor:  # 1/x, and 0 for x = 0 (1/±0 = ±inf); NaN stays NaN
         return torch.nan_to_num(x.reciprocal(), nan=math.nan, posinf=0.0, neginf=0.0)
 
     inverse_n = inverse(n)
     return (inverse_n if total_weight is n else inverse(total_weight)), inverse_n
+
+
+def _target_weights(target: Tensor, weight: Tensor, counted: Tensor, dtype: torch.dtype) -> Tensor:
+    """``w_y`` of each row (M,) in ``dtype``, 0 where not ``counted``. The indices are clamped
+    into range: on CUDA their range check may still be in flight (start_index_target_check)."""
+    w_y = weight.to(dtype)[torch.where(counted, target, 0).clamp(0, weight.numel() - 1)]
+    return torch.where(counted, w_y, 0)
+
+
+def carried_weight(target: Tensor, weight: Tensor, opts: CrossEntropyOptions) -> Tensor:
+    """The largest class weight that a row's gradient entries carry, to within a factor 2
+    (0-dim, float32): what :func:`deferred_mean` divides out of a float16 gradient.
+
+    Index targets: ``(1 - ε)·max |w_y|`` over the counted rows, plus ``ε·max |w|`` for label
+    smoothing ε, whose part of an entry, ``(ε/V)(o_i Σ_j w_j - w_i)``, is at most
+    ``2ε·max |w|``; a large weight of a class no row targets then leaves the entries alone
+    (``max |w|`` flushed them all to zero at 1e8 beside weights of 1). Probability targets:
+    ``max |w|`` (their entries carry ``w_i y_i`` of any class).
+    """
+    dtype = torch.float32
+    largest = weight.detach().abs().amax().to(dtype)
+    if opts.soft:
+        return largest
+    counted = target != opts.ignore_index
+    targeted = _target_weights(target, weight.detach().abs(), counted, dtype)
+    targeted = targeted.amax() if targeted.numel() else torch.zeros_like(largest)
+    smoothing = opts.label_smoothing
+    return targeted if smoothing == 0 else (1 - smoothing) * targeted + smoothing * largest
 
 
 CHAIN_KEPT = 2.0**12  # float16 mean: entries keep a logit scale's factor up to this much
@@ -101,9 +127,9 @@ def deferred_mean(
     ce_scale: Tensor,
     z_scale: Tensor,
     grad_dtype: torch.dtype,
-    reduction: str,
-    weight: Tensor | None = None,
-    logit_scale: float = 1.0,
+    target: Tensor,
+    weight: Tensor | None,
+    opts: CrossEntropyOptions,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     r"""The reduction's scales for a float16 gradient of a "mean": ``(a/f, b/f, f)``.
 
@@ -113,22 +139,23 @@ def deferred_mean(
     the very loss scale (2^16 under GradScaler) that is there to keep them. So a float16 gradient
     is written with ``a/f`` and ``b/f``, where ``f`` is ``a·w_max·max(1, |α|/2^12)`` (``b`` where
     that is 0) rounded down to a power of two (1 where both are 0), so entries are near
-    ``o_i·w_y/w_max`` (``w_max`` the largest class weight, 1 without weights: the entries carry
-    ``w_y``, and weights of 1e5 overflowed float16 where PyTorch's weighted mean does not depend
-    on their scale), times the chain factor of a logit scale ``α`` (or softcap's
-    ``α(1 - tanh²)``) up to 2^12: at α = 1e5 a row's entries overflowed where the mean's did
-    not, while dividing all of α out flushed the small entries of a moderate α (100) to zero.
+    ``o_i·w_y/w_max`` (``w_max`` the largest class weight the entries carry,
+    :func:`carried_weight`, 1 without weights: weights of 1e5 overflowed float16 where
+    PyTorch's weighted mean does not depend on their scale), times the chain factor of a
+    logit scale ``α`` (or softcap's ``α(1 - tanh²)``) up to 2^12: at α = 1e5 a row's entries
+    overflowed where the mean's did not, while dividing all of α out flushed the small entries
+    of a moderate α (100) to zero.
     ``f`` joins grad_output in backward; the loss is ``f·Σ rows``. A power of two changes no
     rounding: ``fp16(x·a/f)·f`` is ``fp16(x·a)`` wherever the latter is a normal number, and a
     loss scale (a power of two too) then multiplies exactly. Other dtypes (float32's and bf16's
     range reach 1e-38) and other reductions get ``f = None``.
     """
-    if grad_dtype != torch.float16 or reduction != "mean":
+    if grad_dtype != torch.float16 or opts.reduction != "mean":
         return ce_scale, z_scale, None
-    chain = max(1.0, abs(logit_scale) / CHAIN_KEPT)  # α's part beyond CHAIN_KEPT, see above
+    chain = max(1.0, abs(opts.logit_scale) / CHAIN_KEPT)  # α's part beyond CHAIN_KEPT, see above
     ce_scale_max = ce_scale  # a·w_max
     if weight is not None and weight.numel():
-        ce_scale_max = ce_scale * weight.detach().abs().amax().to(ce_scale)
+        ce_scale_max = ce_scale * carried_weight(target, weight, opts).to(ce_scale)
     f = torch.where(ce_scale_max != 0, ce_scale_max, z_scale) * chain
     power_of_two = torch.ldexp(torch.ones_like(f), torch.frexp(f).exponent - 1)  # ≤ f, > f/2
     f = torch.where(torch.isfinite(f) & (f != 0), power_of_two, torch.ones_like(f))
@@ -531,9 +558,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = z if opts.inplace_backward else gradient_buffer_like(z)
         ce_scale, z_scale = reduction_scales(z, target, weight, opts)
-        ce_scale, z_scale, factor = deferred_mean(
-            ce_scale, z_scale, z.dtype, opts.reduction, weight, opts.logit_scale
-        )
+        ce_scale, z_scale, factor = deferred_mean(ce_scale, z_scale, z.dtype, target, weight, opts)
         rows = kernel(z, target, weight, opts, ce_scale, z_scale, grad)  # (M,)
         ctx.opts, ctx.factor = opts, factor
         if grad is not None:

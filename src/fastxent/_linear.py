@@ -342,9 +342,7 @@ def _walk_inputs(
     rows_like = torch.empty((toks.num_rows, 0), dtype=hidden.dtype, device=hidden.device)
     y_all = t2 if toks.y is None else toks.y
     ce_scale, z_scale = reduction_scales(rows_like, y_all, class_weight, opts.ce)
-    deferred = deferred_mean(
-        ce_scale, z_scale, hidden.dtype, opts.ce.reduction, class_weight, opts.ce.logit_scale
-    )
+    deferred = deferred_mean(ce_scale, z_scale, hidden.dtype, y_all, class_weight, opts.ce)
     return h2, t2, toks, *deferred
 
 
