@@ -290,6 +290,14 @@ ERROR_CASES = {
         "target must be the same on every rank",
         lambda r, w: vocab_parallel_cross_entropy(_local(r, w), (_y + r) % 1001, validate=True),
     ),
+    # Same Σy, Σy², Σ i·y, least and largest: only the positions' mix tells them apart.
+    "targets_differ_in_order": _raises_everywhere(
+        ValueError,
+        "target must be the same on every rank",
+        lambda r, w: vocab_parallel_cross_entropy(
+            _local(r, w, 5), torch.tensor([[0, 0, 0, 2, 1], [0, 0, 1, 0, 2]][r % 2]), validate=True
+        ),
+    ),
     "rows_differ": _raises_everywhere(
         ValueError,
         "same rows",

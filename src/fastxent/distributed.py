@@ -622,7 +622,8 @@ def _gather_layout(
     class of their exception), its dtype, row count ``len(y)``, slice size, ``vocab_start`` (-1 for
     None), the length of its class weights, its least and largest counted target, the values of
     ``agreed`` (names of ints that must be equal on every rank) and three checksums of its targets
-    (Σy, Σy², Σ i·y; int64 wrap-around is the same on every rank). Every rank then reaches the
+    (Σy, Σy², Σ m_i·y with m_i a pseudo-random int64 of the position, :func:`_position_mix`;
+    int64 wrap-around is the same on every rank). Every rank then reaches the
     same verdict: a rank whose inputs are wrong raises its own error and the others one that names
     it; a wrong layout, or dtypes, rows, targets or agreed values that differ between ranks, raise
     the same error on every rank.
@@ -635,7 +636,7 @@ def _gather_layout(
     else:
         y = mine.y.to(device)  # (M,)
         counted = torch.where(y != mine.ignore_index, y, 0)  # (M,) ignored rows as class 0
-        i = torch.arange(1, y.numel() + 1, device=device)
+        mix = _position_mix(y.numel(), device)
         start = -1 if mine.vocab_start is None else mine.vocab_start
         header = [0, _DTYPES.index(mine.dtype), y.numel(), mine.num_local, start]
         sent = torch.cat(
@@ -643,7 +644,7 @@ def _gather_layout(
                 torch.tensor([*header, mine.weight_length], device=device),
                 torch.stack(torch.cat([counted, counted.new_zeros(1)]).aminmax()),
                 torch.tensor(mine.agreed, dtype=torch.int64, device=device),
-                torch.stack([y.sum(), (y * y).sum(), (i * y).sum()]),
+                torch.stack([y.sum(), (y * y).sum(), (mix * y).sum()]),
             ]
         )  # int64
     everyone = [torch.empty_like(sent) for _ in range(world)]
@@ -712,6 +713,23 @@ def _gather_layout(
             "passed different targets."
         )
     return vocab_start, list(sizes)
+
+
+MIX_MULTIPLIERS = (-7046029254386353131, -4658895280553007687)  # 0x9E3779B97F4A7C15, 0xBF58...
+
+
+def _position_mix(rows: int, device: torch.device) -> Tensor:
+    """A pseudo-random int64 per position (rows,): ``m = (i·K1) ^ ((i·K1) >> 29)``, times K2
+    (a multiply-xorshift mix; products wrap around in int64).
+
+    The targets' third checksum is ``Σ m_i·y_i``: two target vectors pass as equal only if
+    ``Σ m_i (y_i - y'_i)`` wraps to 0: for weights with no pattern, a chance of about 2^-64
+    (2^-60 where every difference is a multiple of 16). With ``Σ i·y`` instead, ``[0, 0, 0, 2,
+    1]`` and ``[0, 0, 1, 0, 2]`` matched on every checksum (and Σy, Σy², least, largest).
+    """
+    first, second = MIX_MULTIPLIERS
+    mixed = torch.arange(1, rows + 1, device=device) * first
+    return (mixed ^ (mixed >> 29)) * second
 
 
 def _vocab_start(rank: int, starts: tuple[int, ...], sizes: tuple[int, ...], ranks: str) -> int:
