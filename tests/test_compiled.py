@@ -621,3 +621,55 @@ def test_softcap_target_column_is_as_exact_as_pytorchs():
     err = (got.double() - ref_grad).abs().max()
     torch_err = (z_torch.grad.double() - ref_grad).abs().max()
     assert err <= 1.5 * torch_err
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_tensors_with_the_negative_bit_are_read_as_their_values(soft):
+    """A ``torch._neg_view`` is -x with x's memory and a bit set: the compiled graph read the
+    memory as it is (the loss of -z, a gradient off by 100%). Logits, probability targets and
+    class weights here are all such views; the linear walk shares the weights' path."""
+    gen = torch.Generator().manual_seed(9)
+    n, v = 16, 300
+    base = torch.randn(n, v, generator=gen, requires_grad=True)
+    y = torch.rand(n, v, generator=gen) if soft else index_targets(n, v, gen, ignored=(3,))
+    weight = torch.rand(v, generator=gen) + 0.5
+    views = (torch._neg_view(base), torch._neg_view(-y) if soft else y, torch._neg_view(-weight))
+    assert views[0].is_neg() and views[2].is_neg()
+    loss = fastxent.cross_entropy(*views, backend="compiled", **GENERAL)
+    loss.backward()
+    ref_loss, ref_grad = oracle(-base.detach(), y, weight, **GENERAL)
+    assert max_err(loss, ref_loss) <= 1e-6
+    assert max_err(-base.grad, ref_grad) <= 1e-6
+    if soft:
+        return
+    eye = torch.eye(v)  # the logits as h·Wᵀ with W the identity: the walk's row kernel
+    linear_loss = fastxent.linear_cross_entropy(
+        -base.detach(), eye, y, class_weight=views[2], chunk_size=8, backend="compiled", **GENERAL
+    )
+    assert max_err(linear_loss, ref_loss) <= 1e-6
+
+
+def test_a_tensor_subclass_takes_the_portable_kernel_and_spoils_no_variant():
+    """A ``__torch_function__`` subclass made the graph fail to build: a warning, and its variant
+    marked failed, so later plain calls of that variant ran the slower portable kernel."""
+
+    class Logged(torch.Tensor):
+        calls = 0
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.calls += 1
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    gen = torch.Generator().manual_seed(10)
+    z = torch.randn(32, 200, generator=gen)
+    y = index_targets(32, 200, gen)
+    failed_before = set(kernel._failed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fall-back's RuntimeWarning would raise here
+        loss, grad = run(z.as_subclass(Logged), y, **GENERAL)
+    assert Logged.calls > 0
+    assert kernel._failed == failed_before
+    ref_loss, ref_grad = oracle(z, y, **GENERAL)
+    assert max_err(loss, ref_loss) <= 1e-6
+    assert max_err(grad, ref_grad) <= 1e-6

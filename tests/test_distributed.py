@@ -19,6 +19,7 @@ import traceback
 import zlib
 from dataclasses import dataclass, field
 from datetime import timedelta
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -832,3 +833,61 @@ print("freed" if group() is None else "alive")
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.strip() == "freed", done.stderr
+
+
+def _dtensor_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """DTensor logits (rows sharded, or replicated) and a DTensor hidden/weight pair on the
+    kernel paths: their errors against the same call on plain tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    init_gloo(rank, world, init_file, 60)
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(0)  # the same full tensors on every rank
+    z, hidden = torch.randn(8, 50, generator=gen), torch.randn(8, 6, generator=gen)
+    weight, target = torch.randn(50, 6, generator=gen), torch.randint(0, 50, (8,), generator=gen)
+    options = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    errors = {}
+    for backend, placement in product(("torch", "compiled"), (Replicate(), Shard(0))):
+        leaf = distribute_tensor(z, mesh, [placement]).requires_grad_()
+        loss = fastxent.cross_entropy(leaf, _dtensor_target(placement, target, mesh), backend=backend,
+                                      **options)  # fmt: skip
+        loss.backward()
+        plain = z.clone().requires_grad_()
+        want = fastxent.cross_entropy(plain, target, backend=backend, **options)
+        want.backward()
+        errors[backend, str(placement)] = (
+            abs(float(loss.full_tensor()) - float(want)),
+            float((leaf.grad.full_tensor() - plain.grad).abs().max()),
+        )
+    h = distribute_tensor(hidden, mesh, [Replicate()]).requires_grad_()
+    w = distribute_tensor(weight, mesh, [Replicate()]).requires_grad_()
+    loss = fastxent.linear_cross_entropy(
+        h, w, _dtensor_target(Replicate(), target, mesh), chunk_size=3
+    )
+    loss.backward()
+    want_h, want_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = fastxent.linear_cross_entropy(want_h, want_w, target, chunk_size=3)
+    want.backward()
+    errors["linear"] = (
+        abs(float(loss.full_tensor()) - float(want)),
+        float((w.grad.full_tensor() - want_w.grad).abs().max()),
+    )
+    torch.save(errors, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _dtensor_target(placement, target: torch.Tensor, mesh):
+    """The targets as a DTensor placed like the logits' rows."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(target, mesh, [placement])
+
+
+def test_dtensor_inputs_run_on_pytorchs_ops_and_match_plain_tensors(tmp_path):
+    """DTensor implements PyTorch's ops, not the kernels' writes into plain buffers (the row
+    kernels raised "got mixed torch.Tensor and DTensor", the linear walk "no sharding strategy
+    for mkldnn._linear_pointwise"): such calls run on PyTorch's ops, as PyTorch's loss would."""
+    for errors in spawn_with_deadline(tmp_path, _dtensor_worker, 2):
+        for key, (loss_error, grad_error) in errors.items():
+            assert loss_error < 1e-6 and grad_error < 1e-6, (key, loss_error, grad_error)

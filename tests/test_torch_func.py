@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.func import grad, jacrev, vmap
 
 import fastxent
+from fastxent.check import torch_composed
 
 F64 = {"rtol": 1e-12, "atol": 1e-14}
 
@@ -114,3 +115,37 @@ def test_batched_grad_outputs_get_a_clear_error_and_leave_the_graph_usable(form,
     want_loss = torch.nn.functional.cross_entropy(hidden @ weight.T, target, reduction=reduction)
     (want,) = torch.autograd.grad(want_loss, hidden, grad_output)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def _tangent(fn, z, direction, grad_mode: bool):
+    """The forward-mode AD tangent of ``fn(z)`` along ``direction``."""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), torch.set_grad_enabled(grad_mode):
+        return fwAD.unpack_dual(fn(fwAD.make_dual(z, direction))).tangent
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+@pytest.mark.parametrize("form", ["torch", "compiled", "linear"])
+def test_forward_mode_ad_gives_pytorchs_tangent(form, grad_mode):
+    """Dual tensors (torch.autograd.forward_ad) run on PyTorch's ops: the Function has no jvp
+    (PyTorch's NotImplementedError before), and under no_grad its detached inputs dropped the
+    tangent, a silent None. The tangent of the loss is ⟨∇loss, direction⟩."""
+    z, target = case()
+    direction = torch.randn(
+        z.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    options = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    if form == "linear":  # the logits as h·Wᵀ with W the identity, walked in chunks
+
+        def ours(x):
+            eye = torch.eye(100, dtype=torch.float64)
+            return fastxent.linear_cross_entropy(x, eye, target, chunk_size=2, **options)
+    else:
+
+        def ours(x):
+            return fastxent.cross_entropy(x, target, backend=form, **options)
+
+    got = _tangent(ours, z, direction, grad_mode)
+    want = _tangent(lambda x: torch_composed(x, target, **options), z, direction, True)
+    torch.testing.assert_close(got, want, **F64)

@@ -759,3 +759,18 @@ def test_strided_float32_class_weights(soft):
                backend="torch")  # fmt: skip
     assert_fp32_close(got[0], want[0])
     assert_fp32_close(got[1], want[1])
+
+
+@interpreter
+@pytest.mark.parametrize("soft", [False, True])
+def test_tensors_with_the_negative_bit_are_read_as_their_values(soft):
+    """The kernel reads memory through pointers: a ``torch._neg_view`` (logits, probabilities,
+    class weights) is resolved first, and the gradient written into its logits' view."""
+    z, target, weight = make_case(5, 40, soft)
+    base = (-z).requires_grad_()
+    views = (torch._neg_view(base), torch._neg_view(-target) if soft else target)
+    loss = fastxent.cross_entropy(*views, torch._neg_view(-weight), backend="triton", z_loss=1e-2)
+    loss.backward()
+    want_loss, want_grad = oracle(z, target, weight, z_loss=1e-2)
+    assert_fp32_close(loss, want_loss)
+    assert_fp32_close(-base.grad, want_grad)

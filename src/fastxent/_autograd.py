@@ -45,6 +45,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from fastxent._options import CrossEntropyOptions
@@ -324,6 +325,33 @@ def under_torch_func(*tensors: Tensor | None) -> bool:
     if _functorch_wrapped is None or torch.compiler.is_dynamo_compiling():
         return False
     return any(x is not None and _functorch_wrapped(x) for x in tensors)
+
+
+def needs_pytorch_ops(*tensors: Tensor | None) -> bool:
+    """Whether a call must be computed from PyTorch's own ops (``_torch.composed``), as PyTorch's
+    loss would be:
+
+    - a tensor wrapped by a ``torch.func`` transform (:func:`under_torch_func`);
+    - a tensor with a forward-mode AD tangent (``torch.autograd.forward_ad``): the Functions
+      here define no ``jvp`` (PyTorch's error named none of this), and under ``no_grad``, where
+      they take detached inputs, the tangent was dropped: a silently wrong directional
+      derivative;
+    - a tensor subclass that implements PyTorch's ops itself (a ``__torch_dispatch__`` wrapper
+      such as DTensor): its rules cover PyTorch's ops, not the kernels' in-place writes into
+      plain buffers and oneDNN calls (DTensor raised "got mixed torch.Tensor and DTensor").
+
+    False while torch.compile traces, as for :func:`under_torch_func`.
+    """
+    if torch.compiler.is_dynamo_compiling():
+        return False
+    if under_torch_func(*tensors):
+        return True
+    present = [x for x in tensors if isinstance(x, Tensor)]
+    if any(type(x) is not Tensor and hasattr(type(x), "__tensor_flatten__") for x in present):
+        return True
+    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level entered: no tangents
+        return False
+    return any(forward_ad.unpack_dual(x).tangent is not None for x in present)
 
 
 def outside_graph(fn: Callable) -> Callable:

@@ -18,8 +18,8 @@ from fastxent._autograd import (
     detached_without_grad_mode,
     fx_proxy_among,
     fx_recorded,
+    needs_pytorch_ops,
     outside_graph,
-    under_torch_func,
 )
 from fastxent._options import (
     CrossEntropyOptions,
@@ -248,7 +248,7 @@ def cross_entropy(
     check_soft_ignore_index(soft, ignore_index)
     check_flag("inplace_backward", inplace_backward)  # its logits are checked by _by_kernel
     check_backend_name(backend)  # also where PyTorch's ops serve the call
-    transformed = under_torch_func(input, target, weight)  # PyTorch's ops check the targets
+    transformed = needs_pytorch_ops(input, target, weight)  # PyTorch's ops check the targets
     fused_ops = (
         transformed
         or needs_pytorch_autograd(soft, target, weight)
@@ -446,9 +446,9 @@ def linear_cross_entropy(
         num_classes, soft, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale
     )
     walk_chosen = chunk_size is not None or filter_eps is not None or vocab_block is not None
-    # torch.func, meta and torch.export's fake tensors: PyTorch's ops. D = 0 (logits = bias)
-    # has nothing to walk: PyTorch's ops too, which check the targets (on CPU).
-    transformed = under_torch_func(hidden, weight, bias, target, class_weight)
+    # torch.func, forward AD, DTensor, meta and torch.export's fake tensors: PyTorch's ops.
+    # D = 0 (logits = bias) has nothing to walk: PyTorch's ops too, which check the targets.
+    transformed = needs_pytorch_ops(hidden, weight, bias, target, class_weight)
     traced = not values_readable(hidden, weight, bias, target, class_weight)
     if (
         transformed

@@ -288,6 +288,9 @@ def _call(v: Variant, graph, *args):
             _generation[(v, graph)] = generation + 1
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)  # tensor types the compiled graph is given
+
+
 def _suits_the_graph(z: Tensor, target: Tensor, opts: CrossEntropyOptions, v: Variant) -> bool:
     """Whether the compiled graph takes this call; the portable kernel does the others:
     - logits or probabilities strided along the classes (a column slice, a transpose): inductor
@@ -300,9 +303,17 @@ def _suits_the_graph(z: Tensor, target: Tensor, opts: CrossEntropyOptions, v: Va
     - the gradient written into the logits with softcap and V <= K: the shift's slice is then
       the whole row, z' of both became one (M, V) buffer, and inductor (torch 2.13) failed to
       build the label-smoothing variants (KeyError 'buf3'). A failed variant runs portably for
-      the rest of the process, so one small call made every later large one slower.
+      the rest of the process, so one small call made every later large one slower;
+    - logits or probabilities with the negative bit (``torch._neg_view``): the graph read them
+      without it, a wrong loss and gradient;
+    - a tensor subclass (``__torch_function__``): its graph failed to build, and the failure,
+      kept per variant, sent later plain calls of that variant to the portable kernel too.
     """
     if z.stride(1) != 1 or (opts.soft and target.stride(1) != 1):
+        return False
+    if z.is_neg() or (opts.soft and target.is_neg()):
+        return False
+    if type(z) not in _PLAIN or type(target) not in _PLAIN:
         return False
     if z.shape[0] <= 1 or z.shape[1] <= 1:
         return False
@@ -327,7 +338,8 @@ def cross_entropy_rows(
         return _portable(z, target, weight, opts, ce_scale, z_scale, grad)
     a, b = ce_scale.to(acc), z_scale.to(acc)
     # contiguous: a strided weight (weight[::2]) would cost the graph a specialisation of its own
-    w = None if weight is None else weight.to(device=z.device, dtype=acc).contiguous()
+    # resolve_neg: the graph reads memory as it is (a torch._neg_view weight read as -w)
+    w = None if weight is None else weight.to(device=z.device, dtype=acc).contiguous().resolve_neg()
     sum_w = torch.full((1,), z.shape[1], dtype=acc) if w is None else w.sum().reshape(1)
     k = torch.cat([torch.stack([a, b]), _option_values(opts, acc), sum_w])  # a, b, ε, s, c, α, Σw
     if opts.soft:

@@ -107,7 +107,7 @@ def cross_entropy_rows(
         gk = _unit_stride(grad)
     tk = _unit_stride(target) if opts.soft else target
     # The kernel reads w[y] at unit stride: a strided float32 view would be read wrongly.
-    wk = None if weight is None else weight.to(device=z.device, dtype=torch.float32).contiguous()
+    wk = None if weight is None else _unit_stride(weight.to(device=z.device, dtype=torch.float32))
     rows = torch.empty(num_rows, dtype=torch.float32, device=z.device)
     block, num_warps = launch_config(num_classes)
     eps = opts.label_smoothing
@@ -180,5 +180,8 @@ def scale_unless_one(x: Tensor, factor: Tensor) -> None:
 
 
 def _unit_stride(x: Tensor) -> Tensor:
-    """``x`` itself when its last dimension has unit stride (or one element), else a copy."""
+    """``x`` itself when its last dimension has unit stride (or one element), else a copy; a
+    copy too with the negative bit (``torch._neg_view``): the kernel reads memory as it is."""
+    if x.is_neg():
+        x = x.resolve_neg()
     return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
