@@ -139,9 +139,10 @@ def check_inplace_logits(z: Tensor) -> None:
     if z.requires_grad and base.is_leaf and base.requires_grad:
         raise ValueError(
             "inplace_backward=True would overwrite a leaf tensor that requires grad (your "
-            "parameters or data"
+            "parameters or data, or the detached input of a reentrant torch.utils.checkpoint"
             + (", through a view of it" if base is not z else "")
-            + "); use it on logits computed by the model, or pass inplace_backward=False."
+            + "); use it on logits computed by the model (within the checkpointed function), "
+            "or pass inplace_backward=False."
         )
     if may_overlap(tuple(z.shape), z.stride()):
         raise ValueError(
