@@ -281,6 +281,38 @@ def test_all_ignored_gives_zero_loss_and_zero_grad(backend):
         z.grad = None
 
 
+@pytest.mark.parametrize("backend", [*PATHS, "compiled", "linear"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_ignored_rows_keep_a_zero_gradient_under_a_non_finite_grad_output(backend, bad):
+    """PyTorch leaves an ignored row's gradient 0 whatever grad_output is. The forward-made
+    gradient times grad_output made it NaN (0·inf): a sum over an accumulation step of only
+    ignored tokens divided by its count 0 (transformers' num_items_in_batch) then turned the
+    gradients NaN where PyTorch's were 0. Per-row grad_outputs ("none") likewise."""
+    z64 = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    target = torch.tensor([-100, 2, -100, 5])
+
+    def gradient(fn, reduction, grad_output, partial):
+        x = z64.clone().requires_grad_()
+        y = torch.full_like(target, -100) if not partial else target
+        fn(x, y, reduction=reduction).backward(grad_output)
+        return x.grad
+
+    def ours(x, y, reduction):
+        if backend == "linear":  # the logits as h·Wᵀ with W the identity, walked in chunks
+            eye = torch.eye(6, dtype=torch.float64)
+            return fastxent.linear_cross_entropy(x, eye, y, reduction=reduction, chunk_size=2)
+        return fastxent.cross_entropy(x, y, reduction=reduction, backend=backend)
+
+    cases = [
+        ("sum", torch.tensor(bad, dtype=torch.float64), False),
+        ("none", torch.tensor([bad, 1.0, bad, 2.0], dtype=torch.float64), True),
+    ]
+    for reduction, grad_output, partial in cases:
+        got = gradient(ours, reduction, grad_output, partial)
+        want = gradient(F.cross_entropy, reduction, grad_output, partial)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0.0)
+
+
 @pytest.mark.parametrize("backend", PATHS)
 def test_zero_and_nan_total_weight(backend):
     """Class weights summing to 0 over the counted rows: "mean" gives 0 (as all-ignored); a NaN

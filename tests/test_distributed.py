@@ -850,8 +850,8 @@ def _dtensor_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
     errors = {}
     for backend, placement in product(("torch", "compiled"), (Replicate(), Shard(0))):
         leaf = distribute_tensor(z, mesh, [placement]).requires_grad_()
-        loss = fastxent.cross_entropy(leaf, _dtensor_target(placement, target, mesh), backend=backend,
-                                      **options)  # fmt: skip
+        sharded_target = _dtensor_target(placement, target, mesh)
+        loss = fastxent.cross_entropy(leaf, sharded_target, backend=backend, **options)
         loss.backward()
         plain = z.clone().requires_grad_()
         want = fastxent.cross_entropy(plain, target, backend=backend, **options)

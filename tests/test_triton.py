@@ -394,6 +394,19 @@ def test_scale_unless_one(factor, dtype, monkeypatch):
 
 
 @interpreter
+@pytest.mark.parametrize("factor", [float("inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_unless_one_keeps_zeros_under_a_non_finite_factor(factor, dtype):
+    """Zero entries (ignored rows) stay 0 under grad_output inf or NaN, as PyTorch's gradient
+    of an ignored row does; the others take the product."""
+    x = torch.randn(64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x[::3] = 0.0
+    want = torch.where(x == 0, 0.0, x.float() * factor).to(dtype)
+    triton_backend.scale_unless_one(x, torch.tensor(factor))
+    torch.testing.assert_close(x, want, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+@interpreter
 def test_out_of_range_targets_are_read_safely_by_the_kernel():
     """The kernel clamps a bad target for its reads (its loss is garbage, no fault): on CUDA the
     range check runs alongside the kernel and raises once it is in."""

@@ -182,16 +182,25 @@ def scaled_in_blocks(grad: Tensor, factor: Tensor, out: Tensor) -> Tensor:
     product's dtype. On CUDA that one mixed-dtype product writes ``out`` directly; on CPU PyTorch
     would compute it in a float32 temporary of ``grad``'s size, so there it runs over blocks of
     rows.
+
+    On CPU, where the factor is read without a sync, an inf or NaN factor leaves the entries
+    that are exactly 0 at 0 (0·inf would be NaN): they are the rows of ignored targets, whose
+    gradient PyTorch leaves 0 whatever grad_output is (an accumulation step of only ignored
+    tokens divides its sum by a count of 0: NaN gradients here would have ended the run where
+    PyTorch's zeros do not).
     """
     factor = factor.to(accumulation_dtype(grad.dtype))
     per_row = factor.dim() > 0
     factor = factor.reshape(-1, *[1] * (grad.dim() - 1))  # (M, 1, ...) or (1, 1, ...)
-    if grad.dtype == factor.dtype or grad.device.type != "cpu":
+    on_cpu = grad.device.type == "cpu"
+    keep_zeros = on_cpu and not bool(torch.isfinite(factor).all())
+    if not keep_zeros and (grad.dtype == factor.dtype or not on_cpu):
         return torch.mul(grad, factor, out=out)
     rows = max(1, SCALE_BLOCK_ELEMENTS // max(1, math.prod(grad.shape[1:])))
     for start in range(0, grad.shape[0], rows):
         block = slice(start, start + rows)
-        out[block] = grad[block] * (factor[block] if per_row else factor)
+        product = grad[block] * (factor[block] if per_row else factor)
+        out[block] = torch.where(grad[block] == 0, 0.0, product) if keep_zeros else product
     return out
 
 
@@ -205,8 +214,11 @@ def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
     be cast to the gradient's dtype first).
     """
     if grad.device.type == "cpu":
-        if float(grad_output) != 1.0:
+        value = float(grad_output)
+        if math.isfinite(value) and value != 1.0:
             grad.mul_(grad_output)
+        elif not math.isfinite(value):  # zeros kept (see scaled_in_blocks)
+            scaled_in_blocks(grad, grad_output, out=grad)
         return
     if grad.is_cuda and grad.is_contiguous():
         from fastxent import _triton

@@ -231,6 +231,7 @@ def cross_entropy_rows_kernel(
 @triton.jit
 def scale_unless_one_kernel(x_ptr, factor_ptr, numel, BLOCK: tl.constexpr):
     """``x *= f`` for a 0-dim float32 factor ``f`` read on the device; no memory traffic if f = 1.
+    Entries that are 0 stay 0 (not NaN) when f is inf or NaN, as ``scaled_in_blocks`` keeps them.
 
     Grid-stride loop over a fixed grid whose end is read on the device: ``numel`` elements, or
     none when ``f == 1``, so that launch costs a few microseconds whatever ``numel`` is and the
@@ -245,4 +246,5 @@ def scale_unless_one_kernel(x_ptr, factor_ptr, numel, BLOCK: tl.constexpr):
         cols = start + offs
         mask = cols < limit
         x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(x_ptr + cols, (x * factor).to(x_ptr.dtype.element_ty), mask=mask)
+        scaled = tl.where(x == 0.0, 0.0, x * factor)  # an ignored row stays 0 under f = inf
+        tl.store(x_ptr + cols, scaled.to(x_ptr.dtype.element_ty), mask=mask)
