@@ -855,3 +855,17 @@ def test_property_matches_reference(
     )
     np.testing.assert_allclose(got[0].numpy(), want[0], rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(got[1].numpy(), want[1], rtol=1e-11, atol=1e-12)
+
+
+def test_replacing_torchs_cross_entropy_with_fastxents_works(monkeypatch):
+    """A drop-in is used as one: ``F.cross_entropy = fastxent.cross_entropy`` (as done to reach
+    library code such as transformers' losses). fastxent's small calls, computed with PyTorch's
+    loss, called it through that attribute and recursed until RecursionError."""
+    z = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1, -100, 3, 9])
+    want = F.cross_entropy(z, target, label_smoothing=0.1)
+    hidden, weight = z.detach(), torch.eye(10, dtype=torch.float64)
+    want_linear = F.cross_entropy(hidden @ weight.T, target)
+    monkeypatch.setattr(F, "cross_entropy", fastxent.cross_entropy)
+    torch.testing.assert_close(F.cross_entropy(z, target, label_smoothing=0.1), want)
+    torch.testing.assert_close(fastxent.linear_cross_entropy(hidden, weight, target), want_linear)

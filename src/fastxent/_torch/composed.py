@@ -33,6 +33,10 @@ from torch import Tensor
 from fastxent._autograd import accumulation_dtype, reduction_scales, under_torch_func
 from fastxent._options import CrossEntropyOptions, values_readable
 
+# PyTorch's loss as it was at import: users replace torch.nn.functional.cross_entropy with
+# fastxent's (a drop-in), and calls through the module attribute then came back here forever.
+_pytorch_cross_entropy = F.cross_entropy
+
 
 def cross_entropy(
     z: Tensor, target: Tensor, weight: Tensor | None, opts: CrossEntropyOptions
@@ -50,7 +54,7 @@ def cross_entropy(
     w = None if weight is None else weight.to(device=z.device, dtype=acc)
     per_row = opts.reduction == "none"
     torch_mean = _torch_mean_is_ours(z, target, weight, opts)
-    loss = F.cross_entropy(
+    loss = _pytorch_cross_entropy(
         zp,
         target,
         w,
