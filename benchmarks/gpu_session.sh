@@ -4,6 +4,8 @@
 #     bash benchmarks/gpu_session.sh            # results and logs under $OUT (default gpu-out/)
 #
 # 1. the GPU tests (`pytest -m gpu`: compiled Triton kernels at realistic sizes, N×V > 2^31),
+#    and `fastxent check --device cuda` (every backend against float64; Triton's own kernel in
+#    its float32 table),
 # 2. benchmarks/gpu.py at Llama-3-8B and Gemma-2-2B shapes (correctness at full size, time,
 #    memory, floors, peers),
 # 3. `fastxent bench --device cuda --full` (the suite's largest preset: seconds on a GPU).
@@ -36,6 +38,7 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, remember the first 
 
 step machine sh -c "nvidia-smi; $PYTHON -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'"
 step gpu-tests "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider
+step check "$PYTHON" -m fastxent.cli check --device cuda
 step gpu-bench "$PYTHON" benchmarks/gpu.py --out "$OUT/gpu.json"
 step suite "$PYTHON" -m fastxent.cli bench --device cuda --full --out "$OUT/suite"
 exit "$status"

@@ -456,6 +456,26 @@ def test_row_offsets_beyond_2_31_elements():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
 
 
+@interpreter
+def test_checks_float32_rows_run_the_kernel_within_their_tolerance(monkeypatch):
+    """``fastxent check``'s float32 table is where Triton's own kernel is checked (its float64
+    runs on the portable kernel): two cases here, and a kernel 1e-4 off is caught."""
+    from fastxent import check
+
+    monkeypatch.setattr(check, "CASES", check.CASES[4:6])  # weights + ignore_index; z-loss
+    rows = list(check.error_rows("cpu", torch.float32, ("triton",)))
+    assert len(rows) == 3  # two cases and the linear token walk
+    for backend, case, vs_ref, vs_torch, note in rows:
+        assert vs_ref <= check.FLOAT32_TOLERANCE and vs_torch <= check.FLOAT32_TOLERANCE, case
+        assert backend == "triton" and not note
+    real = triton_backend.cross_entropy_rows
+    monkeypatch.setattr(
+        triton_backend, "cross_entropy_rows", lambda *args: real(*args) * (1 + 1e-4)
+    )
+    off = next(check.error_rows("cpu", torch.float32, ("triton",)))
+    assert off[2] > check.FLOAT32_TOLERANCE
+
+
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter checks already ran in this process")
 def test_interpreter_checks_in_a_subprocess():
     """The kernels were compiled in this process: run the interpreter tests in a child."""

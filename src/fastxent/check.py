@@ -8,6 +8,11 @@ r"""``fastxent check``: verify the math symbolically, then every backend numeric
    :mod:`fastxent.reference` and with PyTorch's own ``F.cross_entropy`` composed with autograd;
    then ``linear_cross_entropy``'s token walk (on each backend's row kernel) and vocabulary walk,
    with every option at once, against the reference's and PyTorch's ``F.linear`` + loss.
+3. The same in float32 for the backends whose float64 rows run another kernel (Triton's runs
+   float64 on the portable one: ``FLOAT64_NOTES``), against the reference on the
+   float32-rounded inputs, within ``FLOAT32_TOLERANCE`` (float32 arithmetic, not the float64
+   tolerance). The other backends' float64 rows are their own kernels already; float32 rows
+   for them too would compile every variant of the compiled kernel again (~1 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -162,6 +167,10 @@ def case_data(case: Case, v: int = 1000, seed: int = 0):
 
 # What a backend's float64 rows actually exercise, where that is not its own kernel.
 FLOAT64_NOTES = {"triton": "the triton backend runs float64 on the portable kernel"}
+# float32 rows: relative to the largest magnitude, a kernel's float32 arithmetic (float32
+# accumulation over ~1000 classes and 64-300 rows) against float64 on the same rounded inputs.
+# On these cases the CPU kernels (torch, compiled) and Triton's interpreter stay below 2e-6.
+FLOAT32_TOLERANCE = 1e-5
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:
@@ -170,22 +179,27 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max()) / scale
 
 
-def error_rows(device: str = "cpu") -> Iterator[tuple[str, str, float | None, float | None, str]]:
-    """(backend, case, error vs reference, error vs PyTorch, note) for every backend and case."""
+def error_rows(
+    device: str = "cpu", dtype: torch.dtype = torch.float64, backends: tuple[str, ...] = BACKENDS
+) -> Iterator[tuple[str, str, float | None, float | None, str]]:
+    """(backend, case, error vs reference, error vs PyTorch, note) for each of ``backends`` and
+    every case, the inputs rounded to ``dtype`` (the reference computes on the rounded values)."""
     dev = torch.device(device)
-    for backend in BACKENDS:
+    notes = FLOAT64_NOTES if dtype == torch.float64 else {}
+    for backend in backends:
         reason = unavailable_reason(backend, dev)
         if reason is not None:
             yield backend, "every case", None, None, f"skipped: {reason}"
             continue
         for case in CASES:
             z, target, weight = case_data(case)
-            z, target = z.to(dev), target.to(dev)
-            weight = None if weight is None else weight.to(dev)
+            z = z.to(dev, dtype)
+            target = target.to(dev, dtype) if case.soft else target.to(dev)
+            weight = None if weight is None else weight.to(dev, dtype)
             want_loss, want_grad = reference.cross_entropy(
-                z.cpu().numpy(),
-                target.cpu().numpy(),
-                None if weight is None else weight.cpu().numpy(),
+                z.double().cpu().numpy(),
+                target.double().cpu().numpy() if case.soft else target.cpu().numpy(),
+                None if weight is None else weight.double().cpu().numpy(),
                 **case.kwargs,
             )
             mine = z.clone().requires_grad_()
@@ -194,15 +208,15 @@ def error_rows(device: str = "cpu") -> Iterator[tuple[str, str, float | None, fl
             theirs = z.clone().requires_grad_()
             their_loss = torch_composed(theirs, target, weight, **case.kwargs)
             their_loss.backward()
-            got_loss, got_grad = loss.detach().cpu().numpy(), mine.grad.cpu().numpy()
+            got_loss, got_grad = (x.double().cpu().numpy() for x in (loss.detach(), mine.grad))
             vs_ref = max(relative_error(got_loss, want_loss), relative_error(got_grad, want_grad))
             vs_torch = max(
-                relative_error(got_loss, their_loss.detach().cpu().numpy()),
-                relative_error(got_grad, theirs.grad.cpu().numpy()),
+                relative_error(got_loss, their_loss.detach().double().cpu().numpy()),
+                relative_error(got_grad, theirs.grad.double().cpu().numpy()),
             )
-            yield backend, case.name, vs_ref, vs_torch, FLOAT64_NOTES.get(backend, "")
-        for case_name, vs_ref, vs_torch in linear_error_rows(backend, dev):
-            yield backend, case_name, vs_ref, vs_torch, FLOAT64_NOTES.get(backend, "")
+            yield backend, case.name, vs_ref, vs_torch, notes.get(backend, "")
+        for case_name, vs_ref, vs_torch in linear_error_rows(backend, dev, dtype):
+            yield backend, case_name, vs_ref, vs_torch, notes.get(backend, "")
 
 
 # linear_cross_entropy's walks: the token walk runs each backend's row kernel, the vocabulary
@@ -214,28 +228,36 @@ LINEAR_WALKS = {
 LINEAR_OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0, "shift": True}
 
 
-def linear_error_rows(backend: str, dev: torch.device) -> Iterator[tuple[str, float, float]]:
+def linear_error_rows(
+    backend: str, dev: torch.device, dtype: torch.dtype = torch.float64
+) -> Iterator[tuple[str, float, float]]:
     """(case, error vs reference, error vs PyTorch) of ``linear_cross_entropy``'s walks: hidden
     (3, 11, 16), weight (1000, 16), bias, class weights, ignored targets, LINEAR_OPTIONS; the
-    worst of the loss, ∂h, ∂W and ∂b."""
+    worst of the loss, ∂h, ∂W and ∂b. The inputs are rounded to ``dtype``."""
     g = torch.Generator().manual_seed(1)
-    hidden = torch.randn(3, 11, 16, generator=g, dtype=torch.float64)
-    weight = torch.randn(1000, 16, generator=g, dtype=torch.float64) * 0.5
-    bias = torch.randn(1000, generator=g, dtype=torch.float64)
+    hidden, weight, bias = (
+        x.to(dtype).double()
+        for x in (
+            torch.randn(3, 11, 16, generator=g, dtype=torch.float64),
+            torch.randn(1000, 16, generator=g, dtype=torch.float64) * 0.5,
+            torch.randn(1000, generator=g, dtype=torch.float64),
+        )
+    )
     target = torch.randint(0, 1000, (3, 11), generator=g)
     target[:, ::4] = -100
-    class_weight = torch.rand(1000, generator=g, dtype=torch.float64) + 0.5
+    class_weight = (torch.rand(1000, generator=g, dtype=torch.float64) + 0.5).to(dtype).double()
     want = reference.linear_cross_entropy(
         *(x.numpy() for x in (hidden, weight, bias, target)),
         class_weight=class_weight.numpy(),
         **LINEAR_OPTIONS,
     )
-    leaves = [x.to(dev).requires_grad_() for x in (hidden, weight, bias)]
+    leaves = [x.to(dev, dtype).requires_grad_() for x in (hidden, weight, bias)]
+    class_weight = class_weight.to(dev, dtype)
     h, y = leaves[0][:, :-1], target[:, 1:].to(dev)
     loss = torch_composed(
         torch.nn.functional.linear(h, *leaves[1:]).flatten(0, 1),
         y.flatten(),
-        class_weight.to(dev),
+        class_weight,
         **{k: v for k, v in LINEAR_OPTIONS.items() if k != "shift"},
     )
     loss.backward()
@@ -244,14 +266,16 @@ def linear_error_rows(backend: str, dev: torch.device) -> Iterator[tuple[str, fl
     for name, walk in walks.items():
         mine = [x.detach().clone().requires_grad_() for x in leaves]
         loss = linear_cross_entropy(
-            mine[0], mine[1], target.to(dev), mine[2], class_weight=class_weight.to(dev),
+            mine[0], mine[1], target.to(dev), mine[2], class_weight=class_weight,
             backend=backend, **walk, **LINEAR_OPTIONS,
         )  # fmt: skip
         loss.backward()
         got = [loss.detach(), *(x.grad for x in mine)]
-        got = [x.cpu().numpy() for x in got]
+        got = [x.double().cpu().numpy() for x in got]
         vs_ref = max(relative_error(a, np.asarray(b)) for a, b in zip(got, want, strict=True))
-        vs_torch = max(relative_error(a, b.cpu().numpy()) for a, b in zip(got, theirs, strict=True))
+        vs_torch = max(
+            relative_error(a, b.double().cpu().numpy()) for a, b in zip(got, theirs, strict=True)
+        )
         yield f"linear: {name}", vs_ref, vs_torch
 
 
@@ -323,19 +347,28 @@ def run(device: str = "cpu", tolerance: float = 1e-10) -> int:
         ok &= proved
         console.print(f"  {'[green]✓[/green]' if proved else '[red]✗[/red]'} {step}")
 
-    table = Table(title=f"max relative error in float64 on {device} (loss and gradient)")
-    for column in ("backend", "case", "vs float64 reference", "vs PyTorch", "note"):
-        table.add_column(column)
-    notes: dict[str, int] = {}  # long notes go under the table, numbered once each
-    for backend, case, vs_ref, vs_torch, note in error_rows(device):
-        passed = vs_ref is None or (vs_ref <= tolerance and vs_torch <= tolerance)
-        ok &= passed
-        cells = ["—" if e is None else f"{e:.1e}" for e in (vs_ref, vs_torch)]
-        if note:
-            note = f"({notes.setdefault(note, len(notes) + 1)})"
-        table.add_row(backend, case, *cells, note, style="" if passed else "red")
-    console.print(table)
-    for note, number in notes.items():
-        console.print(f"({number}) {note}")
+    tables = (
+        (torch.float64, tolerance, BACKENDS),
+        (torch.float32, FLOAT32_TOLERANCE, tuple(FLOAT64_NOTES)),
+    )
+    for dtype, bound, backends in tables:
+        name = str(dtype).removeprefix("torch.")
+        table = Table(
+            title=f"max relative error in {name} on {device}, PyTorch's in {name} too (loss "
+            f"and gradient; passes at {bound:.0e})"
+        )
+        for column in ("backend", "case", "vs float64 reference", "vs PyTorch", "note"):
+            table.add_column(column)
+        notes: dict[str, int] = {}  # long notes go under the table, numbered once each
+        for backend, case, vs_ref, vs_torch, note in error_rows(device, dtype, backends):
+            passed = vs_ref is None or (vs_ref <= bound and vs_torch <= bound)
+            ok &= passed
+            cells = ["—" if e is None else f"{e:.1e}" for e in (vs_ref, vs_torch)]
+            if note:
+                note = f"({notes.setdefault(note, len(notes) + 1)})"
+            table.add_row(backend, case, *cells, note, style="" if passed else "red")
+        console.print(table)
+        for note, number in notes.items():
+            console.print(f"({number}) {note}")
     console.print("[green]all checks passed[/green]" if ok else "[red]some checks failed[/red]")
     return 0 if ok else 1
