@@ -255,6 +255,14 @@ def _raises_everywhere(exc, match, call):
     return check
 
 
+def _under_forward_ad(call, x: torch.Tensor):
+    """``call`` on ``x`` made a dual tensor of forward-mode AD (tangent of ones)."""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        return call(fwAD.make_dual(x, torch.ones_like(x)))
+
+
 def _local(rank: int, world: int, rows: int = 4) -> torch.Tensor:
     return torch.randn(rows, SHARDS[world][rank], dtype=torch.float64)
 
@@ -297,6 +305,13 @@ ERROR_CASES = {
         "target must be the same on every rank",
         lambda r, w: vocab_parallel_cross_entropy(
             _local(r, w, 5), torch.tensor([[0, 0, 0, 2, 1], [0, 0, 1, 0, 2]][r % 2]), validate=True
+        ),
+    ),
+    "dual_logits": _raises_everywhere(
+        TypeError,
+        "runs fastxent's kernels only, which take plain tensors",
+        lambda r, w: _under_forward_ad(
+            lambda dual: vocab_parallel_cross_entropy(dual, _y % 100), _local(r, w)
         ),
     ),
     "rows_differ": _raises_everywhere(
@@ -860,6 +875,17 @@ def _dtensor_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
             abs(float(loss.full_tensor()) - float(want)),
             float((leaf.grad.full_tensor() - plain.grad).abs().max()),
         )
+    compiled = torch.compile(fastxent.cross_entropy, backend="eager")  # the kernel path outside
+    leaf = distribute_tensor(z, mesh, [Replicate()]).requires_grad_()
+    loss = compiled(leaf, _dtensor_target(Replicate(), target, mesh), backend="torch", **options)
+    loss.backward()
+    plain = z.clone().requires_grad_()
+    want = fastxent.cross_entropy(plain, target, backend="torch", **options)
+    want.backward()
+    errors["compiled caller"] = (
+        abs(float(loss.full_tensor()) - float(want)),
+        float((leaf.grad.full_tensor() - plain.grad).abs().max()),
+    )
     h = distribute_tensor(hidden, mesh, [Replicate()]).requires_grad_()
     w = distribute_tensor(weight, mesh, [Replicate()]).requires_grad_()
     loss = fastxent.linear_cross_entropy(

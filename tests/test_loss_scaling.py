@@ -257,7 +257,8 @@ def test_a_large_weight_of_an_untargeted_class_keeps_the_float16_mean(backend, l
     """The mean's float16 gradient was divided by the largest class weight of all classes: a
     weight of 1e8 on a class no row targets (weights of 1 elsewhere) flushed every entry to
     zero, silently (the loss was right). Only the weights the entries carry count now: the
-    targets', and all classes' through label smoothing's ε/V share (large entries then)."""
+    targets', and all classes' through label smoothing's ε/V share (large entries then). The
+    smoothed cases passed before too: they guard that share, kept in the bound."""
     z16, y = _half_case(n=16, v=256)
     y[y == 255] = 0
     weight = torch.ones(256)

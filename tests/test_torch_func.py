@@ -149,3 +149,21 @@ def test_forward_mode_ad_gives_pytorchs_tangent(form, grad_mode):
     got = _tangent(ours, z, direction, grad_mode)
     want = _tangent(lambda x: torch_composed(x, target, **options), z, direction, True)
     torch.testing.assert_close(got, want, **F64)
+
+
+def test_a_dual_class_weight_with_class_indices_is_refused_as_a_weight_requiring_grad():
+    """PyTorch's loss gives class weights no derivative with class-index targets (its forward
+    tangent is None): fastxent refuses one, as it refuses a weight that requires grad, where
+    PyTorch's ops under fastxent's mean differentiated 1/Σw_y alone (a wrong tangent)."""
+    import torch.autograd.forward_ad as fwAD
+
+    z, target = case()
+    weight = torch.rand(100, dtype=torch.float64) + 0.5
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(weight, torch.ones_like(weight))
+        with pytest.raises(ValueError, match=r"unpack_dual\(weight\).primal"):
+            fastxent.cross_entropy(z, target, weight=dual)
+        soft = torch.softmax(z, 1)  # probability targets: the weights' tangent is computed
+        got = fwAD.unpack_dual(fastxent.cross_entropy(z, soft, weight=dual)).tangent
+        want = fwAD.unpack_dual(F.cross_entropy(z, soft, weight=dual)).tangent
+    torch.testing.assert_close(got, want, **F64)

@@ -45,10 +45,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
-from fastxent._options import CrossEntropyOptions
+from fastxent._options import CrossEntropyOptions, carries_tangent
 
 Kernel = Callable[
     [Tensor, Tensor, "Tensor | None", CrossEntropyOptions, Tensor, Tensor, "Tensor | None"], Tensor
@@ -211,7 +210,8 @@ def scale_by_grad_output(grad: Tensor, grad_output: Tensor) -> None:
     0-dim factor is multiplied in float32 for half precision); on the device for contiguous CUDA
     tensors when triton imports (a Triton kernel whose loop then covers no elements); other
     tensors are always multiplied, by :func:`scaled_in_blocks` (a 0-dim CUDA factor alone would
-    be cast to the gradient's dtype first).
+    be cast to the gradient's dtype first). An inf or NaN factor leaves exact zeros at 0 (on
+    CPU, and in the Triton kernel): see :func:`scaled_in_blocks`.
     """
     if grad.device.type == "cpu":
         value = float(grad_output)
@@ -343,27 +343,26 @@ def needs_pytorch_ops(*tensors: Tensor | None) -> bool:
     """Whether a call must be computed from PyTorch's own ops (``_torch.composed``), as PyTorch's
     loss would be:
 
+    - a tensor subclass that implements PyTorch's ops itself (a traceable wrapper subclass, one
+      with ``__tensor_flatten__``, such as DTensor): its rules cover PyTorch's ops, not the
+      kernels' in-place writes into plain buffers and oneDNN calls (DTensor raised "got mixed
+      torch.Tensor and DTensor"). Checked while torch.compile traces too: the kernels then
+      run eagerly, outside the graph, on the same subclass;
     - a tensor wrapped by a ``torch.func`` transform (:func:`under_torch_func`);
-    - a tensor with a forward-mode AD tangent (``torch.autograd.forward_ad``): the Functions
-      here define no ``jvp`` (PyTorch's error named none of this), and under ``no_grad``, where
-      they take detached inputs, the tangent was dropped: a silently wrong directional
-      derivative;
-    - a tensor subclass that implements PyTorch's ops itself (a ``__torch_dispatch__`` wrapper
-      such as DTensor): its rules cover PyTorch's ops, not the kernels' in-place writes into
-      plain buffers and oneDNN calls (DTensor raised "got mixed torch.Tensor and DTensor").
+    - a tensor with a forward-mode AD tangent (:func:`carries_tangent`): the Functions here
+      define no ``jvp`` (PyTorch's error named none of this), and under ``no_grad``, where they
+      take detached inputs, the tangent was dropped: a silently wrong directional derivative.
 
-    False while torch.compile traces, as for :func:`under_torch_func`.
+    The last two are False while torch.compile traces, as for :func:`under_torch_func`.
     """
+    tensors = [x for x in tensors if isinstance(x, Tensor)]  # others are refused elsewhere
+    if any(type(x) is not Tensor and hasattr(type(x), "__tensor_flatten__") for x in tensors):
+        return True
     if torch.compiler.is_dynamo_compiling():
         return False
-    if under_torch_func(*tensors):
+    if _functorch_wrapped is not None and any(_functorch_wrapped(x) for x in tensors):
         return True
-    present = [x for x in tensors if isinstance(x, Tensor)]
-    if any(type(x) is not Tensor and hasattr(type(x), "__tensor_flatten__") for x in present):
-        return True
-    if getattr(forward_ad, "_current_level", 0) < 0:  # no dual level entered: no tangents
-        return False
-    return any(forward_ad.unpack_dual(x).tangent is not None for x in present)
+    return any(carries_tangent(x) for x in tensors)
 
 
 def outside_graph(fn: Callable) -> Callable:

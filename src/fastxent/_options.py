@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -169,15 +170,22 @@ def may_overlap(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
 def check_number(name: str, value: object, none_means: str | None = None) -> object:
     """``value``; TypeError naming option ``name`` unless it is a real number (a bool is not
     one), or None where ``none_means`` says what None stands for. A 0-dim real tensor that
-    requires no grad is taken as its value, read with ``.item()``, as PyTorch's ops take one
-    for a float argument (the option is not differentiated, so one that requires grad is not)."""
+    requires no grad is taken as its value, as PyTorch's loss takes one for label_smoothing
+    (its bool tensors are refused here, as bools are): read with ``.item()``, a host sync for
+    a CUDA tensor on every call, as in PyTorch. The option is not differentiated, so a tensor
+    that requires grad is refused, with that reason."""
     if value is None and none_means is not None:
         return value
     if (
         isinstance(value, Tensor)
         and value.dim() == 0
-        and not (value.requires_grad or value.is_complex() or value.dtype == torch.bool)
+        and not (value.is_complex() or value.dtype == torch.bool)
     ):
+        if value.requires_grad:
+            raise TypeError(
+                f"{name} is not differentiated: pass a number, or a 0-dim tensor that does not "
+                f"require grad ({name}.detach()), got {value!r}."
+            )
         return value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         allowed = "a number" + (f" or None ({none_means})" if none_means else "")
@@ -303,6 +311,28 @@ def check_weight(
             f"gradients with respect to the class weights are not computed for class-index "
             f"targets (as in PyTorch); pass {name}.detach()."
         )
+    if not soft and carries_tangent(weight):  # PyTorch's loss drops it silently
+        raise ValueError(
+            f"forward-mode derivatives with respect to the class weights are not computed for "
+            f"class-index targets (PyTorch's loss gives none); pass "
+            f"torch.autograd.forward_ad.unpack_dual({name}).primal."
+        )
+
+
+_vf_unpack_dual = getattr(torch._VF, "_unpack_dual", None)  # forward_ad.unpack_dual's C op
+
+
+def carries_tangent(x: object) -> bool:
+    """Whether ``x`` is a dual tensor of forward-mode AD (``torch.autograd.forward_ad``) at
+    the current level. Outside every dual level no tensor is: one read of a global then. The
+    C op rather than ``forward_ad.unpack_dual``, which costs ~4.5 µs a tensor (a namedtuple and
+    an export-mode lookup) in every call made inside a dual level."""
+    level = getattr(forward_ad, "_current_level", 0)
+    if level < 0 or not isinstance(x, Tensor) or not x.is_floating_point():
+        return False
+    if _vf_unpack_dual is None:
+        return forward_ad.unpack_dual(x, level=level).tangent is not None
+    return _vf_unpack_dual(x, level)[1] is not None
 
 
 def needs_pytorch_autograd(soft: bool, target: Tensor, weight: Tensor | None) -> bool:

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastxent import reference
+from fastxent._torch.composed import pytorch_cross_entropy
 from fastxent.functional import (
     BACKENDS,
     cross_entropy,
@@ -85,7 +85,7 @@ def torch_composed(
     An independent oracle for fastxent's extras (PyTorch has no z-loss or softcap of its own).
     """
     zp = z * logit_scale if softcap is None else softcap * torch.tanh(logit_scale * z / softcap)
-    loss = F.cross_entropy(
+    loss = pytorch_cross_entropy(  # PyTorch's even where users replaced F.cross_entropy
         zp,
         target,
         weight,

@@ -113,6 +113,7 @@ from fastxent._autograd import (
     detached_without_grad_mode,
     fx_proxy_among,
     fx_recorded,
+    needs_pytorch_ops,
 )
 from fastxent._options import (
     CrossEntropyOptions,
@@ -336,6 +337,10 @@ def vocab_parallel_linear_cross_entropy(
         )
     # This rank's checks; a failure reaches every rank through the layout all-gather (if made).
     try:
+        _check_kernel_inputs(
+            "linear_cross_entropy with a process_group", hidden, local_weight, bias, target,
+            class_weight,
+        )  # fmt: skip
         if vocab_block is not None:
             raise ValueError(
                 "vocab_block is for one device; with process_group the vocabulary is already "
@@ -498,6 +503,7 @@ def _check_cross_entropy(
     """The checks of :func:`vocab_parallel_cross_entropy` that need no other rank. Returns the
     rows' shape, the logits as rows ``(N, V_r)``, the targets ``(N,)`` in int64 and ignore_index."""
     check_logits(local_logits, "local_logits")
+    _check_kernel_inputs("vocab_parallel_cross_entropy", local_logits, target)
     label_smoothing, z_loss, softcap, logit_scale = check_scalars(
         reduction, label_smoothing, z_loss, softcap, logit_scale
     )
@@ -532,6 +538,19 @@ def _check_cross_entropy(
     # all-gather, which refuses it on every rank, instead of failing alone and hanging the rest.
     z = local_logits.reshape(math.prod(rows_shape), local_logits.shape[-1])
     return rows_shape, z, target.reshape(-1).long(), ignore_index
+
+
+def _check_kernel_inputs(name: str, *tensors: Tensor | None) -> None:
+    """TypeError for the inputs that one device computes with PyTorch's ops (a torch.func
+    transform, forward-mode AD's dual tensors, DTensor: ``needs_pytorch_ops``): over a split
+    vocabulary PyTorch's ops cannot see the other ranks' classes, and fastxent's kernels cannot
+    serve them (under no_grad a dual tensor's tangent was dropped, silently)."""
+    if needs_pytorch_ops(*tensors):
+        raise TypeError(
+            f"{name} runs fastxent's kernels only, which take plain tensors: not under torch.func "
+            f"transforms, nor forward-mode AD's dual tensors, nor DTensor inputs. Compute such "
+            f"derivatives from the gathered full-vocabulary logits (fastxent.cross_entropy)."
+        )
 
 
 def _weight_length(weight: Tensor | None, name: str, device: torch.device, of: str) -> int:

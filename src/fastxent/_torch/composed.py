@@ -35,7 +35,7 @@ from fastxent._options import CrossEntropyOptions, values_readable
 
 # PyTorch's loss as it was at import: users replace torch.nn.functional.cross_entropy with
 # fastxent's (a drop-in), and calls through the module attribute then came back here forever.
-_pytorch_cross_entropy = F.cross_entropy
+pytorch_cross_entropy = F.cross_entropy
 
 
 def cross_entropy(
@@ -54,7 +54,7 @@ def cross_entropy(
     w = None if weight is None else weight.to(device=z.device, dtype=acc)
     per_row = opts.reduction == "none"
     torch_mean = _torch_mean_is_ours(z, target, weight, opts)
-    loss = _pytorch_cross_entropy(
+    loss = pytorch_cross_entropy(
         zp,
         target,
         w,
