@@ -875,6 +875,15 @@ def _dtensor_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
             abs(float(loss.full_tensor()) - float(want)),
             float((leaf.grad.full_tensor() - plain.grad).abs().max()),
         )
+    # Rank 1's rows all ignored, then all but one: the mean is over all counted rows (PyTorch's
+    # own "mean" on DTensor averages each rank's mean: NaN, and 10.85 for 11.39 in a probe).
+    for kept in (0, 1):
+        uneven = target.clone()
+        uneven[4 + kept :] = -100
+        sharded = distribute_tensor(z, mesh, [Shard(0)])
+        loss = fastxent.cross_entropy(sharded, _dtensor_target(Shard(0), uneven, mesh))
+        want = fastxent.cross_entropy(z, uneven)
+        errors["uneven", kept] = (abs(float(loss.full_tensor()) - float(want)), 0.0)
     compiled = torch.compile(fastxent.cross_entropy, backend="eager")  # the kernel path outside
     leaf = distribute_tensor(z, mesh, [Replicate()]).requires_grad_()
     loss = compiled(leaf, _dtensor_target(Replicate(), target, mesh), backend="torch", **options)

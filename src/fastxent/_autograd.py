@@ -339,6 +339,12 @@ def under_torch_func(*tensors: Tensor | None) -> bool:
     return any(x is not None and _functorch_wrapped(x) for x in tensors)
 
 
+def wrapper_subclass(x: Tensor) -> bool:
+    """Whether ``x`` is a traceable wrapper subclass (``__tensor_flatten__``, as DTensor): a
+    tensor that implements PyTorch's ops itself, over data that may live on other ranks."""
+    return type(x) is not Tensor and hasattr(type(x), "__tensor_flatten__")
+
+
 def needs_pytorch_ops(*tensors: Tensor | None) -> bool:
     """Whether a call must be computed from PyTorch's own ops (``_torch.composed``), as PyTorch's
     loss would be:
@@ -356,7 +362,7 @@ def needs_pytorch_ops(*tensors: Tensor | None) -> bool:
     The last two are False while torch.compile traces, as for :func:`under_torch_func`.
     """
     tensors = [x for x in tensors if isinstance(x, Tensor)]  # others are refused elsewhere
-    if any(type(x) is not Tensor and hasattr(type(x), "__tensor_flatten__") for x in tensors):
+    if any(wrapper_subclass(x) for x in tensors):
         return True
     if torch.compiler.is_dynamo_compiling():
         return False

@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastxent._autograd import accumulation_dtype, reduction_scales, under_torch_func
+from fastxent._autograd import (
+    accumulation_dtype,
+    reduction_scales,
+    under_torch_func,
+    wrapper_subclass,
+)
 from fastxent._options import CrossEntropyOptions, values_readable
 
 # PyTorch's loss as it was at import: users replace torch.nn.functional.cross_entropy with
@@ -84,13 +89,17 @@ def _torch_mean_is_ours(
     fastxent does), some target counted (none: PyTorch's 0/0 is NaN, fastxent's loss 0), read
     on the host: on CPU only (a read is no sync there), not under torch.func (vmap cannot),
     not while torch.compile traces (a graph break), not on fake tensors (torch.export's).
-    Saves the scales' few small ops."""
+    Saves the scales' few small ops. Not for DTensor (:func:`wrapper_subclass`) either: its
+    rows may be sharded, and its mean of each rank's mean is not the mean of all rows when
+    ranks count different numbers of targets (the sum, scaled by the global count, is)."""
     if opts.reduction != "mean" or opts.soft or weight is not None or opts.z_loss:
         return False
     if (
         z.device.type != "cpu"
         or torch.compiler.is_dynamo_compiling()
         or under_torch_func(z, target)
+        or wrapper_subclass(z)
+        or wrapper_subclass(target)
         or not values_readable(target)
     ):
         return False
