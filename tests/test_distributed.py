@@ -926,3 +926,53 @@ def test_dtensor_inputs_run_on_pytorchs_ops_and_match_plain_tensors(tmp_path):
     for errors in spawn_with_deadline(tmp_path, _dtensor_worker, 2):
         for key, (loss_error, grad_error) in errors.items():
             assert loss_error < 1e-6 and grad_error < 1e-6, (key, loss_error, grad_error)
+
+
+def test_fsdp2_lm_head_weight_works_with_the_root_and_is_explained_when_sharded_alone(tmp_path):
+    """FSDP2 gathers a weight into a plain tensor inside its fully_shard module's forward and
+    keeps the root's gathered after forward; a plain hidden with a still-sharded weight used to
+    fail in DTensor's dispatch ("aten.mm.default got mixed torch.Tensor and DTensor"). World
+    size 1 in a fresh process: the root case against a plain float64 computation, the
+    separately sharded lm_head against the error that names the cause."""
+    code = f"""
+import torch, torch.distributed as dist, torch.nn as nn, fastxent
+from torch.distributed.fsdp import fully_shard
+dist.init_process_group("gloo", init_method="file://{tmp_path / "init"}", rank=0, world_size=1)
+torch.manual_seed(0)
+x, y = torch.randn(6, 8), torch.randint(0, 16, (6,))
+class Model(nn.Module):  # returns the hidden states; the loss is taken outside forward
+    def __init__(self):
+        super().__init__()
+        self.body, self.lm_head = nn.Linear(8, 8), nn.Linear(8, 16, bias=False)
+    def forward(self, x):
+        return self.body(x)
+for own_unit in (False, True):
+    model = Model()
+    want_w = model.lm_head.weight.detach().double().requires_grad_()
+    want_h = model.body.to(torch.float64)(x.double()).detach()
+    model.float()
+    want = torch.nn.functional.cross_entropy(want_h @ want_w.T, y)
+    want.backward()
+    if own_unit:
+        fully_shard(model.lm_head)
+    fully_shard(model)
+    hidden = model(x)
+    try:
+        loss = fastxent.linear_cross_entropy(hidden, model.lm_head.weight, y)
+    except TypeError as error:
+        print("refused:", error)
+        continue
+    loss.backward()
+    grad = model.lm_head.weight.grad.full_tensor()
+    print("loss", abs(float(loss) - float(want)), "grad", float((grad - want_w.grad).abs().max()))
+dist.destroy_process_group()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2, done.stdout + done.stderr
+    _, loss_error, _, grad_error = lines[0].split()
+    assert float(loss_error) < 1e-6 and float(grad_error) < 1e-6, lines[0]
+    assert lines[1].startswith("refused: weight is a DTensor but hidden is not"), lines[1]
+    assert "shard lm_head with the root module" in lines[1], lines[1]

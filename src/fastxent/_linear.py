@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -196,6 +197,7 @@ def check_inputs(
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
     check_flag("shift", shift)  # it decides which targets each position takes
+    _check_dtensor_mix(hidden=hidden, weight=weight, bias=bias)
     if not hidden.is_floating_point():
         raise TypeError(
             f"hidden must be a floating-point tensor, got dtype {hidden.dtype}; convert it "
@@ -236,6 +238,31 @@ def check_inputs(
 
     return check_target_kind(
         target, tokens, (*tokens, num_classes), context, hidden.device, "hidden"
+    )
+
+
+def _check_dtensor_mix(**tensors: Tensor | None) -> None:
+    """DTensor's ops refuse plain tensors among their inputs ("aten.mm.default got mixed
+    torch.Tensor and DTensor"); say which input is which, and the usual cause: a weight that
+    FSDP2 (``fully_shard``) holds sharded outside its module's forward. The target is not
+    asked: under ``loss_parallel()`` DTensor takes a plain one."""
+    module = sys.modules.get("torch.distributed.tensor")  # loaded wherever a DTensor exists
+    if module is None:
+        return
+    given = {name: x for name, x in tensors.items() if x is not None}
+    dtensors = [name for name, x in given.items() if isinstance(x, module.DTensor)]
+    if not dtensors or len(dtensors) == len(given):
+        return
+    plain = [name for name in given if name not in dtensors]
+    raise TypeError(
+        f"{', '.join(dtensors)} {'is a DTensor' if len(dtensors) == 1 else 'are DTensors'} but "
+        f"{', '.join(plain)} {'is' if len(plain) == 1 else 'are'} not: DTensor's ops need all "
+        "inputs on one device mesh. FSDP2 (fully_shard) holds a weight as a plain tensor only "
+        "inside the forward of the fully_shard module it belongs to, and after the root "
+        "module's forward (which keeps its parameters gathered for backward): shard lm_head "
+        "with the root module, not in a fully_shard of its own, and call linear_cross_entropy "
+        "in or after the model's forward; or put the other inputs on the weight's mesh with "
+        "torch.distributed.tensor.distribute_tensor."
     )
 
 
