@@ -705,6 +705,22 @@ def test_module_matches_torch_module():
     assert "label_smoothing=0.1" in repr(ours)
 
 
+def test_module_is_a_torch_cross_entropy_loss_with_its_state():
+    """Code that asks isinstance(loss_fn, nn.CrossEntropyLoss), or loads such a module's
+    state_dict, takes fastxent's module as PyTorch's (it was a plain nn.Module)."""
+    weight = torch.rand(7, dtype=torch.float64) + 0.5
+    ours = fastxent.CrossEntropyLoss(torch.ones(7), ignore_index=3, label_smoothing=0.2).double()
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=3, label_smoothing=0.2)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    for name in ("ignore_index", "reduction", "label_smoothing"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    z, target = make_case((5, 7), soft=False, weighted=False, ignore_index=3)[:2]
+    torch.testing.assert_close(
+        loss_and_grad(ours, z, target), loss_and_grad(theirs, z, target), rtol=1e-12, atol=1e-13
+    )
+
+
 @pytest.mark.parametrize(
     ("size_average", "reduce", "reduction"),
     [(None, False, "none"), (False, None, "sum"), (True, True, "mean"), (False, False, "none")],

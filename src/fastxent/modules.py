@@ -18,12 +18,14 @@ def _refuse_scripting(module: nn.Module) -> nn.Module:
     )
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(nn.CrossEntropyLoss):
     """Module form of :func:`fastxent.cross_entropy` (a drop-in for ``nn.CrossEntropyLoss``).
 
-    ``weight`` is registered as a buffer, so it follows ``.to(device)`` like PyTorch's. The
-    arguments are :func:`fastxent.cross_entropy`'s, in ``nn.CrossEntropyLoss``'s order (its
-    deprecated ``size_average`` and ``reduce`` included).
+    A subclass of ``nn.CrossEntropyLoss``, so code that asks ``isinstance(loss_fn,
+    nn.CrossEntropyLoss)`` takes it for one; it keeps PyTorch's attributes (``weight`` a buffer
+    that follows ``.to(device)``, ``ignore_index``, ``reduction``, ``label_smoothing``) and
+    adds its own options. The arguments are :func:`fastxent.cross_entropy`'s, in
+    ``nn.CrossEntropyLoss``'s order (its deprecated ``size_average`` and ``reduce`` included).
 
     Example:
         >>> import torch, fastxent
@@ -46,7 +48,7 @@ class CrossEntropyLoss(nn.Module):
         inplace_backward: bool = False,
         backend: str = "auto",
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # PyTorch's __init__ would set the attributes unchecked
         reduction = legacy_reduction(size_average, reduce, reduction)
         label_smoothing, z_loss, softcap, logit_scale = check_scalars(
             reduction, label_smoothing, z_loss, softcap, logit_scale
