@@ -1118,7 +1118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{' and '.join(LEFT_OUT_BY_DEFAULT)} are shown as skipped linear rows: name them to run "
         "them)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument(
         "--repeats", type=int, help=f"timed runs per method (default: {DEFAULT_REPEATS})"
     )
@@ -1179,10 +1179,11 @@ def _check(args: argparse.Namespace) -> str | None:
     for name in args.methods or []:
         if name not in known:
             return f"unknown method {name!r}; choose from {', '.join(dict.fromkeys(known))}"
-    if args.device not in ("cpu", "cuda"):
-        return f"--device must be cpu or cuda, got {args.device!r}"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return "--device cuda was asked for, but torch sees no CUDA device"
+    from fastxent.check import device_problem
+
+    problem = device_problem(args.device)
+    if problem is not None:
+        return f"--device {problem}"
     cases = cases_of(args)
     kinds = {m.kind for m in methods_of(args)}
     if not any(case.kind in kinds for case in cases):
@@ -1280,7 +1281,9 @@ def run(args: argparse.Namespace) -> int:
         console=console,
         transient=True,
     )
-    with progress:
+    # Triton's kernels (fastxent's, Liger's, CCE's) launch on the current device.
+    current = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with progress, current:
         task = progress.add_task("timing", total=sum(steps(c) for c in cases))
         done = 0
         for case in cases:
