@@ -1,10 +1,10 @@
-"""float16 gradients of a "mean" under loss scaling (GradScaler's grad_output of 2^16).
+"""float16 gradients under loss scaling (GradScaler's grad_output of 2^16).
 
 Most entries of a mean's gradient are about o_i / N, below float16's smallest subnormal (6e-8)
 for a large vocabulary; PyTorch under autocast computes them in float32 and multiplies by the
 loss scale before casting to float16, so they survive. fastxent writes the gradient in forward,
 so it writes float16 gradients without the mean's 1/N and applies it with grad_output in backward
-(``fastxent._autograd.deferred_mean``). Each test compares the error against float64 with that of
+(``fastxent._autograd.deferred_factor``). Each test compares the error against float64 with that of
 PyTorch under float16 autocast, as a norm over the whole gradient (a max-entry error cannot see
 entries flushed to zero).
 """
@@ -249,6 +249,40 @@ def test_float16_weighted_mean_does_not_depend_on_the_weights_scale(scale):
     exact = _autocast_grad(z16.double(), y, torch.tensor(SCALE), weight=weight.double())
     assert torch.isfinite(x.grad).all()
     assert norm_error(x.grad, exact.double() / SCALE) <= 1.5 * norm_error(theirs, exact / SCALE)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize(("scale", "grad_output"), [(1e5, 0.5), (1e-6, SCALE)])
+@pytest.mark.parametrize("backend", ["torch", "compiled", "linear"])
+def test_float16_sum_and_none_are_written_relative_to_the_weights(
+    backend, scale, grad_output, reduction
+):
+    """As the mean's: weights of 1e5 made the target entries of a "sum"/"none" gradient inf
+    (w·(o - 1) past 65504) where the true gradient times grad_output 0.5 fits float16; weights
+    of 1e-6 put its entries in float16's subnormals, where a loss scale of 2^16 restored only
+    a few bits (64x PyTorch's error, entries of 2e-3 came back 0)."""
+    z16, y = _half_case(n=16, v=256)
+    weight = torch.rand(256, generator=torch.Generator().manual_seed(3)) * scale + scale / 2
+    rows = torch.full((16,), grad_output)
+    grad = rows if reduction == "none" else torch.tensor(grad_output)
+    x = z16.clone().requires_grad_()
+    if backend == "linear":  # the logits as h·Wᵀ with W the identity
+        eye = torch.eye(256).half()
+        loss = fastxent.linear_cross_entropy(
+            x, eye, y, class_weight=weight, reduction=reduction, chunk_size=4
+        )
+    else:
+        loss = fastxent.cross_entropy(x, y, weight, reduction=reduction, backend=backend)
+    loss.backward(grad)
+    theirs = _autocast_grad(z16, y, grad, weight=weight, reduction=reduction)
+    exact = _autocast_grad(
+        z16.double(), y, grad.double(), weight=weight.double(), reduction=reduction
+    )
+    want = F.cross_entropy(z16.double(), y, weight.double(), reduction=reduction)
+    # float32's lse - z_y: rows of o_y near 1 are small, so absolute to the largest row
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+    assert torch.isfinite(x.grad).all()
+    assert norm_error(x.grad, exact / SCALE) <= 1.5 * norm_error(theirs, exact / SCALE)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])

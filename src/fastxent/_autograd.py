@@ -31,7 +31,7 @@ and hands it to autograd: nothing else of size N×V is saved, and for "mean"/"su
 is allocated in backward. Later backwards through a retained graph rescale the buffer into a new
 tensor; "none" (one factor per row) always scales into a new tensor. A float16 "mean" hands the
 kernel its scales divided by a power of two that backward multiplies back in with grad_output
-(:func:`deferred_mean`: the entries would otherwise fall below float16's range).
+(:func:`deferred_factor`: the entries would otherwise fall below float16's range).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _target_weights(target: Tensor, weight: Tensor, counted: Tensor, dtype: torc
 
 def carried_weight(target: Tensor, weight: Tensor, opts: CrossEntropyOptions) -> Tensor:
     """The largest class weight that a row's gradient entries carry, to within a factor 2
-    (0-dim, float32): what :func:`deferred_mean` divides out of a float16 gradient.
+    (0-dim, float32): what :func:`deferred_factor` divides out of a float16 gradient.
 
     Index targets: ``(1 - ε)·max |w_y|`` over the counted rows, plus ``ε·max |w|`` for label
     smoothing ε, whose part of an entry, ``(ε/V)(o_i Σ_j w_j - w_i)``, is at most
@@ -123,7 +123,7 @@ def carried_weight(target: Tensor, weight: Tensor, opts: CrossEntropyOptions) ->
 CHAIN_KEPT = 2.0**12  # float16 mean: entries keep a logit scale's factor up to this much
 
 
-def deferred_mean(
+def deferred_factor(
     ce_scale: Tensor,
     z_scale: Tensor,
     grad_dtype: torch.dtype,
@@ -131,7 +131,7 @@ def deferred_mean(
     weight: Tensor | None,
     opts: CrossEntropyOptions,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    r"""The reduction's scales for a float16 gradient of a "mean": ``(a/f, b/f, f)``.
+    r"""The reduction's scales for a float16 gradient: ``(a/f, b/f, f)``.
 
     The mean's factors ``a = 1/W``, ``b = 1/n`` make most entries of the gradient about
     ``o_i / N``: below float16's smallest subnormal (6e-8) for most classes of a large vocabulary
@@ -147,10 +147,13 @@ def deferred_mean(
     of a moderate α (100) to zero.
     ``f`` joins grad_output in backward; the loss is ``f·Σ rows``. A power of two changes no
     rounding: ``fp16(x·a/f)·f`` is ``fp16(x·a)`` wherever the latter is a normal number, and a
-    loss scale (a power of two too) then multiplies exactly. Other dtypes (float32's and bf16's
-    range reach 1e-38) and other reductions get ``f = None``.
+    loss scale (a power of two too) then multiplies exactly. "sum" and "none" (``a = 1``) are
+    written the same way, relative to ``w_max`` and α: a weight of 1e5 overflowed their entries
+    to inf where the true gradient times a grad_output below 1 fits float16, and weights of 1e-6
+    flushed them to subnormals that a loss scale could not restore. Other dtypes (float32's and
+    bf16's range reach 1e-38) get ``f = None``.
     """
-    if grad_dtype != torch.float16 or opts.reduction != "mean":
+    if grad_dtype != torch.float16:
         return ce_scale, z_scale, None
     chain = max(1.0, abs(opts.logit_scale) / CHAIN_KEPT)  # α's part beyond CHAIN_KEPT, see above
     ce_scale_max = ce_scale  # a·w_max
@@ -164,7 +167,7 @@ def deferred_mean(
 
 def times_deferred(grad_output: Tensor, factor: Tensor | None) -> Tensor:
     """What backward multiplies a forward-made gradient by: grad_output, times the factor that
-    :func:`deferred_mean` kept out of a float16 gradient."""
+    :func:`deferred_factor` kept out of a float16 gradient."""
     return grad_output if factor is None else grad_output * factor.to(grad_output.dtype)
 
 
@@ -450,9 +453,9 @@ def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
 
 
 MODIFIED_SINCE_FORWARD = (
-    "the gradient fastxent computed in forward was modified in place since (the logits were "
-    "written after an inplace_backward=True call, or .grad was accumulated into after an earlier "
-    "backward); recompute the loss to back-propagate it."
+    "the gradient fastxent computed in forward was modified in place after forward (the logits "
+    "were written after an inplace_backward=True call, or .grad was accumulated into after an "
+    "earlier backward); recompute the loss to back-propagate it."
 )
 
 
@@ -603,14 +606,16 @@ class CrossEntropyFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad = z if opts.inplace_backward else gradient_buffer_like(z)
         ce_scale, z_scale = reduction_scales(z, target, weight, opts)
-        ce_scale, z_scale, factor = deferred_mean(ce_scale, z_scale, z.dtype, target, weight, opts)
+        ce_scale, z_scale, factor = deferred_factor(
+            ce_scale, z_scale, z.dtype, target, weight, opts
+        )
         rows = kernel(z, target, weight, opts, ce_scale, z_scale, grad)  # (M,)
         ctx.opts, ctx.factor = opts, factor
         if grad is not None:
             keep_for_backward(ctx, grad)
-        if opts.reduction == "none":
-            return rows
-        return rows.sum() if factor is None else rows.sum() * factor
+        if factor is not None:
+            rows = rows * factor
+        return rows if opts.reduction == "none" else rows.sum()
 
     @staticmethod
     @first_order_backward
@@ -618,6 +623,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         nothing = (None, None, None, None)
         if ctx.opts.reduction == "none":  # per-row factors: scale a copy, keep the buffer intact
             (grad,) = kept_gradients(ctx)
-            return scaled_in_blocks(grad, grad_loss.reshape(-1), torch.empty_like(grad)), *nothing
+            per_row = times_deferred(grad_loss.reshape(-1), ctx.factor)
+            return scaled_in_blocks(grad, per_row, torch.empty_like(grad)), *nothing
         (grad,) = scaled_gradients(ctx, times_deferred(grad_loss, ctx.factor), (None,))
         return grad, *nothing

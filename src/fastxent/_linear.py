@@ -46,7 +46,7 @@ from torch import Tensor
 from fastxent._autograd import (
     Kernel,
     accumulation_dtype,
-    deferred_mean,
+    deferred_factor,
     first_order_backward,
     keep_for_backward,
     reduction_scales,
@@ -277,10 +277,16 @@ def _check_parameter_dtype(name: str, x: Tensor, hidden: Tensor, master_weights:
             f"(not float64), got {x.dtype}."
         )
     if x.dtype != hidden.dtype or x.device != hidden.device:
+        halves = (torch.float16, torch.bfloat16)
+        hint = (
+            "; for float32 parameters with half-precision hidden states, call it under "
+            "torch.autocast, as for F.linear"
+            if x.device == hidden.device and hidden.dtype in halves and x.dtype == torch.float32
+            else f"; convert one, e.g. {name}.to(hidden)"
+        )
         raise TypeError(
             f"{name} must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), got "
-            f"({x.dtype}, {x.device}); for float32 parameters with half-precision hidden states, "
-            "call it under torch.autocast, as for F.linear."
+            f"({x.dtype}, {x.device}){hint}."
         )
 
 
@@ -345,7 +351,7 @@ class _Tokens:
 
 class Walked(NamedTuple):
     """What a walk returns: the row losses (M,), the gradients asked for (None otherwise), and
-    the factor :func:`~fastxent._autograd.deferred_mean` kept out of a float16 mean (the true
+    the factor :func:`~fastxent._autograd.deferred_factor` kept out of a float16 mean (the true
     losses and gradients are ``factor ×`` those returned; None: nothing kept out)."""
 
     losses: Tensor
@@ -360,7 +366,7 @@ def _walk_inputs(
 ) -> tuple[Tensor, Tensor, _Tokens, Tensor, Tensor, Tensor | None]:
     """What both walks start from: hidden as (B·T, D) (a view when contiguous), the targets as
     (B·T,) or (B·T, V), the loss rows, the reduction's scales over all targets, and the factor
-    kept out of them for float16 (:func:`~fastxent._autograd.deferred_mean`)."""
+    kept out of them for float16 (:func:`~fastxent._autograd.deferred_factor`)."""
     num_classes, dim = weight.shape
     h2 = hidden.reshape(-1, dim)
     t2 = target.reshape(-1, num_classes) if opts.ce.soft else target.reshape(-1)
@@ -369,7 +375,7 @@ def _walk_inputs(
     rows_like = torch.empty((toks.num_rows, 0), dtype=hidden.dtype, device=hidden.device)
     y_all = t2 if toks.y is None else toks.y
     ce_scale, z_scale = reduction_scales(rows_like, y_all, class_weight, opts.ce)
-    deferred = deferred_mean(ce_scale, z_scale, hidden.dtype, y_all, class_weight, opts.ce)
+    deferred = deferred_factor(ce_scale, z_scale, hidden.dtype, y_all, class_weight, opts.ce)
     return h2, t2, toks, *deferred
 
 
@@ -844,11 +850,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.hidden_shape = hidden.shape
         if opts.ce.reduction == "none":
             # ∂W sums rows, so grad_output must be known first: backward recomputes the chunks.
-            losses, *_ = walk_of(opts)(
+            losses, *_, factor = walk_of(opts)(
                 hidden, *in_hidden_dtype(hidden, weight, bias), target, class_weight, opts,
                 kernel, (False,) * 3,
             )  # fmt: skip
             ctx.save_for_backward(hidden, weight, bias, target, class_weight)
+            if factor is not None:
+                losses = losses * factor
             return losses.reshape(loss_shape(hidden, opts.shift))
         losses, dh, dw, db, ctx.factor = walk_of(opts)(
             hidden, *in_hidden_dtype(hidden, weight, bias), target, class_weight, opts, kernel,
@@ -868,10 +876,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         opts = ctx.opts
         if opts.ce.reduction == "none":
             hidden, weight, bias, target, class_weight = ctx.saved_tensors
-            _, dh, dw, db, _ = walk_of(opts)(
+            _, dh, dw, db, factor = walk_of(opts)(
                 hidden, *in_hidden_dtype(hidden, weight, bias), target, class_weight, opts,
                 ctx.kernel, ctx.needs, grad_rows=grad_loss.reshape(-1),
             )  # fmt: skip
+            if factor is not None:  # ∂W and ∂b in their float32 accumulators; ∂h float16
+                dh, dw, db = (
+                    None if x is None else scaled_in_blocks(x, factor, x) for x in (dh, dw, db)
+                )
             if dh is not None and opts.reduce_hidden_grad is not None:
                 opts.reduce_hidden_grad(dh)  # COLLECTIVE (vocab-parallel): Σ_r g W_r
             dw, db = in_own_dtype(dw, db, weight, bias)

@@ -499,9 +499,14 @@ def check_target_kind(
             f"{target.dtype}{wraps}."
         )
     if tuple(target.shape) != index_shape:
+        one_hot = (
+            "; for one-hot or probability targets pass them as floats, target.float()"
+            if tuple(target.shape) == tuple(soft_shape)
+            else ""
+        )
         raise ValueError(
             f"class-index targets must have shape {index_shape} ({context()}), got "
-            f"{tuple(target.shape)}."
+            f"{tuple(target.shape)}{one_hot}."
         )
     return False
 
