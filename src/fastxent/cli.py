@@ -40,9 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=check.tolerance_arg,
         default=1e-10,
-        help="max relative error allowed in the float64 table, a number > 0 (default: "
-        f"%(default)g; the float32 table of the Triton backend is held to "
-        f"{check.FLOAT32_TOLERANCE:g})",
+        help="max relative error allowed in the float64 table (the Triton backend's float32 "
+        f"table is held to {check.FLOAT32_TOLERANCE:g}), a number > 0 (default: %(default)g)",
     )
     bench.add_arguments(
         commands.add_parser(
