@@ -1026,6 +1026,7 @@ def plot(results: list[dict], path: Path) -> None:
         labels = sorted({label for label, _ in lines})
         dashes = {dtype: ls for dtype, ls in zip(DTYPES, ("-", "--", ":", "-."), strict=True)}
         markers = {dtype: mk for dtype, mk in zip(DTYPES, ("o", "s", "^", "D"), strict=True)}
+        undrawn = 0  # series with a peak of 0 (below what the RSS measurement resolves)
         for (label, dtype), points in sorted(lines.items()):
             points.sort()
             color = "black" if label.startswith("floor") else f"C{labels.index(label) % 10}"
@@ -1033,8 +1034,14 @@ def plot(results: list[dict], path: Path) -> None:
             v = [p[0] for p in points]
             ax_time.plot(v, [1e3 * p[1] for p in points], label=f"{label} {dtype}", **style)
             memory = [(p[0], p[2] / MIB) for p in points if p[2]]  # log axis: no zeros
+            undrawn += any(p[2] == 0 for p in points)
             if memory:
                 ax_mem.plot(*zip(*memory, strict=True), label=f"{label} {dtype}", **style)
+        if undrawn:
+            ax_mem.text(
+                0.01, 0.01, f"{undrawn} series at 0 MiB (below resolution): not drawn there",
+                transform=ax_mem.transAxes, fontsize=7,
+            )  # fmt: skip
         for ax, ylabel in [(ax_time, "forward+backward (ms)"), (ax_mem, "peak extra memory (MiB)")]:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -1042,8 +1049,8 @@ def plot(results: list[dict], path: Path) -> None:
             ax.set_ylabel(ylabel)
             ax.set_title(kind)
             ax.grid(True, which="both", alpha=0.3)
-            if ax.lines:  # below the axes, where it hides no point
-                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+            if ax.lines:  # below the axes, where it hides no point; one column: no overlap
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
