@@ -363,7 +363,7 @@ def methods_of(args: argparse.Namespace) -> list[Method]:
 
 
 def _left_out(m: Method) -> Method:
-    reason = f"not in the default run (about a minute): --full or --methods {m.name} run it"
+    reason = f"left out unless --full, --quick or --methods {m.name} asks for it"
     return replace(m, why_not=lambda device: reason)
 
 
@@ -1160,9 +1160,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help=f"tiny shapes: N={QUICK['n']} V={_listed(QUICK['v'])}, linear N={QUICK['linear_n']} "
-        f"D={QUICK['d']} V={_listed(QUICK['linear_v'])}, every dtype at every V, nothing left "
-        f"out, a {QUICK_BANDWIDTH_BYTES >> 20} MiB bandwidth copy, {QUICK_REPEATS} timed runs "
-        "(under a minute, most of it memory subprocesses: --no-memory skips them)",
+        f"D={QUICK['d']} V={_listed(QUICK['linear_v'])}, each --dtypes dtype at every V, "
+        f"nothing left out, a {QUICK_BANDWIDTH_BYTES >> 20} MiB bandwidth copy, "
+        f"{QUICK_REPEATS} timed runs (under a minute, most of it memory subprocesses: "
+        "--no-memory skips them)",
     )
     parser.add_argument(
         "--out",
