@@ -59,12 +59,24 @@ def extra_bytes_per_logit(n: int, v: int, dtype, options: dict, soft: bool, inpl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--v", type=int, default=4096)
-    parser.add_argument("--dtypes", default="float32,bfloat16,float16,float64")
-    parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated names")
-    parser.add_argument("--targets", default="index,soft", help="index, soft or both")
+    parser.add_argument("--n", type=int, default=64, help="rows (default: %(default)s)")
+    parser.add_argument("--v", type=int, default=4096, help="classes (default: %(default)s)")
+    parser.add_argument(
+        "--dtypes", default="float32,bfloat16,float16,float64", help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--options", default=",".join(OPTIONS), help="comma-separated, of: %(default)s"
+    )
+    parser.add_argument("--targets", default="index,soft", help="index, soft or index,soft")
     args = parser.parse_args()
+    for flag, given, known in (
+        ("--options", args.options, OPTIONS),
+        ("--targets", args.targets, ("index", "soft")),
+        ("--dtypes", args.dtypes, ("float32", "bfloat16", "float16", "float64")),
+    ):
+        unknown = [name for name in given.split(",") if name not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     warnings.simplefilter("ignore")  # a fallback's warning would show as its own bytes anyway
     print(f"N={args.n} V={args.v}: bytes per logit beside the gradient (peak)")
     print(f"  {'dtype':9s} {'targets':7s} {'options':9s} {'into a buffer':>14s} {'in place':>9s}")

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             times[method].append(time.perf_counter() - start)
     print(
         f"linear_cross_entropy under torch.autocast({args.dtype}), float32 h and W, "
-        f"N={args.n} D={args.d} V={args.v}, {torch.get_num_threads()} threads, "
+        f"N={args.n} D={args.d} V={args.v}, {torch.get_num_threads()} thread(s), "
         f"{args.rounds} interleaved rounds"
     )
     print(f"{'method':10s} {'median s':>9s} {'peak MiB':>9s} {'loss err':>9s} {'dh err':>9s} "
