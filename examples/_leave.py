@@ -1,4 +1,5 @@
-"""The distributed examples' last step: leave the process without the interpreter's shutdown."""
+"""The distributed examples' first and last steps: join torchrun's group (with a clear message
+outside torchrun), and leave the process without the interpreter's shutdown."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ import os
 import sys
 
 import torch.distributed as dist
+
+
+def init_group_from_torchrun(backend: str) -> None:
+    """``init_process_group(backend)`` from torchrun's environment; outside torchrun, exit with
+    the command to run instead of PyTorch's "environment variable RANK expected"."""
+    if "RANK" not in os.environ:
+        script = os.path.relpath(sys.argv[0])
+        sys.exit(
+            f"{script} is a distributed example: run it as torchrun --nproc-per-node 2 {script}"
+        )
+    dist.init_process_group(backend)
 
 
 def destroy_group_and_exit(status: int = 0) -> None:

@@ -15,7 +15,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from _leave import destroy_group_and_exit  # examples/_leave.py
+from _leave import destroy_group_and_exit, init_group_from_torchrun  # examples/_leave.py
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fastxent
@@ -25,7 +25,7 @@ V, D, T, B, STEPS = 257, 64, 32, 8, 20  # vocabulary, width, context, batch per 
 
 def main() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    init_group_from_torchrun(backend)
     rank = dist.get_rank()
     device = (
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else None

@@ -17,7 +17,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from _leave import destroy_group_and_exit  # examples/_leave.py
+from _leave import destroy_group_and_exit, init_group_from_torchrun  # examples/_leave.py
 
 import fastxent
 
@@ -27,7 +27,7 @@ OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-4}
 
 def main() -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    init_group_from_torchrun(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = (
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else None
