@@ -62,6 +62,7 @@ from fastxent._options import (
     check_number,
     check_target_kind,
     is_finite,
+    quiet_under_jit_trace,
 )
 
 CHUNK_BYTES = 64 << 20  # logits of one chunk: 64 MB, or half of ∂W's accumulator if that is more
@@ -176,6 +177,7 @@ def default_chunk_size(
     return down or even
 
 
+@quiet_under_jit_trace
 def check_inputs(
     hidden: Tensor,
     weight: Tensor,

@@ -6,6 +6,7 @@ came, so that bad input never reaches a kernel and never turns into a silent wro
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -511,6 +512,23 @@ def check_target_kind(
     return False
 
 
+def quiet_under_jit_trace(check: Callable) -> Callable:
+    """``check`` (a shape check) without torch.jit.trace's TracerWarnings: under a trace the
+    sizes are traced tensors, and each comparison warned that the trace keeps its result as a
+    constant. It does, as intended: a trace is made for one shape of input."""
+
+    @functools.wraps(check)
+    def quiet(*args, **kwargs):
+        if not torch.jit.is_tracing():
+            return check(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return check(*args, **kwargs)
+
+    return quiet
+
+
+@quiet_under_jit_trace
 def check_targets(z: Tensor, target: Tensor, class_dim: int) -> bool:
     """The targets of logits ``z``: indices of z's shape without ``class_dim``, or z's shape.
     ``z`` must have at least one class."""
