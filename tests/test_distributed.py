@@ -117,6 +117,14 @@ CASES = [
         weight=True,
         dtype=torch.bfloat16,
     ),
+    # float16: each rank writes its slice relative to the same carried weight (deferred_factor).
+    Case(
+        "float16_sum",
+        {"reduction": "sum", "label_smoothing": 0.1},
+        weight=True,
+        dtype=torch.float16,
+    ),
+    Case("float16_none", {"reduction": "none", "z_loss": 1e-3}, weight=True, dtype=torch.float16),
 ]
 # (loss, gradient) tolerances against the float64 reference on the same (rounded) logits: the
 # loss accumulates in float32 below float64; a bf16 gradient is rounded once to 8 bits.
@@ -124,6 +132,7 @@ TOLERANCE = {
     torch.float64: ({"rtol": 1e-12, "atol": 1e-15}, {"rtol": 1e-12, "atol": 1e-15}),
     torch.float32: ({"rtol": 2e-6, "atol": 0}, {"rtol": 2e-5, "atol": 1e-7}),
     torch.bfloat16: ({"rtol": 2e-6, "atol": 0}, {"rtol": 8e-3, "atol": 1e-6}),
+    torch.float16: ({"rtol": 2e-6, "atol": 0}, {"rtol": 1e-3, "atol": 1e-7}),
 }
 
 
