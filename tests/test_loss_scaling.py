@@ -285,6 +285,32 @@ def test_float16_sum_and_none_are_written_relative_to_the_weights(
     assert norm_error(x.grad, exact / SCALE) <= 1.5 * norm_error(theirs, exact / SCALE)
 
 
+@pytest.mark.parametrize("walk", [{"chunk_size": 4}, {"vocab_block": 16}])
+def test_linear_float16_none_takes_the_per_row_loss_scale_out_with_the_weights(walk):
+    """linear_cross_entropy "none" applies grad_output in backward's recomputed chunks: with
+    the entries written relative to small weights (1e-6 to 4e-6), a per-row loss scale of 2^16
+    on top overflowed them (∂h NaN, ∂W inf). The largest grad_output joins the factor now."""
+    g = torch.Generator().manual_seed(4)
+    hidden, eye = torch.randn(16, 64, generator=g).half(), torch.eye(64).half()
+    target = torch.randint(0, 64, (16,), generator=g)
+    weight = (torch.rand(64, generator=g) + 0.5) * 1e-6
+    weight[32:] *= 3
+    grad = torch.full((16,), SCALE)
+    grad[::3] = SCALE / 64  # rows of other scales too
+    x = hidden.clone().requires_grad_()
+    loss = fastxent.linear_cross_entropy(
+        x, eye, target, class_weight=weight, reduction="none", **walk
+    )
+    loss.backward(grad)
+    kwargs = {"weight": weight, "reduction": "none"}
+    theirs = _autocast_grad(hidden, target, grad, **kwargs)
+    exact = _autocast_grad(
+        hidden.double(), target, grad.double(), **{**kwargs, "weight": weight.double()}
+    )
+    assert torch.isfinite(x.grad).all()
+    assert norm_error(x.grad, exact / SCALE) <= 1.5 * norm_error(theirs, exact / SCALE)
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("backend", ["torch", "compiled", "linear"])
 def test_a_large_weight_of_an_untargeted_class_keeps_the_float16_mean(backend, label_smoothing):

@@ -159,10 +159,15 @@ def deferred_factor(
     ce_scale_max = ce_scale  # a·w_max
     if weight is not None and weight.numel():
         ce_scale_max = ce_scale * carried_weight(target, weight, opts).to(ce_scale)
-    f = torch.where(ce_scale_max != 0, ce_scale_max, z_scale) * chain
-    power_of_two = torch.ldexp(torch.ones_like(f), torch.frexp(f).exponent - 1)  # ≤ f, > f/2
-    f = torch.where(torch.isfinite(f) & (f != 0), power_of_two, torch.ones_like(f))
+    f = power_of_two_at_most(torch.where(ce_scale_max != 0, ce_scale_max, z_scale) * chain)
     return ce_scale / f, z_scale / f, f
+
+
+def power_of_two_at_most(x: Tensor) -> Tensor:
+    """The power of two in (x/2, x] for a finite x > 0 (0-dim, float32), else 1: a factor that
+    changes no rounding when it is divided out and multiplied back."""
+    power_of_two = torch.ldexp(torch.ones_like(x), torch.frexp(x).exponent - 1)
+    return torch.where(torch.isfinite(x) & (x > 0), power_of_two, torch.ones_like(x))
 
 
 def times_deferred(grad_output: Tensor, factor: Tensor | None) -> Tensor:

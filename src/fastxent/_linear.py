@@ -49,6 +49,7 @@ from fastxent._autograd import (
     deferred_factor,
     first_order_backward,
     keep_for_backward,
+    power_of_two_at_most,
     reduction_scales,
     reusable_empty,
     scaled_gradients,
@@ -878,11 +879,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         opts = ctx.opts
         if opts.ce.reduction == "none":
             hidden, weight, bias, target, class_weight = ctx.saved_tensors
+            grad_rows = grad_loss.reshape(-1)
+            peak = None
+            if hidden.dtype == torch.float16:  # the rows' largest grad_output joins the factor
+                finite = torch.where(grad_rows.isfinite(), grad_rows.abs(), 0.0)
+                peak = power_of_two_at_most(finite.amax() if finite.numel() else finite.sum())
+                grad_rows = grad_rows / peak
             _, dh, dw, db, factor = walk_of(opts)(
                 hidden, *in_hidden_dtype(hidden, weight, bias), target, class_weight, opts,
-                ctx.kernel, ctx.needs, grad_rows=grad_loss.reshape(-1),
+                ctx.kernel, ctx.needs, grad_rows=grad_rows,
             )  # fmt: skip
             if factor is not None:  # ∂W and ∂b in their float32 accumulators; ∂h float16
+                factor = factor * peak
                 dh, dw, db = (
                     None if x is None else scaled_in_blocks(x, factor, x) for x in (dh, dw, db)
                 )
