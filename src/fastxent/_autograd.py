@@ -29,9 +29,9 @@ The Function turns the reduction into those two scales, calls the kernel once in
 only the gradient buffer. The first backward multiplies that buffer by ``grad_output`` in place
 and hands it to autograd: nothing else of size N×V is saved, and for "mean"/"sum" no N×V buffer
 is allocated in backward. Later backwards through a retained graph rescale the buffer into a new
-tensor; "none" (one factor per row) always scales into a new tensor. A float16 "mean" hands the
-kernel its scales divided by a power of two that backward multiplies back in with grad_output
-(:func:`deferred_factor`: the entries would otherwise fall below float16's range).
+tensor; "none" (one factor per row) always scales into a new tensor. A float16 gradient (any
+reduction) hands the kernel its scales divided by a power of two that backward multiplies back in
+with grad_output (:func:`deferred_factor`: the entries would otherwise leave float16's range).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def carried_weight(target: Tensor, weight: Tensor, opts: CrossEntropyOptions) ->
     return targeted if smoothing == 0 else (1 - smoothing) * targeted + smoothing * largest
 
 
-CHAIN_KEPT = 2.0**12  # float16 mean: entries keep a logit scale's factor up to this much
+CHAIN_KEPT = 2.0**12  # float16: entries keep a logit scale's factor up to this much
 
 
 def deferred_factor(

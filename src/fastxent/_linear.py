@@ -354,7 +354,7 @@ class _Tokens:
 
 class Walked(NamedTuple):
     """What a walk returns: the row losses (M,), the gradients asked for (None otherwise), and
-    the factor :func:`~fastxent._autograd.deferred_factor` kept out of a float16 mean (the true
+    the factor :func:`~fastxent._autograd.deferred_factor` kept out of a float16 gradient (the true
     losses and gradients are ``factor ×`` those returned; None: nothing kept out)."""
 
     losses: Tensor
@@ -497,7 +497,7 @@ def chunked_pass(
         if need_b:
             db.add_(g.sum(0, dtype=acc))
         cols = None
-        if opts.filter_eps is not None:  # a float16 g is held without the mean's factor
+        if opts.filter_eps is not None:  # a float16 g is held without the deferred factor
             eps = opts.filter_eps if factor is None else opts.filter_eps / factor
             cols = _kept_columns(g, eps)
         if cols is None:

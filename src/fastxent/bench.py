@@ -62,6 +62,7 @@ from torch import Tensor
 
 import fastxent
 from fastxent import functional
+from fastxent.check import device_problem
 
 KINDS = ("cross_entropy", "linear")
 DTYPES = {
@@ -1190,8 +1191,6 @@ def _check(args: argparse.Namespace) -> str | None:
     for name in args.methods or []:
         if name not in known:
             return f"unknown method {name!r}; choose from {', '.join(dict.fromkeys(known))}"
-    from fastxent.check import device_problem
-
     problem = device_problem(args.device)
     if problem is not None:
         return f"--device {problem}"
