@@ -281,6 +281,24 @@ def test_all_ignored_gives_zero_loss_and_zero_grad(backend):
         z.grad = None
 
 
+@pytest.mark.parametrize("backend", [*PATHS, "compiled"])
+@pytest.mark.parametrize("shape", [(0, 0), (0, 0, 3), (0, 5)])
+@pytest.mark.parametrize("soft", [False, True])
+def test_an_empty_batch_matches_pytorch_even_without_classes(backend, shape, soft):
+    """No rows: PyTorch's sum and "none" (an empty loss), and "mean" 0 (all ignored) where
+    PyTorch's is NaN. A (0, 0) batch raised "no classes" and the (0, 0, 3) one a reshape error,
+    though with no rows there is no softmax to take."""
+    z = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    rows = shape[:1] + shape[2:]
+    target = torch.rand(shape, dtype=torch.float64) if soft else torch.zeros(rows, dtype=torch.long)
+    for reduction in ("none", "sum", "mean"):
+        loss = fastxent.cross_entropy(z, target, reduction=reduction, backend=backend)
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+        want = F.cross_entropy(z, target, reduction=reduction)
+        assert loss.shape == want.shape and grad.shape == z.shape
+        assert loss.sum().item() == 0.0
+
+
 @pytest.mark.parametrize("backend", [*PATHS, "compiled", "linear"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_ignored_rows_keep_a_zero_gradient_under_a_non_finite_grad_output(backend, bad):

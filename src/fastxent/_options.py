@@ -531,8 +531,8 @@ def quiet_under_jit_trace(check: Callable) -> Callable:
 @quiet_under_jit_trace
 def check_targets(z: Tensor, target: Tensor, class_dim: int) -> bool:
     """The targets of logits ``z``: indices of z's shape without ``class_dim``, or z's shape.
-    ``z`` must have at least one class."""
-    if z.shape[class_dim] == 0:
+    ``z`` must have at least one class, unless it has no rows ((0, 0) is an empty batch)."""
+    if z.shape[class_dim] == 0 and math.prod(z.shape[:class_dim] + z.shape[class_dim + 1 :]):
         raise ValueError(
             f"input of shape {tuple(z.shape)} has no classes (dim {class_dim} is empty): a "
             "softmax needs at least one."

@@ -254,6 +254,7 @@ def cross_entropy(
         or needs_pytorch_autograd(soft, target, weight)
         or not values_readable(input, target, weight)  # meta, torch.export: PyTorch's ops
         or (uses_composed(backend, input.device, input.numel()) and not inplace_backward)
+        or num_classes == 0  # and no rows (check_targets): nothing for a kernel to do
     )
     opts = CrossEntropyOptions.of(
         num_classes,
@@ -565,4 +566,5 @@ def _rows(x: Tensor, class_dim: int) -> Tensor:
         return x.unsqueeze(0)
     if x.dim() == 2:
         return x
-    return x.movedim(class_dim, -1).reshape(-1, x.shape[class_dim])
+    rows = x.movedim(class_dim, -1)
+    return rows.reshape(math.prod(rows.shape[:-1]), rows.shape[-1])  # -1 is ambiguous at C = 0
