@@ -903,3 +903,15 @@ def test_replacing_torchs_cross_entropy_with_fastxents_works(monkeypatch):
     monkeypatch.setattr(F, "cross_entropy", fastxent.cross_entropy)
     torch.testing.assert_close(F.cross_entropy(z, target, label_smoothing=0.1), want)
     torch.testing.assert_close(fastxent.linear_cross_entropy(hidden, weight, target), want_linear)
+
+
+def test_docstrings_state_the_auto_thresholds_they_name():
+    """help() readers see the sizes "auto" switches at, and they are the constants' values."""
+    import re
+
+    stated = []
+    for fn in (fastxent.cross_entropy, fastxent.linear_cross_entropy):
+        stated += re.findall(r":data:`(AUTO_\w+)`\s+\((2\^\d+)", fn.__doc__)
+    assert len(stated) == 4
+    for name, power in stated:
+        assert getattr(functional, name) == 2 ** int(power.removeprefix("2^")), name

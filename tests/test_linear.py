@@ -610,6 +610,21 @@ def _call(**overrides):
         ),
         ({"weight": torch.randn(0, 8, dtype=torch.float64)}, ValueError, r"no classes \(V = 0\)"),
         (
+            {"weight": torch.ones(20, dtype=torch.float64)},
+            ValueError,
+            r"got shape \(20,\); weight is the \(V, D\) .* class_weight=",
+        ),
+        (
+            {"weight": torch.randn(20, 8, dtype=torch.float64, device="meta")},
+            ValueError,
+            r"weight is on meta but hidden is on cpu; .*weight.to\(hidden.device\)",
+        ),
+        (
+            {"bias": torch.randn(20, dtype=torch.float64, device="meta")},
+            ValueError,
+            "bias is on meta but hidden is on cpu",
+        ),
+        (
             {"bias": torch.randn(19, dtype=torch.float64)},
             ValueError,
             r"bias must have shape \(20,\)",
@@ -671,6 +686,7 @@ def test_integer_like_chunk_sizes_are_taken():
         ({"shift": None}, TypeError, "shift must be True or False"),
         ({"z_loss": "1e-4"}, TypeError, "z_loss must be a number"),
         ({"backend": "nope"}, ValueError, "unknown backend 'nope'"),
+        ({"weight": torch.ones(20)}, TypeError, r"weight in forward.*class weights go in class_w"),
     ],
 )
 def test_the_module_checks_its_options_when_built(kwargs, error, match):

@@ -59,6 +59,7 @@ from fastxent._autograd import (
 from fastxent._options import (
     CrossEntropyOptions,
     check_count,
+    check_device,
     check_flag,
     check_number,
     check_target_kind,
@@ -211,9 +212,14 @@ def check_inputs(
             f"hidden must have shape (N, D) or (B, T, D), got shape {tuple(hidden.shape)}."
         )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        class_weights = (
+            "; weight is the (V, D) projection (lm_head.weight), class weights go in class_weight="
+            if weight.dim() == 1
+            else ""
+        )
         raise ValueError(
             f"weight must have shape (V, D) with D = {hidden.shape[-1]} (hidden's last "
-            f"dimension), got shape {tuple(weight.shape)}."
+            f"dimension), got shape {tuple(weight.shape)}{class_weights}."
         )
     _check_parameter_dtype("weight", weight, hidden, master_weights)
     num_classes = weight.shape[0]
@@ -270,27 +276,26 @@ def _check_dtensor_mix(**tensors: Tensor | None) -> None:
 
 
 def _check_parameter_dtype(name: str, x: Tensor, hidden: Tensor, master_weights: bool) -> None:
-    """``x`` (weight or bias) on hidden's device, in its dtype, or under autocast
-    (``master_weights``) in any floating dtype but float64, as autocast's F.linear accepts."""
-    if master_weights and x.device == hidden.device:
+    """``x`` (weight or bias) on hidden's device (ValueError, as for the targets), in its dtype,
+    or under autocast (``master_weights``) in any floating dtype but float64, as autocast's
+    F.linear accepts."""
+    check_device(name, x, hidden.device, of="hidden")
+    if master_weights:
         if x.is_floating_point() and x.dtype != torch.float64:
             return
         raise TypeError(
             f"under torch.autocast, {name} must be a floating tensor that autocast casts "
             f"(not float64), got {x.dtype}."
         )
-    if x.dtype != hidden.dtype or x.device != hidden.device:
+    if x.dtype != hidden.dtype:
         halves = (torch.float16, torch.bfloat16)
         hint = (
             "; for float32 parameters with half-precision hidden states, call it under "
             "torch.autocast, as for F.linear"
-            if x.device == hidden.device and hidden.dtype in halves and x.dtype == torch.float32
+            if hidden.dtype in halves and x.dtype == torch.float32
             else f"; convert one, e.g. {name}.to(hidden)"
         )
-        raise TypeError(
-            f"{name} must have hidden's dtype and device ({hidden.dtype}, {hidden.device}), got "
-            f"({x.dtype}, {x.device}){hint}."
-        )
+        raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {x.dtype}{hint}.")
 
 
 def check_chunking(

@@ -195,10 +195,11 @@ def cross_entropy(
         backend: ``"auto"`` or one of :data:`BACKENDS` (``"torch"``: portable, any device).
             ``"auto"`` takes ``"compiled"`` on CPU, ``"triton"`` on CUDA, each when it can run,
             else ``"torch"``. On CPU, "auto" computes calls of at most
-            :data:`AUTO_COMPOSED_MAX_LOGITS` logits from PyTorch's fused log-softmax ops with
-            fastxent's semantics (fewer ops: faster there; not with ``inplace_backward``), and
-            takes ``"torch"`` up to :data:`AUTO_PORTABLE_MAX_LOGITS` (nothing to compile); on
-            CUDA it does the same up to :data:`AUTO_COMPOSED_MAX_LOGITS_CUDA` logits. With the
+            :data:`AUTO_COMPOSED_MAX_LOGITS` (2^19) logits from PyTorch's fused log-softmax
+            ops with fastxent's semantics (fewer ops: faster there; not with
+            ``inplace_backward``), and takes ``"torch"`` up to :data:`AUTO_PORTABLE_MAX_LOGITS`
+            (2^17; nothing to compile); on CUDA it does the same up to
+            :data:`AUTO_COMPOSED_MAX_LOGITS_CUDA` (2^25) logits. With the
             Triton kernel the target range check runs alongside it, and only its verdict is
             waited for; otherwise the check reads the targets first (a sync on CUDA).
 
@@ -310,10 +311,13 @@ def linear_cross_entropy(
 ) -> Tensor:
     r"""Cross-entropy of the logits ``z = h Wᵀ + b``, without materialising the N×V logits.
 
-    Equals ``cross_entropy(F.linear(hidden, weight, bias), target, ...)``. Tokens are processed in
-    chunks: each chunk's logits ``z_c = h_c Wᵀ + b`` (n, V) are handed to the backend's row kernel,
-    which overwrites them with ``g = ∂ℓ/∂z_c`` (the loss and gradient of :func:`cross_entropy`,
-    with the reduction's scales taken over all targets); then
+    Equals ``cross_entropy(F.linear(hidden, weight, bias).flatten(0, -2), target.flatten(),
+    ...)`` (for (B, T, D) hidden the flattening puts the classes on dim 1, where
+    :func:`cross_entropy` takes them; probability targets ``target.flatten(0, -2)``), with
+    "none" losses in the tokens' shape. Tokens are processed in chunks: each chunk's logits
+    ``z_c = h_c Wᵀ + b`` (n, V) are handed to the backend's row kernel, which overwrites them
+    with ``g = ∂ℓ/∂z_c`` (the loss and gradient of :func:`cross_entropy`, with the reduction's
+    scales taken over all targets); then
 
     .. math::
 
@@ -363,7 +367,7 @@ def linear_cross_entropy(
             backend's row kernel is not used (the block math is portable PyTorch).
         backend: ``"auto"`` or one of :data:`BACKENDS`; supplies the row kernel ("auto" as in
             :func:`cross_entropy`, the size being tokens × V). On CPU, "auto" computes calls of
-            at most :data:`AUTO_COMPOSED_MAX_LOGITS` tokens × V that choose no walk
+            at most :data:`AUTO_COMPOSED_MAX_LOGITS` (2^19) tokens × V that choose no walk
             (``chunk_size``, ``filter_eps`` and ``vocab_block`` None) from the materialised
             logits with PyTorch's fused ops and autograd: faster at that size, and as small.
         process_group: None (one device), or the tensor-parallel ``torch.distributed`` group over

@@ -97,7 +97,8 @@ class LinearCrossEntropyLoss(nn.Module):
 
     ``forward(hidden, weight, target, bias=None)`` takes the classifier's weight (and bias) as
     arguments, so the module can sit after a tied embedding or an ``nn.Linear`` it does not own.
-    ``class_weight`` is registered as a buffer.
+    ``class_weight`` is registered as a buffer. (``weight=`` is refused here: it is forward's
+    projection, where PyTorch's ``nn.LinearCrossEntropyLoss`` means class weights by it.)
 
     Example:
         >>> import torch, fastxent
@@ -122,10 +123,16 @@ class LinearCrossEntropyLoss(nn.Module):
         filter_eps: float | None = None,
         vocab_block: int | None = None,
         backend: str = "auto",
+        weight: None = None,
     ) -> None:
         super().__init__()
         from fastxent._linear import check_chunking
 
+        if weight is not None:  # PyTorch's nn.LinearCrossEntropyLoss(weight=) is class weights
+            raise TypeError(
+                "LinearCrossEntropyLoss takes the projection weight in forward(hidden, weight, "
+                "target); class weights go in class_weight=."
+            )
         label_smoothing, z_loss, softcap, logit_scale = check_scalars(
             reduction, label_smoothing, z_loss, softcap, logit_scale
         )
