@@ -54,6 +54,18 @@ T = torch.tensor([0, 1, 2, 3])
         ({"weight": torch.ones(5, device="meta")}, ValueError, r"on meta but input is on cpu; "),
         ({"weight": torch.ones(5, device="meta")}, ValueError, r"with weight.to\(input.device\)"),
         ({"target": T.to("meta")}, ValueError, r"target is on meta but input is on cpu"),
+        ({"target": torch.zeros(4, 5, dtype=torch.long)}, ValueError, r"as floats, target\.float"),
+        (
+            {"input": torch.randn(2, 3, 5), "target": torch.zeros(2, 3, dtype=torch.long)},
+            ValueError,
+            r"got \(2, 3\); with the classes last, .* input\.reshape\(-1, 5\) and target\.resh",
+        ),
+        (
+            {"input": torch.randn(4), "target": T},
+            ValueError,
+            r"got \(4,\); input of shape \(4,\) is one row of 4 classes: for N rows pass \(N, C\)"
+            r".*binary_cross_entropy_with_logits, and for a one-hot row pass target\.float\(\)\.$",
+        ),
         ({"target": torch.rand(4, 5, device="meta")}, ValueError, r"target is on meta but input"),
     ],
 )  # fmt: skip

@@ -470,12 +470,15 @@ def check_target_kind(
     context: Callable[[], str],
     device: torch.device | None = None,
     of: str = "input",
+    shape_hint: Callable[[], str] | None = None,
 ) -> bool:
     """Class indices of ``index_shape`` or probabilities of ``soft_shape``, on ``device`` (that of
     the tensor named ``of``) when given; True for probabilities.
 
     ``context()`` says where the expected shapes come from, for the error messages: built only
     for one (under torch.jit.trace formatting a shape warns that the trace may be wrong).
+    ``shape_hint()``, when given, says what class-index targets of the wrong shape suggest, in
+    place of the one-hot hint.
     """
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}.")
@@ -500,14 +503,15 @@ def check_target_kind(
             f"{target.dtype}{wraps}."
         )
     if tuple(target.shape) != index_shape:
-        one_hot = (
-            "; for one-hot or probability targets pass them as floats, target.float()"
-            if tuple(target.shape) == tuple(soft_shape)
-            else ""
-        )
+        if shape_hint is not None:
+            hint = shape_hint()
+        elif tuple(target.shape) == tuple(soft_shape):
+            hint = "; for one-hot or probability targets pass them as floats, target.float()"
+        else:
+            hint = ""
         raise ValueError(
             f"class-index targets must have shape {index_shape} ({context()}), got "
-            f"{tuple(target.shape)}{one_hot}."
+            f"{tuple(target.shape)}{hint}."
         )
     return False
 
@@ -544,4 +548,26 @@ def check_targets(z: Tensor, target: Tensor, class_dim: int) -> bool:
         tuple(z.shape),
         lambda: f"input of shape {tuple(z.shape)}, classes on dim {class_dim}",
         z.device,
+        shape_hint=lambda: _where_the_classes_were_meant(z, target),
     )
+
+
+def _where_the_classes_were_meant(z: Tensor, target: Tensor) -> str:
+    """What class-index targets of the wrong shape suggest: (B, T) targets of (B, T, V) logits
+    (a language model's, classes last); (N,) targets of (N,) logits (one row, or a binary
+    classifier's single logit per sample); else int one-hot targets."""
+    shape, c = tuple(target.shape), z.shape[-1]
+    if z.dim() == 1 and shape == tuple(z.shape):
+        return (
+            f"; input of shape ({c},) is one row of {c} classes: for N rows pass (N, C) logits, "
+            "for one logit per sample (binary) use F.binary_cross_entropy_with_logits, and for "
+            "a one-hot row pass target.float()"
+        )
+    if z.dim() >= 3 and shape == tuple(z.shape[:-1]):
+        return (
+            f"; with the classes last, as in (B, T, V) logits, pass input.reshape(-1, {c}) and "
+            "target.reshape(-1), or input.movedim(-1, 1)"
+        )
+    if shape == tuple(z.shape):
+        return "; for one-hot or probability targets pass them as floats, target.float()"
+    return ""
