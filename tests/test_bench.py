@@ -279,6 +279,22 @@ def test_full_cases_are_the_shapes_the_goals_are_stated_at():
     assert bench.cases_of(parse(["--full", "--linear-n", "64"]))[-1].n == 64
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--v", "8192,,"], "--v: expected comma-separated integers, got '8192,,'"),
+        (["--v", ",8192"], "--v: expected comma-separated integers"),
+        (["--v", "8192,0"], "--v: expected positive integers"),
+        (["--methods", "eager,,chunked"], "--methods: expected comma-separated names"),
+    ],
+)
+def test_lists_with_an_empty_or_bad_entry_are_refused(argv, message, capsys):
+    """An empty entry was dropped silently: a value left out or mistyped ran without it."""
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_full_and_quick_are_exclusive(capsys):
     with pytest.raises(SystemExit):
         parse(["--full", "--quick"])

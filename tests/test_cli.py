@@ -69,7 +69,28 @@ def test_check_catches_a_wrong_linear_loss(monkeypatch, capsys):
 def test_check_fails_when_tolerance_is_impossible(capsys):
     """The table really compares: float64 round-off alone is far above a tolerance of 1e-300."""
     assert cli.main(["check", "--tolerance", "1e-300"]) == 1
-    assert "some checks failed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "some checks failed" in out
+    assert "│ ✗  │" in out  # marked, not only red: piped output has no colour
+
+
+def test_check_says_in_one_line_that_a_table_had_nothing_to_run(monkeypatch, capsys):
+    """Without Triton the float32 table (Triton's own kernel) would hold a single skipped row."""
+    real = check.unavailable_reason
+    monkeypatch.setattr(
+        check,
+        "unavailable_reason",
+        lambda name, device: "not installed" if name == "triton" else real(name, device),
+    )
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "float32 on cpu, triton: skipped: not installed" in out
+    assert "max relative error in float32" not in out
+    assert "│ –  │ triton" in out  # the float64 table lists its skipped backends still
+
+
+def test_no_command_names_the_commands(capsys):
+    assert "required: {check,bench}" in usage_error([], capsys)
 
 
 def usage_error(argv: list[str], capsys) -> str:

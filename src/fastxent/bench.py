@@ -1063,19 +1063,19 @@ def plot(results: list[dict], path: Path) -> None:
 
 def _ints(text: str) -> list[int]:
     try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
+        values = [int(x) for x in _names(text)]
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from None
-    if not values or min(values) < 1:
+    if min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
 
 
 def _names(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names:
+    names = [x.strip() for x in text.split(",")]
+    if not all(names):  # "a,,b" or "a,": a name left out, or a typo
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return names
 

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version", action="version", version=f"fastxent {__version__} (torch {torch.__version__})"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{check,bench}")
     check_parser = commands.add_parser(
         "check",
         help="prove the gradient with SymPy and compare every backend with float64 and PyTorch",
