@@ -483,7 +483,19 @@ def test_vocab_parallel_linear_collectives(spawned, world):
 
 def test_process_group_needs_initialised_distributed():
     assert not dist.is_initialized()
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)  # a group object, no default group
     with pytest.raises(RuntimeError, match=r"needs an initialised torch\.distributed"):
         fastxent.linear_cross_entropy(
-            torch.randn(2, D), torch.randn(5, D), torch.tensor([0, 1]), process_group=object()
+            torch.randn(2, D), torch.randn(5, D), torch.tensor([0, 1]), process_group=group
         )
+
+
+@pytest.mark.parametrize("group", ["tp", [0, 1], object()])
+def test_a_process_group_that_is_not_one_is_named_as_such(group):
+    """A name or a rank list was reported as an uninitialised torch.distributed."""
+    with pytest.raises(TypeError, match=r"process_group must be a torch\.distributed Proces"):
+        fastxent.linear_cross_entropy(
+            torch.randn(2, D), torch.randn(5, D), torch.tensor([0, 1]), process_group=group
+        )
+    with pytest.raises(TypeError, match=r"^group must be .* or None \(the default group\), got"):
+        fastxent.vocab_parallel_cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]), group=group)

@@ -132,6 +132,19 @@ from fastxent._torch.kernel import rows_per_chunk, transform
 __all__ = ["vocab_parallel_cross_entropy"]
 
 
+def _check_group(name: str, group: object, none_means: str) -> None:
+    """TypeError unless ``group`` is a ProcessGroup (or None, where ``none_means`` says what it
+    means): a name or a rank list would otherwise fail as an uninitialised group, or deep in a
+    collective. The same on every rank, so raised before any collective."""
+    process_group = getattr(dist, "ProcessGroup", None)  # absent where torch.distributed is
+    if group is None or (process_group is not None and isinstance(group, process_group)):
+        return
+    raise TypeError(
+        f"{name} must be a torch.distributed ProcessGroup (e.g. from dist.new_group) or "
+        f"{none_means}, got {type(group).__name__}."
+    )
+
+
 def vocab_parallel_cross_entropy(
     local_logits: Tensor,
     target: Tensor,
@@ -211,6 +224,7 @@ def vocab_parallel_cross_entropy(
     """
     if fx_proxy_among(local_logits, target, weight):  # torch.fx.symbolic_trace
         return fx_recorded(vocab_parallel_cross_entropy, locals())
+    _check_group("group", group, "None (the default group)")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "vocab_parallel_cross_entropy needs an initialised torch.distributed process group; "
@@ -330,6 +344,7 @@ def vocab_parallel_linear_cross_entropy(
         default_chunk_size,
     )
 
+    _check_group("process_group", group, "None (one device)")
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "linear_cross_entropy with a process_group needs an initialised torch.distributed "
