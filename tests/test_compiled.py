@@ -426,14 +426,22 @@ def test_calls_the_graph_does_not_take(shapes_passed_to):
 
 
 @pytest.mark.parametrize("num_classes", [13, 100])
-def test_softcap_and_smoothing_into_the_logits_build_or_go_portable(num_classes, shapes_passed_to):
+@pytest.mark.parametrize("soft", [False, True])
+def test_softcap_and_smoothing_into_the_logits_build_or_go_portable(
+    num_classes, soft, shapes_passed_to
+):
     """Gradient into the logits with softcap and label smoothing: inductor failed to build the
-    graph at V <= SHIFT_COLUMNS (KeyError 'buf3'), and the failed variant then ran portably for
-    every later call of the process. Small V goes portable without trying; larger V builds."""
+    graph at V <= SHIFT_COLUMNS (KeyError 'buf3'), and with probability targets at any V
+    (KeyError 'buf1'); the failed variant then ran portably for every later call of the
+    process. Those go portable without trying; class indices at larger V build."""
     portable = shapes_passed_to(kernel, "_portable")
     gen = torch.Generator().manual_seed(3)
     leaf = torch.randn(6, num_classes, generator=gen, requires_grad=True)
-    y = torch.randint(0, num_classes, (6,), generator=gen)
+    y = (
+        torch.rand(6, num_classes, generator=gen)
+        if soft
+        else torch.randint(0, num_classes, (6,), generator=gen)
+    )
     options = {"label_smoothing": 0.1, "softcap": 5.0}
     with warnings.catch_warnings(record=True) as caught:  # compiling may warn in dynamo
         warnings.simplefilter("always")
@@ -445,7 +453,8 @@ def test_softcap_and_smoothing_into_the_logits_build_or_go_portable(num_classes,
     assert max_err(loss.double(), ref_loss) <= 1e-6
     assert max_err(leaf.grad.double(), ref_grad) <= 1e-6
     assert not any(v.inplace and v.softcap for v in kernel._failed)
-    assert portable == ([(6, num_classes)] if num_classes <= kernel.SHIFT_COLUMNS else [])
+    goes_portable = soft or num_classes <= kernel.SHIFT_COLUMNS
+    assert portable == ([(6, num_classes)] if goes_portable else [])
 
 
 def test_unavailable_reason(monkeypatch):

@@ -304,6 +304,9 @@ def _suits_the_graph(z: Tensor, target: Tensor, opts: CrossEntropyOptions, v: Va
       the whole row, z' of both became one (M, V) buffer, and inductor (torch 2.13) failed to
       build the label-smoothing variants (KeyError 'buf3'). A failed variant runs portably for
       the rest of the process, so one small call made every later large one slower;
+    - the gradient written into the logits with softcap, label smoothing and probability
+      targets, at any V: inductor (torch 2.13) failed to build it too (KeyError 'buf1', in its
+      outer-loop fusion with a local buffer), seconds lost and the variant portable thereafter;
     - logits or probabilities with the negative bit (``torch._neg_view``): the graph read them
       without it, a wrong loss and gradient;
     - a tensor subclass (``__torch_function__``): its graph failed to build, and the failure,
@@ -317,7 +320,7 @@ def _suits_the_graph(z: Tensor, target: Tensor, opts: CrossEntropyOptions, v: Va
         return False
     if z.shape[0] <= 1 or z.shape[1] <= 1:
         return False
-    if v.inplace and v.softcap and z.shape[1] <= SHIFT_COLUMNS:
+    if v.inplace and v.softcap and (z.shape[1] <= SHIFT_COLUMNS or (v.soft and v.smoothing)):
         return False
     return not (v.inplace and not z.is_contiguous())
 
