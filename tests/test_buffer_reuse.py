@@ -86,6 +86,33 @@ def test_a_gradient_in_shared_memory_is_let_go():
     assert all(not s.is_shared() for s, _ in _autograd._spares)
 
 
+def test_a_gradient_moved_to_shared_memory_while_it_was_checked_is_let_go(monkeypatch):
+    """A multiprocessing queue's feeder thread pickles a sent tensor (moving its storage to
+    shared memory) and then drops it, on its own schedule: between the reuse list's shared
+    memory filter and its test that nothing holds the storage, the storage passed both and was
+    handed out while the other process read it (19 of 3000 sent gradients overwritten, with
+    frequent thread switches). Here the move happens inside that window, every time."""
+    z, y = make(7)
+    step(z, y)
+    sent = z.grad
+    z.grad = None
+    unheld = _autograd._unheld
+
+    def feeder_moves_it_then_lets_go(entry):
+        nonlocal sent
+        if sent is not None and entry[0].data_ptr() == sent.data_ptr():
+            sent.share_memory_()
+            sent = None
+        return unheld(entry)
+
+    monkeypatch.setattr(_autograd, "_unheld", feeder_moves_it_then_lets_go)
+    other, y2 = make(8)
+    step(other, y2)
+    assert sent is None  # the window was reached
+    assert not other.grad.is_shared()  # (moving it changed its address: that says nothing)
+    torch.testing.assert_close(other.grad, torch_grad(other, y2))
+
+
 def test_gradient_accumulation_is_exact():
     """.grad is not reset: the second gradient accumulates into the first buffer, not over it."""
     z, y = make(3)

@@ -276,10 +276,15 @@ def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
         _spares[:] = [
             (s, last) for s, last in _spares if _requests - last <= SPARE_AGE and not s.is_shared()
         ]
+        # is_shared after _unheld too: a multiprocessing queue's feeder thread may move a
+        # storage to shared memory and drop its tensor between the filter above and _unheld;
+        # once nothing holds a storage, nothing can move it
         fits = [
             i
             for i, entry in enumerate(_spares)
-            if nbytes <= entry[0].nbytes() <= REUSE_MAX_RATIO * nbytes and _unheld(entry)
+            if nbytes <= entry[0].nbytes() <= REUSE_MAX_RATIO * nbytes
+            and _unheld(entry)
+            and not entry[0].is_shared()
         ]
         if fits:
             storage, _ = _spares.pop(min(fits, key=lambda i: _spares[i][0].nbytes()))
