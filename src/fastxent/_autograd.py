@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -295,6 +296,17 @@ def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
         _spares.append((buffer.untyped_storage(), _requests))
         del _spares[:-SPARES]
         return buffer
+
+
+def _after_fork_in_child() -> None:
+    """A fork made while another thread held the lock would leave the child's copy held by a
+    thread the child does not have: its first large buffer would wait forever."""
+    global _spares_lock
+    _spares_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _python_references(entry: tuple[torch.UntypedStorage, int]) -> int:

@@ -52,6 +52,7 @@ selects a variant.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import types
 import warnings
@@ -266,6 +267,17 @@ _generation: dict[tuple[Variant, object], int] = {}
 # next generation). Later calls take no lock.
 _first_call = threading.Lock()
 _called: set[tuple[Variant, object, int]] = set()  # (variant, graph, generation) run once
+
+
+def _after_fork_in_child() -> None:
+    """A fork made while another thread held the lock would leave it held in the child, by a
+    thread the child does not have: its first compiled call would wait forever."""
+    global _first_call
+    _first_call = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _call(v: Variant, graph, *args):
