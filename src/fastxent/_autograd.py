@@ -242,7 +242,19 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 # recent large CPU storages, for reuse, newest last, each with the request count when last
 # handed out (_requests): the clock by which unused ones age out
 _spares: list[tuple[torch.UntypedStorage, int]] = []
-_spares_lock = threading.Lock()
+
+
+def lock_made_afresh_after_fork(module_globals: dict, name: str) -> threading.Lock:
+    """A lock for the module global ``name``, replaced by a new one in a forked child: a fork
+    made while another thread held it would leave the child's copy held by a thread the child
+    does not have, and the child's first call that takes it would wait forever."""
+    if hasattr(os, "register_at_fork"):  # POSIX
+        renew = functools.partial(module_globals.__setitem__, name)
+        os.register_at_fork(after_in_child=lambda: renew(threading.Lock()))
+    return threading.Lock()
+
+
+_spares_lock = lock_made_afresh_after_fork(globals(), "_spares_lock")
 _requests = 0
 SPARES = 4  # how many are kept: a step's gradient, a linear walk's logits and ∂W, one more
 REUSE_MIN_BYTES = 1 << 20
@@ -296,17 +308,6 @@ def reusable_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
         _spares.append((buffer.untyped_storage(), _requests))
         del _spares[:-SPARES]
         return buffer
-
-
-def _after_fork_in_child() -> None:
-    """A fork made while another thread held the lock would leave the child's copy held by a
-    thread the child does not have: its first large buffer would wait forever."""
-    global _spares_lock
-    _spares_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _python_references(entry: tuple[torch.UntypedStorage, int]) -> int:

@@ -52,8 +52,6 @@ selects a variant.
 from __future__ import annotations
 
 import functools
-import os
-import threading
 import types
 import warnings
 from dataclasses import dataclass
@@ -61,7 +59,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastxent._autograd import accumulation_dtype
+from fastxent._autograd import accumulation_dtype, lock_made_afresh_after_fork
 from fastxent._options import CrossEntropyOptions
 
 SHIFT_COLUMNS = 64  # K: the shift m is the max of each row's first K logits (in the first lines)
@@ -265,19 +263,8 @@ _generation: dict[tuple[Variant, object], int] = {}
 # again for each thread waiting on it, and functools.cache built one graph per racing thread
 # (8 threads making their first calls at once built 9 graphs, not 2; 12 moved a variant to its
 # next generation). Later calls take no lock.
-_first_call = threading.Lock()
+_first_call = lock_made_afresh_after_fork(globals(), "_first_call")
 _called: set[tuple[Variant, object, int]] = set()  # (variant, graph, generation) run once
-
-
-def _after_fork_in_child() -> None:
-    """A fork made while another thread held the lock would leave it held in the child, by a
-    thread the child does not have: its first compiled call would wait forever."""
-    global _first_call
-    _first_call = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _call(v: Variant, graph, *args):
