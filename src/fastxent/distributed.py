@@ -136,7 +136,7 @@ def _check_group(name: str, group: object, none_means: str) -> None:
     """TypeError unless ``group`` is a ProcessGroup (or None, where ``none_means`` says what it
     means): a name or a rank list would otherwise fail as an uninitialised group, or deep in a
     collective. The same on every rank, so raised before any collective."""
-    process_group = getattr(dist, "ProcessGroup", None)  # absent where torch.distributed is
+    process_group = getattr(dist, "ProcessGroup", None)  # None in builds without distributed
     if group is None or (process_group is not None and isinstance(group, process_group)):
         return
     raise TypeError(
