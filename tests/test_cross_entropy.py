@@ -557,6 +557,24 @@ def test_backward_twice_through_a_retained_graph(reduction):
     torch.testing.assert_close(second, 2 * want[1], rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_retained_graph_after_a_zero_grad_output(reduction):
+    """A first backward with grad_output 0 (a loss weight scheduled to 0) folded the 0 into the
+    buffer, and every later backward raised; PyTorch's gives the later gradients. Also a 0 in
+    one row of a "none" grad_output."""
+    z = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1, 2, 3, 4])
+    loss = fastxent.cross_entropy(z, target, reduction=reduction, backend=BACKEND)
+    zero = torch.zeros_like(loss) if reduction == "mean" else torch.tensor([0.0, 1, 2, 3])
+    (first,) = torch.autograd.grad(loss, z, zero.double(), retain_graph=True)
+    (second,) = torch.autograd.grad(loss, z, torch.full_like(loss, 1.5), retain_graph=True)
+    (third,) = torch.autograd.grad(loss, z, torch.full_like(loss, -2.0))
+    want = loss_and_grad(F.cross_entropy, z, target, reduction=reduction)[1]
+    torch.testing.assert_close(first, want * zero.double().reshape(-1, 1), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(second, 1.5 * want, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(third, -2.0 * want, rtol=1e-12, atol=1e-13)
+
+
 def _checkpointed(loss_fn):
     """loss_fn recomputed at each unpack (non-reentrant activation checkpointing)."""
     return lambda x: torch.utils.checkpoint.checkpoint(loss_fn, x, use_reentrant=False)

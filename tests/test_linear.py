@@ -261,6 +261,8 @@ def test_backward_twice_through_a_retained_graph(walk, dtype):
     hidden, weight, bias, target = make_case((5,), num_classes=11, dtype=dtype)
     h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
     loss = fastxent.linear_cross_entropy(h, w, target, b, backend=BACKEND, **walk)
+    zero = torch.autograd.grad(loss, (h, w, b), torch.tensor(0.0), retain_graph=True)
+    assert not any(g.any() for g in zero)  # and, not folded in, it leaves the next ones right
     first = torch.autograd.grad(loss, (h, w, b), torch.tensor(1.5), retain_graph=True)
     second = torch.autograd.grad(loss, (h, w, b), torch.tensor(-3.0), retain_graph=True)
     want = oracle(hidden, weight, bias, target)[1:]

@@ -178,3 +178,50 @@ def test_backward_inside_a_compiled_step_leaves_fastxents_backward_untraced():
     leaf = weight.detach().clone().requires_grad_()
     torch.nn.functional.cross_entropy(z * leaf, y).backward()
     torch.testing.assert_close(weight.grad, leaf.grad, **F32)
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear walk"])
+def test_dual_tensors_through_a_compiled_kernel_call_keep_their_tangent(loss, grad_mode):
+    """Forward AD: while dynamo traces, the caller cannot see dual tensors, so the kernel path
+    was taken, and after the graph break its Function met them: "You must implement the jvp
+    function" with grad mode on, and without it the tangent silently dropped (None)."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    h, tangent = torch.randn(40, 8, generator=g), torch.randn(40, 8, generator=g)
+    w, y = torch.randn(100, 8, generator=g), torch.randint(0, 100, (40,), generator=g)
+    if loss == "cross_entropy":
+        fn = lambda x: fastxent.cross_entropy(x @ w.T, y, backend="torch")  # noqa: E731
+    else:
+        fn = lambda x: fastxent.linear_cross_entropy(x, w, y, chunk_size=8)  # noqa: E731
+    with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
+        want = fwAD.unpack_dual(F.cross_entropy(fwAD.make_dual(h, tangent) @ w.T, y)).tangent
+        got = fwAD.unpack_dual(torch.compile(fn, backend="aot_eager")(fwAD.make_dual(h, tangent)))
+        assert got.tangent is not None
+        torch.testing.assert_close(got.tangent, want, **F32)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear walk"])
+def test_torch_func_traced_by_the_eager_backend_around_a_kernel_call(loss):
+    """backend="eager" traces vmap's and grad's functions with their tensors wrapped, where the
+    caller's test cannot see it; the kernel's Function then met torch.func ("must override the
+    setup_context staticmethod")."""
+    from torch.func import grad, vmap
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(50, 8, dtype=torch.float64, generator=g)
+    h = torch.randn(3, 16, 8, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 50, (3, 16), generator=g)
+    if loss == "cross_entropy":  # per-sample losses
+        fn = vmap(lambda x, t: fastxent.cross_entropy(x @ w.T, t, backend="torch"))
+        pairs = zip(h, y, strict=True)
+        want = torch.stack([torch.nn.functional.cross_entropy(x @ w.T, t) for x, t in pairs])
+    else:  # the gradient of the walk's loss
+        fn = grad(lambda x, t: fastxent.linear_cross_entropy(x, w, t, chunk_size=4), argnums=0)
+        x = h[0].clone().requires_grad_()
+        torch.nn.functional.cross_entropy(x @ w.T, y[0]).backward()
+        h, y, want = h[0], y[0], x.grad
+    got = torch.compile(fn, backend="eager")(h, y)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -477,8 +477,9 @@ def autocast_off(x: Tensor) -> contextlib.AbstractContextManager:
 
 MODIFIED_SINCE_FORWARD = (
     "the gradient fastxent computed in forward was modified in place after forward (the logits "
-    "were written after an inplace_backward=True call, or .grad was accumulated into after an "
-    "earlier backward); recompute the loss to back-propagate it."
+    "were written after an inplace_backward=True call, .grad was accumulated into after an "
+    "earlier backward, or a hook changed the gradient it was given in place); recompute the "
+    "loss to back-propagate it, or let such a hook return a new tensor (g * 2, not g.mul_(2))."
 )
 
 
@@ -548,23 +549,28 @@ def scaled_gradients(
     folds = [g is not None and not ctx.hooked and (d in (None, g.dtype) or g.device.type == "cpu")
              for g, d in zip(grads, dtypes, strict=True)]  # fmt: skip
     first = not ctx.folded
+    # A factor with a zero would erase what a later backward through a retained graph rescales:
+    # on CPU (where testing it is free) such a backward scales into new tensors and leaves the
+    # folding to the next one; on CUDA that test would be a host sync, so a later one raises.
+    fold_now = first and not (factor.device.type == "cpu" and bool((factor == 0).any()))
     if not first and any(folds) and bool((ctx.folded[0] == 0).any()):
         raise RuntimeError(
-            "cannot back-propagate this loss again after a backward with grad_output 0 "
-            "(fastxent folds grad_output into its gradient buffer); recompute the loss."
+            "cannot back-propagate this loss again after a backward with grad_output 0 on "
+            f"{factor.device.type} (fastxent folds grad_output into its gradient buffer); "
+            "recompute the loss."
         )
     out = []
     for g, dtype, fold in zip(grads, dtypes, folds, strict=True):
         if g is None:
             out.append(None)
-        elif fold and first:
+        elif fold and fold_now:
             scale_by_grad_output(g.data, factor)
             out.append(g.detach().to(dtype or g.dtype))  # the buffer itself in its own dtype
         else:
-            ratio = factor / ctx.folded[0] if fold else factor
+            ratio = factor / ctx.folded[0] if fold and not first else factor
             scaled = torch.empty(g.shape, dtype=dtype or g.dtype, device=g.device)
             out.append(scaled_in_blocks(g, ratio, scaled))
-    if first:  # recorded once the products succeeded (a batched factor fails on the first)
+    if fold_now:  # recorded once the products succeeded (a batched factor fails on the first)
         ctx.folded.append(factor.detach().clone())
     return out
 

@@ -502,8 +502,14 @@ def _linear_by_walk(
 ) -> Tensor:
     """The loss through :class:`LinearCrossEntropyFunction`'s walk with ``backend``'s row
     kernel, class indices checked by fastxent first. Never traced by torch.compile, as
-    :func:`_by_kernel`."""
+    :func:`_by_kernel` (and as there, a transform traced around the break is asked for here)."""
     from fastxent._linear import LinearCrossEntropyFunction
+
+    if needs_pytorch_ops(hidden, weight, bias, target, class_weight):
+        with autocast_off(hidden):
+            return composed.linear_cross_entropy(
+                hidden, weight, bias, target, class_weight, opts.ce, opts.shift
+            )
 
     num_logits = hidden.shape[:-1].numel() * weight.shape[0]
     _, kernel = resolve_backend(backend, hidden.device, num_logits)
@@ -533,7 +539,13 @@ def _by_kernel(
     Never traced by torch.compile: one graph break (:func:`outside_graph`). That is also why the
     logits are checked here: dynamo cannot trace ``Tensor._is_view``, and the paths on PyTorch's
     ops (torch.func, torch.export, gradients of probability targets) write nothing into them.
+    The caller's test for a torch.func transform or dual tensors cannot see them while dynamo
+    traces (forward AD, or ``grad``/``vmap`` that the "eager" backend traces through, reached
+    this Function: it has no jvp, and no setup_context for torch.func), so it is asked here.
     """
+    if needs_pytorch_ops(z, t, weight):
+        with autocast_off(z):
+            return composed.cross_entropy(z, t, weight, opts)
     if opts.inplace_backward:
         check_inplace_logits(logits)
     name, kernel = resolve_backend(backend, z.device, z.numel())
