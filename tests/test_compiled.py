@@ -474,6 +474,21 @@ def test_unavailable_reason(monkeypatch):
         compiled._toolchain_reason.cache_clear()
 
 
+def test_torch_2_4s_inductor_is_not_used(monkeypatch):
+    """torch 2.4's inductor builds with -ffast-math, whose loaded kernels flush subnormal
+    numbers to zero in the whole process: "auto" then takes the portable kernel."""
+    import fastxent._compiled as compiled
+
+    compiled._toolchain_reason.cache_clear()
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
+    try:
+        assert "-ffast-math" in unavailable_reason(torch.device("cpu"))
+        name, _ = fastxent.functional.resolve_backend("auto", torch.device("cpu"), 1 << 22)
+        assert name == "torch"
+    finally:
+        compiled._toolchain_reason.cache_clear()
+
+
 @pytest.mark.parametrize(
     ("options", "soft"),
     [({}, False), (GENERAL, False), (UNCAPPED, False), (GENERAL, True)],

@@ -743,3 +743,24 @@ def test_an_infinite_class_weight_gives_pytorchs_inf(walk):
         )
         want = F.cross_entropy(hidden, target, class_weight, reduction=reduction)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_a_sharded_weight_is_named_where_torch_keeps_dtensor_elsewhere(monkeypatch):
+    """torch 2.4 defines DTensor in torch.distributed._tensor, and its torch.distributed.tensor
+    (loaded by torch.distributed.fsdp) has none: every linear_cross_entropy call then raised
+    AttributeError. Stand-ins for both modules, as torch 2.4 has them."""
+    import sys
+    import types
+
+    class DTensor(torch.Tensor):
+        pass
+
+    old_home = types.ModuleType("torch.distributed._tensor")
+    old_home.DTensor = DTensor
+    monkeypatch.setitem(sys.modules, "torch.distributed.tensor", types.ModuleType("empty"))
+    monkeypatch.setitem(sys.modules, "torch.distributed._tensor", old_home)
+    hidden, weight, bias, target = make_case((2, 4), num_classes=20, seed=15)
+    want = fastxent.linear_cross_entropy(hidden, weight, target, bias)  # plain: as before
+    assert torch.isfinite(want)
+    with pytest.raises(TypeError, match="weight is a DTensor but hidden, bias are not"):
+        fastxent.linear_cross_entropy(hidden, weight.as_subclass(DTensor), target, bias)

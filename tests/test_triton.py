@@ -53,6 +53,18 @@ compiled = pytest.mark.skipif(INTERPRETED, reason="the kernels were decorated fo
 V_ODD = 423  # not a multiple of any tile
 
 
+def test_constexpr_parameters_are_annotated_with_the_object():
+    """Triton 3.0's interpreter takes a parameter as a compile-time constant only when its
+    annotation is tl.constexpr itself: a string annotation (``from __future__ import
+    annotations`` in kernels.py) made every interpreted call fail on tl.arange."""
+    import inspect
+
+    for kernel in (kernels.cross_entropy_rows_kernel, kernels.scale_unless_one_kernel):
+        parameters = inspect.signature(kernel.fn).parameters.values()
+        annotations = [p.annotation for p in parameters if p.annotation is not p.empty]
+        assert annotations and all(a is triton.language.constexpr for a in annotations)
+
+
 @pytest.fixture(autouse=True)
 def _interpret_on_cpu(monkeypatch):
     """CPU calls need TRITON_INTERPRET=1 at call time too (the backend's availability check)."""

@@ -255,11 +255,15 @@ def _check_dtensor_mix(**tensors: Tensor | None) -> None:
     torch.Tensor and DTensor"); say which input is which, and the usual cause: a weight that
     FSDP2 (``fully_shard``) holds sharded outside its module's forward. The target is not
     asked: under ``loss_parallel()`` DTensor takes a plain one."""
-    module = sys.modules.get("torch.distributed.tensor")  # loaded wherever a DTensor exists
-    if module is None:
+    # loaded wherever a DTensor exists; torch < 2.5 defines it in torch.distributed._tensor
+    modules = (
+        sys.modules.get(m) for m in ("torch.distributed.tensor", "torch.distributed._tensor")
+    )
+    dtensor = next((m.DTensor for m in modules if hasattr(m, "DTensor")), None)
+    if dtensor is None:
         return
     given = {name: x for name, x in tensors.items() if x is not None}
-    dtensors = [name for name, x in given.items() if isinstance(x, module.DTensor)]
+    dtensors = [name for name, x in given.items() if isinstance(x, dtensor)]
     if not dtensors or len(dtensors) == len(given):
         return
     plain = [name for name in given if name not in dtensors]

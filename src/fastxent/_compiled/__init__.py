@@ -26,7 +26,19 @@ def _toolchain_reason() -> str | None:
 
     if not torch._dynamo.is_dynamo_supported():
         return "torch.compile is not supported on this Python/PyTorch build"
+    if _torch_version() < (2, 5):
+        return (
+            f"torch {torch.__version__}'s inductor builds its C++ with -ffast-math, which turns "
+            "off subnormal numbers in the whole process once a kernel loads (pytorch/pytorch "
+            "#126848, fixed in 2.5)"
+        )
     compilers = (os.environ.get("CXX"), "c++", "g++", "clang++")
     if not any(c and shutil.which(c) for c in compilers):
         return "no C++ compiler found (set CXX or install g++/clang++)"
     return None
+
+
+def _torch_version() -> tuple[int, int]:
+    """(major, minor) of the running torch."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)

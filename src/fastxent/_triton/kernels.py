@@ -28,8 +28,8 @@ into the row's base pointer. Within a row the column offsets stay int32: the lau
 unit stride along V and V < 2^30, so ``start + arange(BLOCK)`` cannot overflow.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Triton 3.0's interpreter takes a parameter as a
+# compile-time constant only when its annotation is the object tl.constexpr, not the string.
 import triton
 import triton.language as tl
 
