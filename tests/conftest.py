@@ -16,12 +16,19 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """``gpu`` tests skip without CUDA; cases parametrised with ``backend="compiled"`` or
+    ``"triton"`` skip where that backend is refused for its version (torch 2.4, triton < 3.6:
+    see tests/versions.py)."""
+    from versions import compiled_backend, tested_triton
+
+    gpu = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if gpu is not None and "gpu" in item.keywords:
+            item.add_marker(gpu)
+        callspec = getattr(item, "callspec", None)
+        backend = None if callspec is None else callspec.params.get("backend")
+        if backend in ("compiled", "triton"):
+            item.add_marker(compiled_backend if backend == "compiled" else tested_triton)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import fastxent
 from fastxent import _autograd
+from versions import folds_in_place
 
 N, V = 64, 4096  # 1 MiB of float32: the smallest gradient that is kept for reuse
 
@@ -34,6 +35,7 @@ def make(seed):
     return torch.randn(N, V, generator=g).requires_grad_(), torch.randint(0, V, (N,), generator=g)
 
 
+@folds_in_place
 def test_a_dropped_gradient_is_reused():
     z, y = make(0)
     step(z, y)
@@ -86,6 +88,7 @@ def test_a_gradient_in_shared_memory_is_let_go():
     assert all(not s.is_shared() for s, _ in _autograd._spares)
 
 
+@folds_in_place
 def test_a_gradient_moved_to_shared_memory_while_it_was_checked_is_let_go(monkeypatch):
     """A multiprocessing queue's feeder thread pickles a sent tensor (moving its storage to
     shared memory) and then drops it, on its own schedule: between the reuse list's shared
@@ -202,6 +205,7 @@ def linear_torch_grads(hidden, weight, target):
     return h.grad, w.grad
 
 
+@folds_in_place
 @pytest.mark.parametrize("walk", [{}, {"vocab_block": 1024, "chunk_size": None}], ids=str)
 def test_linear_walks_reuse_a_dropped_weight_gradient_and_their_logits(walk):
     """The token walk's float32 ∂W (the vocab walk's too) and its logits chunk (32 × 8192, 1 MiB)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import fastxent
 from fastxent import reference
 from fastxent.distributed import vocab_parallel_cross_entropy
+from versions import newer_torch
 
 pytestmark = pytest.mark.distributed
 
@@ -928,6 +929,7 @@ def _dtensor_target(placement, target: torch.Tensor, mesh):
     return distribute_tensor(target, mesh, [placement])
 
 
+@newer_torch((2, 5), "torch.distributed.tensor's public DTensor API")
 def test_dtensor_inputs_run_on_pytorchs_ops_and_match_plain_tensors(tmp_path):
     """DTensor implements PyTorch's ops, not the kernels' writes into plain buffers (the row
     kernels raised "got mixed torch.Tensor and DTensor", the linear walk "no sharding strategy
@@ -937,6 +939,7 @@ def test_dtensor_inputs_run_on_pytorchs_ops_and_match_plain_tensors(tmp_path):
             assert loss_error < 1e-6 and grad_error < 1e-6, (key, loss_error, grad_error)
 
 
+@newer_torch((2, 6), "fully_shard in torch.distributed.fsdp")
 def test_fsdp2_lm_head_weight_works_with_the_root_and_is_explained_when_sharded_alone(tmp_path):
     """FSDP2 gathers a weight into a plain tensor inside its fully_shard module's forward and
     keeps the root's gathered after forward; a plain hidden with a still-sharded weight used to

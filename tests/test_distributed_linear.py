@@ -34,6 +34,7 @@ from test_distributed import (
     spawn_with_deadline,
 )
 from test_linear import oracle
+from versions import newer_torch
 
 pytestmark = pytest.mark.distributed
 
@@ -481,6 +482,7 @@ def test_vocab_parallel_linear_collectives(spawned, world):
         }
 
 
+@newer_torch((2, 5), "ProcessGroup(store, rank, size)")
 def test_process_group_needs_initialised_distributed():
     assert not dist.is_initialized()
     group = dist.ProcessGroup(dist.HashStore(), 0, 1)  # a group object, no default group

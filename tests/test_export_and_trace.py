@@ -13,6 +13,7 @@ from torch import nn
 
 import fastxent
 from fastxent import reference
+from versions import exports_a_dynamic_batch
 
 IGNORED = -100
 # PyTorch 2.13 deprecates TorchScript; fastxent still meets users' existing jit code.
@@ -81,6 +82,7 @@ def test_meta_tensors_give_meta_results_of_pytorchs_shape(reduction):
         (True, {}),
     ],
 )
+@exports_a_dynamic_batch
 def test_torch_export_with_a_dynamic_batch_matches_the_reference(linear_loss, options):
     """Exported with a symbolic batch size, the program gives the reference's loss on another
     batch size, and the documented 0 (not NaN) when every target is ignored."""
@@ -97,6 +99,7 @@ def test_torch_export_with_a_dynamic_batch_matches_the_reference(linear_loss, op
     assert float(program(*_inputs(9, seed=3, all_ignored=True)).detach()) == 0.0
 
 
+@exports_a_dynamic_batch
 @pytest.mark.parametrize("inplace_backward", [False, True])
 @pytest.mark.parametrize("rows", [6, 700])
 def test_strict_export_with_a_dynamic_batch_matches_the_reference(rows, inplace_backward):
@@ -140,6 +143,7 @@ def test_jit_trace_keeps_no_data_dependent_choice(options):
     assert float(loss_traced.detach()) == 0.0
 
 
+@exports_a_dynamic_batch
 @pytest.mark.parametrize("linear", [False, True])
 def test_traced_and_exported_probability_targets_follow_the_batch_size(linear):
     """A "mean" over probability targets divides by the row count: it was a number that

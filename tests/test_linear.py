@@ -14,6 +14,7 @@ import fastxent
 from fastxent import reference
 from fastxent._linear import CHUNK_BYTES, _kept_columns, default_chunk_size
 from fastxent.bench import allocated_peak_bytes
+from versions import folds_in_place
 
 BACKEND = "torch"
 F64 = {"rtol": 1e-10, "atol": 1e-12}  # float64: chunked sums reorder additions only
@@ -295,6 +296,7 @@ def test_checkpointed_backward_again_scales_the_recomputed_gradients(walk):
         torch.autograd.grad(loss_fn(h), h, create_graph=True)
 
 
+@folds_in_place
 def test_backward_after_weight_grad_was_accumulated_into_raises():
     """float32 ∂W is handed to autograd as the buffer itself: once .grad is added to, a
     retained graph refuses to back-propagate rather than return a modified gradient."""
@@ -374,6 +376,7 @@ def walk_peak_bytes(n, dim, num_classes, dtype, **walk) -> int:
     return allocated_peak_bytes(step)
 
 
+@folds_in_place
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_vocab_walk_holds_one_block_beside_the_gradients(dtype):
     # What vocab_block is for: beside ∂h and ∂W, one (N, B) block of float32 logits at a time
@@ -390,6 +393,7 @@ def test_vocab_walk_holds_one_block_beside_the_gradients(dtype):
     assert grads <= peak <= grads + accumulator + one_block + workspace, peak
 
 
+@folds_in_place
 def test_token_walk_half_precision_casts_dw_without_a_float32_copy():
     # bf16 ∂W is accumulated in float32 and cast in backward. On CPU a mixed-dtype
     # torch.mul(out=) computes in a float32 temporary of ∂W's size first: backward then held

@@ -40,6 +40,9 @@ import fastxent._triton as triton_backend  # noqa: E402
 from fastxent import reference  # noqa: E402
 from fastxent._options import CrossEntropyOptions  # noqa: E402
 from fastxent._triton import kernels  # noqa: E402
+from versions import tested_triton  # noqa: E402
+
+pytestmark = tested_triton
 
 INTERPRETED = all(
     type(fn).__name__ == "InterpretedFunction"
@@ -378,6 +381,20 @@ def test_unavailable_reason_on_cpu_needs_the_interpreter(monkeypatch):
 @interpreter
 def test_unavailable_reason_with_the_interpreter():
     assert triton_backend.unavailable_reason(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("version", ["3.0.0", "3.5.1", "2.3.1"])
+def test_a_triton_older_than_the_tested_ones_is_not_used(monkeypatch, version):
+    """Under triton 3.0 (torch 2.4's) the interpreter computed losses off by 6e4 and more;
+    "auto" then takes the portable kernel, on CUDA too."""
+    monkeypatch.setattr(triton, "__version__", version)
+    for device in ("cpu", "cuda"):
+        reason = triton_backend.unavailable_reason(torch.device(device))
+        assert reason is not None and f"triton {version} is older than 3.6" in reason
+    assert fastxent.functional.resolve_backend("auto", torch.device("cuda"))[0] == "torch"
+    for tested in ("3.6.0", "3.9.0+git1234", "4.0"):
+        monkeypatch.setattr(triton, "__version__", tested)
+        assert triton_backend.unavailable_reason(torch.device("cuda")) is None
 
 
 def test_unavailable_reason_on_cuda_when_triton_imports():

@@ -14,6 +14,10 @@ import pytest
 
 pytest.importorskip("triton")
 
+from versions import tested_triton
+
+pytestmark = tested_triton
+
 SCRIPT = textwrap.dedent(
     """
     import itertools

@@ -20,8 +20,9 @@ from test_triton import (  # the fixtures: CPU calls interpreted, tiles of 128 c
     run,
     small_tiles,  # noqa: F401
 )
+from versions import tested_triton
 
-pytestmark = pytest.mark.usefixtures("small_tiles")
+pytestmark = [pytest.mark.usefixtures("small_tiles"), tested_triton]
 
 
 @interpreter

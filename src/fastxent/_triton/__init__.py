@@ -35,12 +35,29 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUE
 
 
+# The oldest triton the kernels were run with: 3.6 on the GPU machine's image (torch 2.11), and
+# its interpreter; CI's is newer. Under triton 3.0 (torch 2.4's) the interpreter computed wrong
+# losses (errors of 6e4 and more), and 3.1-3.5 were never run.
+MIN_TRITON = (3, 6)
+
+
+def _version(text: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0" or "3.6.0+git1234"."""
+    major, minor = text.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     """None on CUDA when triton imports, and on CPU when ``TRITON_INTERPRET=1``; else why not."""
     try:
         import triton
     except ImportError as error:
         return f"triton could not be imported ({error}); install it with `pip install triton`"
+    if _version(triton.__version__) < MIN_TRITON:
+        return (
+            f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the "
+            "oldest the kernels are tested with (triton 3.0's interpreter gave wrong results)"
+        )
     if device.type == "cuda":
         return None
     if device.type != "cpu":

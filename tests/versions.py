@@ -1,0 +1,50 @@
+"""Skips for tests of what older releases lack: the package admits torch>=2.4 (and the Triton
+that comes with it), the suite is written against torch 2.13. Each condition tests the feature,
+or the version that brought it."""
+
+import pytest
+import torch
+
+from fastxent import _autograd
+from fastxent._compiled import unavailable_reason
+
+TORCH = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+# the gradient buffer handed to autograd in place (without saved-tensor hooks to ask about, as
+# before torch 2.5, every backward scales into a new tensor)
+folds_in_place = pytest.mark.skipif(
+    _autograd._top_saved_hooks is None,
+    reason="this torch cannot tell whether saved-tensor hooks are active: no in-place fold",
+)
+exports_a_dynamic_batch = pytest.mark.skipif(
+    not hasattr(torch.compiler, "is_exporting"),
+    reason="torch.compiler.is_exporting (torch 2.5) tells fastxent not to fix the batch size",
+)
+graph_break_has_a_reason = pytest.mark.skipif(
+    TORCH < (2, 8), reason="torch.compiler.disable takes a reason from torch 2.8"
+)
+COMPILED_UNAVAILABLE = unavailable_reason(torch.device("cpu"))
+compiled_backend = pytest.mark.skipif(
+    COMPILED_UNAVAILABLE is not None, reason=f"compiled backend: {COMPILED_UNAVAILABLE}"
+)
+
+
+def newer_torch(version: tuple[int, int], why: str):
+    """Skip below torch ``version``, for ``why``."""
+    return pytest.mark.skipif(version > TORCH, reason=why)
+
+
+def _triton_reason() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None  # the Triton tests skip on their own
+    from fastxent._triton import MIN_TRITON, _version
+
+    if _version(triton.__version__) < MIN_TRITON:
+        return f"triton {triton.__version__}: the kernels are not used below {MIN_TRITON}"
+    return None
+
+
+TRITON_TOO_OLD = _triton_reason()
+tested_triton = pytest.mark.skipif(TRITON_TOO_OLD is not None, reason=str(TRITON_TOO_OLD))
