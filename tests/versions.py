@@ -7,8 +7,9 @@ import torch
 
 from fastxent import _autograd
 from fastxent._compiled import unavailable_reason
+from fastxent._options import major_minor
 
-TORCH = tuple(int(part) for part in torch.__version__.split(".")[:2])
+TORCH = major_minor(torch.__version__)
 
 # the gradient buffer handed to autograd in place (without saved-tensor hooks to ask about, as
 # before torch 2.5, every backward scales into a new tensor)
@@ -39,11 +40,9 @@ def _triton_reason() -> str | None:
         import triton
     except ImportError:
         return None  # the Triton tests skip on their own
-    from fastxent._triton import MIN_TRITON, _version
+    from fastxent._triton import version_problem
 
-    if _version(triton.__version__) < MIN_TRITON:
-        return f"triton {triton.__version__}: the kernels are not used below {MIN_TRITON}"
-    return None
+    return version_problem(triton.__version__)
 
 
 TRITON_TOO_OLD = _triton_reason()

@@ -463,6 +463,9 @@ def _nothing() -> None:
     return None
 
 
+ONE_HOT_HINT = "; for one-hot or probability targets pass them as floats, target.float()"
+
+
 def check_target_kind(
     target: Tensor,
     index_shape: tuple[int, ...],
@@ -506,7 +509,7 @@ def check_target_kind(
         if shape_hint is not None:
             hint = shape_hint()
         elif tuple(target.shape) == tuple(soft_shape):
-            hint = "; for one-hot or probability targets pass them as floats, target.float()"
+            hint = ONE_HOT_HINT
         else:
             hint = ""
         raise ValueError(
@@ -514,6 +517,12 @@ def check_target_kind(
             f"{tuple(target.shape)}{hint}."
         )
     return False
+
+
+def major_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a release string such as "2.13.0+cpu", "3.6.0" or "3.6.0+git1234"."""
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def quiet_under_jit_trace(check: Callable) -> Callable:
@@ -568,6 +577,4 @@ def _where_the_classes_were_meant(z: Tensor, target: Tensor) -> str:
             f"; with the classes last, as in (B, T, V) logits, pass input.reshape(-1, {c}) and "
             "target.reshape(-1), or input.movedim(-1, 1)"
         )
-    if shape == tuple(z.shape):
-        return "; for one-hot or probability targets pass them as floats, target.float()"
-    return ""
+    return ONE_HOT_HINT if shape == tuple(z.shape) else ""

@@ -9,6 +9,7 @@ import shutil
 import torch
 
 from fastxent._compiled.kernel import cross_entropy_rows
+from fastxent._options import major_minor
 
 __all__ = ["cross_entropy_rows", "unavailable_reason"]
 
@@ -26,7 +27,7 @@ def _toolchain_reason() -> str | None:
 
     if not torch._dynamo.is_dynamo_supported():
         return "torch.compile is not supported on this Python/PyTorch build"
-    if _torch_version() < (2, 5):
+    if major_minor(torch.__version__) < (2, 5):
         return (
             f"torch {torch.__version__}'s inductor builds its C++ with -ffast-math, which turns "
             "off subnormal numbers in the whole process once a kernel loads (pytorch/pytorch "
@@ -36,9 +37,3 @@ def _toolchain_reason() -> str | None:
     if not any(c and shutil.which(c) for c in compilers):
         return "no C++ compiler found (set CXX or install g++/clang++)"
     return None
-
-
-def _torch_version() -> tuple[int, int]:
-    """(major, minor) of the running torch."""
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)

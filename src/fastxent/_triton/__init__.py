@@ -20,7 +20,7 @@ import sys
 import torch
 from torch import Tensor
 
-from fastxent._options import CrossEntropyOptions
+from fastxent._options import CrossEntropyOptions, major_minor
 
 __all__ = ["cross_entropy_rows", "launch_config", "scale_unless_one", "unavailable_reason"]
 
@@ -41,10 +41,14 @@ def interpreter_requested() -> bool:
 MIN_TRITON = (3, 6)
 
 
-def _version(text: str) -> tuple[int, int]:
-    """(major, minor) of a version string such as "3.6.0" or "3.6.0+git1234"."""
-    major, minor = text.split(".")[:2]
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+def version_problem(version: str) -> str | None:
+    """Why triton ``version`` is not used, or None."""
+    if major_minor(version) >= MIN_TRITON:
+        return None
+    return (
+        f"triton {version} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest the "
+        "kernels are tested with (triton 3.0's interpreter gave wrong results)"
+    )
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -53,11 +57,9 @@ def unavailable_reason(device: torch.device) -> str | None:
         import triton
     except ImportError as error:
         return f"triton could not be imported ({error}); install it with `pip install triton`"
-    if _version(triton.__version__) < MIN_TRITON:
-        return (
-            f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the "
-            "oldest the kernels are tested with (triton 3.0's interpreter gave wrong results)"
-        )
+    problem = version_problem(triton.__version__)
+    if problem is not None:
+        return problem
     if device.type == "cuda":
         return None
     if device.type != "cpu":
