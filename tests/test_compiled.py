@@ -20,11 +20,9 @@ from fastxent import reference
 from fastxent._compiled import kernel, unavailable_reason
 from fastxent._options import CrossEntropyOptions
 from fastxent.bench import allocated_peak_bytes
+from versions import compiled_backend
 
-pytestmark = pytest.mark.skipif(
-    unavailable_reason(torch.device("cpu")) is not None,
-    reason=f"compiled backend unavailable: {unavailable_reason(torch.device('cpu'))}",
-)
+pytestmark = compiled_backend
 
 
 @pytest.fixture(autouse=True)
