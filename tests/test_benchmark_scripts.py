@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fastxent
+from versions import compiled_backend
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -40,12 +41,22 @@ import varying_batch  # noqa: E402
         (linear_chunks, ["--n", "40", "--d", "8", "--v", "96", "--chunks", "16", "--tiles", "32"]),
         (linear_filter, ["--n", "64", "--d", "16", "--v", "512", "--probs", "1e-2"]),
         (row_buffer, ["--n", "64", "--v", "512", "--dtype", "float32"]),
-        (small_logits, ["--shapes", "8x16,4x64", "--calls", "2"]),
-        (small_logits, ["--shapes", "8x16", "--calls", "2", "--linear-dim", "4"]),
+        pytest.param(
+            small_logits, ["--shapes", "8x16,4x64", "--calls", "2"], marks=compiled_backend
+        ),
+        pytest.param(
+            small_logits,
+            ["--shapes", "8x16", "--calls", "2", "--linear-dim", "4"],
+            marks=compiled_backend,
+        ),
         (row_passes, ["--n", "8", "--v", "300", "--graphs", "head shift,two graphs"]),
         (split_gradient, ["--n", "8", "--v", "300", "--options"]),
-        (softcap_tanh, ["--n", "8", "--v", "300"]),
-        (varying_batch, ["--v", "2048", "--n-min", "128", "--n-max", "300", "--steps", "5"]),
+        pytest.param(softcap_tanh, ["--n", "8", "--v", "300"], marks=compiled_backend),
+        pytest.param(
+            varying_batch,
+            ["--v", "2048", "--n-min", "128", "--n-max", "300", "--steps", "5"],
+            marks=compiled_backend,
+        ),
     ],
     ids=[
         "linear_chunks",
@@ -66,6 +77,7 @@ def test_script_runs_on_tiny_shapes(script, flags, monkeypatch, capsys):
     assert "× " in capsys.readouterr().out
 
 
+@compiled_backend  # the scripts below time or measure the compiled backend
 def test_varying_batch_outlier_reports_both_methods(monkeypatch, capsys):
     flags = ["--v", "2048", "--n-min", "128", "--outlier", "600", "--steps", "2"]
     monkeypatch.setattr(sys, "argv", [varying_batch.__file__, *flags])
@@ -105,6 +117,7 @@ def _grads(h, w, y, eps):
     return hr.grad, wr.grad
 
 
+@compiled_backend
 def test_kernel_memory_script_reports_row_sized_extra(monkeypatch, capsys):
     flags = ["--n", "16", "--v", "512", "--dtypes", "bfloat16", "--options", "all"]
     monkeypatch.setattr(sys, "argv", [kernel_memory.__file__, *flags, "--targets", "index"])

@@ -139,6 +139,7 @@ def storage_of(x):
     return x.untyped_storage().data_ptr()
 
 
+@folds_in_place  # the gradient handed out is the kept storage itself
 def test_a_smaller_gradient_takes_a_kept_storage_up_to_twice_its_size():
     """Batches whose size changes every step reuse kept storages (each fresh one pays a page
     fault per page): one of 3/4 of a kept storage's size takes it; one of 3/8 does not."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastxent import check, cli
+from versions import TRITON_TOO_OLD
 
 REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
 
@@ -32,7 +33,8 @@ def test_check_passes_and_prints_every_step(capsys):
     assert "✗" not in out
     assert "soft targets" in out and "softcap" in out
     assert "linear: token walk" in out and "linear: vocab walk" in out
-    assert "max relative error in float32" in out  # the table for Triton's own kernel
+    if TRITON_TOO_OLD is None:  # the table for Triton's own kernel (the interpreter's)
+        assert "max relative error in float32" in out
     assert "all checks passed" in out
 
 

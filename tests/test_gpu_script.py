@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from versions import tested_triton
+
 pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
 
 
+@tested_triton  # fastxent's rows run the Triton kernels (interpreted here)
 def test_small_run_checks_fastxent_and_writes_every_task(tmp_path):
     out = tmp_path / "gpu.json"
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -2,6 +2,10 @@
 that comes with it), the suite is written against torch 2.13. Each condition tests the feature,
 or the version that brought it."""
 
+import ctypes
+import ctypes.util
+
+import numpy as np
 import pytest
 import torch
 
@@ -47,3 +51,16 @@ def _triton_reason() -> str | None:
 
 TRITON_TOO_OLD = _triton_reason()
 tested_triton = pytest.mark.skipif(TRITON_TOO_OLD is not None, reason=str(TRITON_TOO_OLD))
+
+
+def flushes_subnormals() -> bool:
+    """Whether this thread flushes subnormal results to zero (the CPU's FTZ flag)."""
+    return bool(np.float32(1e-38) * np.float32(1e-3) == 0)
+
+
+def restore_default_float_environment() -> None:
+    """C's ``fesetenv(FE_DFL_ENV)`` in this thread: glibc's default environment (FE_DFL_ENV is
+    ``(const fenv_t *) -1``) clears the SSE flush-to-zero and denormals-are-zero flags."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    if libm.fesetenv(ctypes.c_void_p(-1)) != 0 or flushes_subnormals():
+        raise RuntimeError("fesetenv(FE_DFL_ENV) did not bring subnormal numbers back")
