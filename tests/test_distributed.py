@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import fastxent
 from fastxent import reference
 from fastxent.distributed import vocab_parallel_cross_entropy
-from versions import newer_torch
+from versions import TORCH, newer_torch
 
 pytestmark = pytest.mark.distributed
 
@@ -203,6 +203,19 @@ def init_gloo(rank: int, world: int, init_file: str, timeout_s: float) -> None:
     )
 
 
+def leave_gloo() -> None:
+    """``destroy_process_group()``, first letting gloo's threads free their finished work.
+
+    Before PyTorch's fix (pytorch/pytorch #154976, June 2025: 2.8) the group's destructor held
+    the GIL while it joined gloo's threads, and one of them could be waiting for the GIL to free
+    a tensor of a finished collective whose Python object was gone (any function's temporaries:
+    plain collectives on them hung the same way): rank 1 hung there in 3 runs of 8 on torch
+    2.4.1, never in 20 with the pause."""
+    if TORCH < (2, 8):
+        time.sleep(0.2)
+    dist.destroy_process_group()
+
+
 def run_worker(rank, world, init_file, out_dir, cases, run_case, error_cases, extra) -> None:
     """One rank of a gloo group: every case, every error check, then ``extra`` -> rank{r}.pt."""
     init_gloo(rank, world, init_file, 30)
@@ -218,7 +231,7 @@ def run_worker(rank, world, init_file, out_dir, cases, run_case, error_cases, ex
     results.update(extra(rank, world))
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -424,7 +437,7 @@ def run_one_rank_worker(rank: int, world: int, init_file: str, out_dir: str, che
             except BaseException:  # pytest.raises failing raises a BaseException
                 results[name, mode] = traceback.format_exc()
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 def spawn_with_deadline(base: Path, worker, world: int) -> list[dict]:
@@ -785,7 +798,7 @@ def _revisited_layouts_worker(rank: int, world: int, init_file: str, out_dir: st
         loss = vocab_parallel_cross_entropy(local, target, reduction="sum")
         errors.append(abs(float(loss) - float(F.cross_entropy(full, target, reduction="sum"))))
     torch.save(errors, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 def test_a_revisited_layout_key_is_gathered_again(tmp_path):
@@ -811,7 +824,7 @@ def _entry_points_worker(rank: int, world: int, init_file: str, out_dir: str) ->
         )
     ]
     torch.save(gathers, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 def test_each_entry_point_gathers_its_own_layout(tmp_path):
@@ -834,7 +847,7 @@ def _equal_options_worker(rank: int, world: int, init_file: str, out_dir: str) -
     group = dist.new_group(list(range(world)))
     loss = vocab_parallel_cross_entropy(local, y, group=group, **spellings[rank])
     torch.save(float(loss), Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 def test_equal_options_spelled_differently_agree(tmp_path):
@@ -919,7 +932,7 @@ def _dtensor_worker(rank: int, world: int, init_file: str, out_dir: str) -> None
         float((w.grad.full_tensor() - want_w.grad).abs().max()),
     )
     torch.save(errors, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 def _dtensor_target(placement, target: torch.Tensor, mesh):
