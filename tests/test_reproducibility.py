@@ -1,7 +1,8 @@
 """What README.md says of reproducibility on CPU: the same call gives bitwise the same loss and
-gradients when repeated, at another thread count, and under deterministic algorithms.
+gradients when repeated and under deterministic algorithms; at another thread count the row
+kernels' too, the linear walks' gradients to rounding (their matmuls are the BLAS's).
 
-The oracle is the first call itself: any difference in any bit fails.
+The oracle is the first call itself: any difference in any bit fails, where bits are claimed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import fastxent
+from versions import compiled_backend
 
 N, V, D = 96, 3000, 32
 
@@ -58,26 +60,46 @@ CALLS = {
 }
 
 
+_COMPILED = {name: compiled_backend for name in CALLS if "-compiled-" in name}
+NAMES = [pytest.param(name, marks=_COMPILED.get(name, ())) for name in sorted(CALLS)]
+
+
 def _same_bits(first: tuple[torch.Tensor, ...], again: tuple[torch.Tensor, ...]) -> bool:
     return all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
 
 
-@pytest.mark.parametrize("name", sorted(CALLS))
-def test_repeated_at_other_thread_counts_and_deterministic(name):
+@pytest.mark.parametrize("name", NAMES)
+def test_repeated_and_under_deterministic_algorithms(name):
     make, option, dtype = CALLS[name]
     call = make(option, dtype)
-    threads = torch.get_num_threads()
     first = call()
     assert _same_bits(first, call()), "a repeated call differs"
-    try:
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            assert _same_bits(first, call()), f"{count} thread(s) differ from {threads}"
-    finally:
-        torch.set_num_threads(threads)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
         assert _same_bits(first, call()), "deterministic algorithms differ"
     finally:
         torch.use_deterministic_algorithms(deterministic)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_at_other_thread_counts(name):
+    """The row kernels give the same bits at any thread count (each row is one thread's). The
+    linear walks' gradients come from the BLAS's matmuls, which on some CPUs split their sums
+    by thread count (an Intel Xeon with AMX: the last bits of ∂h and ∂W, float32 and bf16;
+    not on the AMD EPYC machines): there they agree to rounding, the loss bitwise."""
+    make, option, dtype = CALLS[name]
+    call = make(option, dtype)
+    threads = torch.get_num_threads()
+    first = call()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            again = call()
+            if name.startswith("cross_entropy"):
+                assert _same_bits(first, again), f"{count} thread(s) differ from {threads}"
+            else:
+                assert torch.equal(first[0], again[0]), f"loss at {count} thread(s)"
+                torch.testing.assert_close(again, first, msg=f"{count} thread(s)")
+    finally:
+        torch.set_num_threads(threads)
