@@ -85,3 +85,22 @@ def test_the_compiled_kernels_first_call_lock():
 
     with held_in_another_thread(kernel, "_first_call"):
         assert child_exit_code(first_call) == 0
+
+
+@pytest.mark.skipif(unavailable_reason(torch.device("cpu")) is not None, reason="no compiler")
+def test_a_compile_in_a_child_forked_after_the_parent_compiled(tmp_path):
+    """inductor's C++ compile threads (a ThreadPoolExecutor it keeps) are not the child's: the
+    child's copy of the pool, started in the parent, counted workers it does not have."""
+    from torch._inductor.async_compile import AsyncCompile, get_compile_threads
+
+    if get_compile_threads() <= 1:
+        pytest.skip("inductor compiles in the calling thread here")
+    AsyncCompile.pool().submit(int).result()  # the parent's pool, with a worker started
+
+    def compile_afresh():
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)  # nothing compiled there yet
+        torch._dynamo.reset()
+        kernel._called.clear()
+        return matches_pytorch("compiled", 24, 333)
+
+    assert child_exit_code(compile_afresh, 90) == 0

@@ -52,6 +52,8 @@ selects a variant.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import types
 import warnings
 from dataclasses import dataclass
@@ -265,6 +267,25 @@ _generation: dict[tuple[Variant, object], int] = {}
 # next generation). Later calls take no lock.
 _first_call = lock_made_afresh_after_fork(globals(), "_first_call")
 _called: set[tuple[Variant, object, int]] = set()  # (variant, graph, generation) run once
+
+
+def _new_compile_threads_in_child() -> None:
+    """After a fork, inductor's C++ compile thread pool starts afresh in the child.
+
+    inductor keeps one ``ThreadPoolExecutor`` for its C++ compiles (``AsyncCompile.pool``) and
+    resets its process pool after a fork, but not that one (torch 2.13): in a child forked
+    after the parent compiled, the copy counts the parent's workers, which the child does not
+    have, starts none, and a first call that has to compile (a new variant, a cold cache)
+    waited forever. (Private API, looked up defensively: if it moves, nothing is done.)
+    """
+    module = sys.modules.get("torch._inductor.async_compile")
+    pool = getattr(getattr(module, "AsyncCompile", None), "pool", None)
+    if callable(getattr(pool, "cache_clear", None)):
+        pool.cache_clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_new_compile_threads_in_child)
 
 
 def _call(v: Variant, graph, *args):
