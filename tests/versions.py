@@ -53,6 +53,9 @@ TRITON_TOO_OLD = _triton_reason()
 tested_triton = pytest.mark.skipif(TRITON_TOO_OLD is not None, reason=str(TRITON_TOO_OLD))
 
 
+INDUCTOR_FLUSHES_SUBNORMALS = TORCH < (2, 5)  # -ffast-math (pytorch/pytorch #126848)
+
+
 def flushes_subnormals() -> bool:
     """Whether this thread flushes subnormal results to zero (the CPU's FTZ flag)."""
     return bool(np.float32(1e-38) * np.float32(1e-3) == 0)
