@@ -22,7 +22,15 @@ from test_linear import make_case, oracle, ours
 
 F32_RELATIVE_TO_MAX = 1e-5
 HAS_ONEDNN = _linear._onednn_linear() is not None
+MKL_CHECK = _linear.mkl_outpaces_onednn  # the real one: the fixture below replaces it
 needs_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="this PyTorch build has no oneDNN linear")
+
+
+@pytest.fixture(autouse=True)
+def onednn_wherever_it_is_built(monkeypatch):
+    """These tests are of oneDNN's product where the build has it, whichever the CPU would
+    take (MKL's on Intel CPUs: test_intel_cpus_take_torch_mm)."""
+    monkeypatch.setattr(_linear, "mkl_outpaces_onednn", lambda: False)
 
 
 @pytest.fixture(params=["onednn", "torch.mm"])
@@ -264,3 +272,23 @@ def test_cuda_float32_out_matmul_is_tried_once(monkeypatch):
     elif tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 11):
         assert works is True
     assert _linear.CUDA_FLOAT32_OUT_MATMUL is works
+
+
+@pytest.mark.parametrize(
+    ("vendor", "mkl", "takes_mkl"),
+    [("GenuineIntel", True, True), ("AuthenticAMD", True, False), ("GenuineIntel", False, False)],
+)
+def test_intel_cpus_take_torch_mm(vendor, mkl, takes_mkl, monkeypatch, tmp_path):
+    """MKL's sgemm outpaced oneDNN's small-row product on an Intel Xeon and lost to it on the
+    AMD EPYC machines: the CPU's vendor picks, and without MKL oneDNN stays. The chunk budget
+    is the small one either way (the memory goal is met by it)."""
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 6\n")
+    monkeypatch.setattr(_linear, "CPUINFO", str(info))
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: mkl)
+    assert MKL_CHECK.__wrapped__() == takes_mkl  # uncached: this file and this build
+    h, w = torch.zeros(2, 3), torch.zeros(4, 3)
+    chunk = default_chunk_size(65536, 512, torch.float32, 2048, device_type="cpu")
+    monkeypatch.setattr(_linear, "mkl_outpaces_onednn", lambda: takes_mkl)
+    assert (small_rows_linear(h, w) is None) == (takes_mkl or not HAS_ONEDNN)
+    assert default_chunk_size(65536, 512, torch.float32, 2048, device_type="cpu") == chunk

@@ -23,7 +23,8 @@ Memory beyond the inputs and the gradients themselves: one chunk of logits (by d
 float32 on CPU a sixth of ∂W's bytes or 16 MiB, else half of ∂W or 64 MB, whichever is more:
 :func:`default_chunk_size`), the row kernel's temporaries, and an (n, D) block. On CPU the
 float32 chunk products ``h_c Wᵀ`` and ``g_c W`` are oneDNN's (:func:`small_rows_linear`), which
-keeps their speed at the few rows that this budget allows.
+keeps their speed at the few rows that this budget allows, or MKL's on Intel CPUs, where it is
+the faster (:func:`mkl_outpaces_onednn`).
 
 With the vocabulary split across ranks (:mod:`fastxent.distributed`) the same walk runs on every
 rank with the vocab-parallel row kernel and the local ``W_r``, ``b_r``: ∂W_r and ∂b_r are then
@@ -74,6 +75,7 @@ CHUNK_ROWS_FINE = 8  # ... or of this many, where 64 does not fit (see default_c
 # holds a sixth of ∂W's bytes, or 16 MiB when that is more (fewer, larger calls for a small V·D).
 CPU_CHUNK_SHARE = 6
 CPU_CHUNK_MIN_BYTES = 16 << 20
+CPUINFO = "/proc/cpuinfo"  # where Linux names the CPU's vendor (mkl_outpaces_onednn)
 FILTER_BLOCK = 128  # vocabulary entries per block for filter_eps (a multiple of GPU tile widths)
 WEIGHT_BLOCK = 8192  # vocab rows per half-precision ∂W product before its float32 accumulation
 # On CUDA, ∂W += gᵀh for half-precision g, h goes straight into the float32 accumulator
@@ -417,23 +419,47 @@ def _onednn_linear() -> LinearProduct | None:
 
 
 def onednn_products(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether the token walk's chunk products are oneDNN's (:func:`small_rows_linear`): float32
-    on CPU with oneDNN in the build, and not while torch.compile traces the call (inductor
-    lowers oneDNN's linear only for frozen weights; its own matmuls serve there)."""
+    """Whether the token walk takes the small CPU chunks that oneDNN's products made fast
+    (:func:`default_chunk_size`; the products are oneDNN's unless :func:`mkl_outpaces_onednn`):
+    float32 on CPU with oneDNN in the build, and not while torch.compile traces the call
+    (inductor lowers oneDNN's linear only for frozen weights; its own matmuls serve there)."""
     if device_type != "cpu" or dtype != torch.float32 or torch.compiler.is_dynamo_compiling():
         return False
     return _onednn_linear() is not None
 
 
+@functools.cache
+def mkl_outpaces_onednn() -> bool:
+    """Whether ``torch.mm`` (MKL's sgemm) beats oneDNN's product on small chunks here: on an
+    Intel CPU with MKL in the build (Linux's ``/proc/cpuinfo`` says GenuineIntel).
+
+    On the AMD EPYC machines MKL re-packs all of W on every small call and the walk with
+    ``torch.mm`` took 1.43x the three unchunked matmuls against ~1.1x with oneDNN; on an Intel
+    Xeon with AMX it was the reverse at every chunk height (80 rows: 1.60x against 1.71x;
+    1024 rows: 1.10x against 1.33x; BENCHMARKS.md, "Machine E"). Elsewhere (other vendors, no
+    /proc/cpuinfo) oneDNN stays.
+    """
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open(CPUINFO, encoding="ascii", errors="replace") as info:
+            vendor = next((line for line in info if line.startswith("vendor_id")), "")
+    except OSError:
+        return False
+    return "GenuineIntel" in vendor
+
+
 def small_rows_linear(hidden: Tensor, weight: Tensor) -> LinearProduct | None:
     """The product for a chunk's logits ``h Wᵀ + b`` and its ``∂h = g W`` (as ``g (Wᵀ)ᵀ``),
-    when it is oneDNN's (:func:`onednn_products`, and W contiguous); None means ``torch.mm``.
+    when it is oneDNN's (:func:`onednn_products`, W contiguous, and not an Intel CPU with MKL:
+    :func:`mkl_outpaces_onednn`); None means ``torch.mm``.
 
-    Chunks of few rows are what keep the walk's memory small, and MKL's sgemm (torch.mm on CPU)
-    runs them far below its large-matrix rate (each call re-packs all of W), while oneDNN keeps
-    its rate down to ~64 rows. ``python benchmarks/linear_chunks.py --torch-mm`` times both.
+    Chunks of few rows are what keep the walk's memory small, and on the AMD machines MKL's
+    sgemm (torch.mm on CPU) runs them far below its large-matrix rate (each call re-packs all of
+    W), while oneDNN keeps its rate down to ~64 rows. ``python benchmarks/linear_chunks.py
+    --torch-mm`` times both.
     """
-    if not onednn_products(hidden.device.type, hidden.dtype):
+    if not onednn_products(hidden.device.type, hidden.dtype) or mkl_outpaces_onednn():
         return None
     if weight.dtype != torch.float32 or not weight.is_contiguous():
         return None
