@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastxent import _autograd
-from fastxent._compiled import unavailable_reason
+from fastxent._compiled import inductor_flushes_subnormals, unavailable_reason
 from fastxent._options import major_minor
 
 TORCH = major_minor(torch.__version__)
@@ -53,7 +53,7 @@ TRITON_TOO_OLD = _triton_reason()
 tested_triton = pytest.mark.skipif(TRITON_TOO_OLD is not None, reason=str(TRITON_TOO_OLD))
 
 
-INDUCTOR_FLUSHES_SUBNORMALS = TORCH < (2, 5)  # -ffast-math (pytorch/pytorch #126848)
+INDUCTOR_FLUSHES_SUBNORMALS = inductor_flushes_subnormals()
 
 
 def flushes_subnormals() -> bool:

@@ -21,13 +21,19 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _toolchain_reason()
 
 
+def inductor_flushes_subnormals() -> bool:
+    """Whether this torch's inductor builds CPU kernels with -ffast-math, whose start-up code
+    turns on flush-to-zero in the thread that loads one (before 2.5: pytorch/pytorch #126848)."""
+    return major_minor(torch.__version__) < (2, 5)
+
+
 @functools.cache
 def _toolchain_reason() -> str | None:
     import torch._dynamo
 
     if not torch._dynamo.is_dynamo_supported():
         return "torch.compile is not supported on this Python/PyTorch build"
-    if major_minor(torch.__version__) < (2, 5):
+    if inductor_flushes_subnormals():
         return (
             f"torch {torch.__version__}'s inductor builds its C++ with -ffast-math, which turns "
             "off subnormal numbers in the whole process once a kernel loads (pytorch/pytorch "
