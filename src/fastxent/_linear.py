@@ -71,7 +71,7 @@ from fastxent._options import (
 CHUNK_BYTES = 64 << 20  # logits of one chunk: 64 MB, or half of ∂W's accumulator if that is more
 CHUNK_ROWS_MULTIPLE = 64  # default chunks are made even in multiples of this many rows
 CHUNK_ROWS_FINE = 8  # ... or of this many, where 64 does not fit (see default_chunk_size)
-# float32 on CPU, where chunks of few rows keep the matmuls' rate (onednn_products), a chunk
+# float32 on CPU, where chunks of few rows keep the matmuls' rate (small_cpu_chunks), a chunk
 # holds a sixth of ∂W's bytes, or 16 MiB when that is more (fewer, larger calls for a small V·D).
 CPU_CHUNK_SHARE = 6
 CPU_CHUNK_MIN_BYTES = 16 << 20
@@ -145,8 +145,8 @@ def default_chunk_size(
     * ``max(CHUNK_BYTES, R / 2 rows)`` by default: a GPU does ~160 bf16 FLOPs per byte
       (H100/H200), so chunks must be wide (a fixed 64 MB is only 131 bf16 rows at V = 256000).
     * ``max(CPU_CHUNK_MIN_BYTES, R / CPU_CHUNK_SHARE rows)`` for float32 on CPU
-      (``device_type="cpu"``) where oneDNN's products are used (:func:`onednn_products`):
-      they keep their rate on chunks of ~64 rows, so the chunk can be small beside ∂W: at
+      (``device_type="cpu"``) with oneDNN in the build (:func:`small_cpu_chunks`): its
+      products keep their rate on chunks of ~64 rows, so the chunk can be small beside ∂W: at
       N = 2048, D = 512, V = 65536, 80-row chunks of 20 MiB beside ∂W's 128 MiB, at ~1.1x the
       time of three unchunked matmuls (``python benchmarks/linear_chunks.py``). bf16 on CPU
       keeps the wide budget: its float32 ∂W accumulation is one more pass over ∂W per chunk
@@ -164,7 +164,7 @@ def default_chunk_size(
     """
     item = dtype.itemsize
     weight_grad_rows = dim * accumulation_dtype(dtype).itemsize // item
-    if onednn_products(device_type, dtype):
+    if small_cpu_chunks(device_type, dtype):
         min_bytes, share = CPU_CHUNK_MIN_BYTES, CPU_CHUNK_SHARE
     else:
         min_bytes, share = CHUNK_BYTES, 2
@@ -418,7 +418,7 @@ def _onednn_linear() -> LinearProduct | None:
     return (lambda x, w, b: op(x, w, b, "none", [], "")) if agrees else None
 
 
-def onednn_products(device_type: str, dtype: torch.dtype) -> bool:
+def small_cpu_chunks(device_type: str, dtype: torch.dtype) -> bool:
     """Whether the token walk takes the small CPU chunks that oneDNN's products made fast
     (:func:`default_chunk_size`; the products are oneDNN's unless :func:`mkl_outpaces_onednn`):
     float32 on CPU with oneDNN in the build, and not while torch.compile traces the call
@@ -451,7 +451,7 @@ def mkl_outpaces_onednn() -> bool:
 
 def small_rows_linear(hidden: Tensor, weight: Tensor) -> LinearProduct | None:
     """The product for a chunk's logits ``h Wᵀ + b`` and its ``∂h = g W`` (as ``g (Wᵀ)ᵀ``),
-    when it is oneDNN's (:func:`onednn_products`, W contiguous, and not an Intel CPU with MKL:
+    when it is oneDNN's (:func:`small_cpu_chunks`, W contiguous, and not an Intel CPU with MKL:
     :func:`mkl_outpaces_onednn`); None means ``torch.mm``.
 
     Chunks of few rows are what keep the walk's memory small, and on the AMD machines MKL's
@@ -459,7 +459,7 @@ def small_rows_linear(hidden: Tensor, weight: Tensor) -> LinearProduct | None:
     W), while oneDNN keeps its rate down to ~64 rows. ``python benchmarks/linear_chunks.py
     --torch-mm`` times both.
     """
-    if not onednn_products(hidden.device.type, hidden.dtype) or mkl_outpaces_onednn():
+    if not small_cpu_chunks(hidden.device.type, hidden.dtype) or mkl_outpaces_onednn():
         return None
     if weight.dtype != torch.float32 or not weight.is_contiguous():
         return None
