@@ -60,8 +60,10 @@ CALLS = {
 }
 
 
-_COMPILED = {name: compiled_backend for name in CALLS if "-compiled-" in name}
-NAMES = [pytest.param(name, marks=_COMPILED.get(name, ())) for name in sorted(CALLS)]
+NAMES = [
+    pytest.param(name, marks=compiled_backend if "-compiled-" in name else ())
+    for name in sorted(CALLS)
+]
 
 
 def _same_bits(first: tuple[torch.Tensor, ...], again: tuple[torch.Tensor, ...]) -> bool:
