@@ -150,6 +150,28 @@ def test_filter_eps_thresholds_the_true_float16_gradient():
     torch.testing.assert_close(loss.double(), F.cross_entropy(logits, target), rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("grad_output", [1024.0, 1 / 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
+def test_filter_eps_thresholds_the_true_per_row_gradient(dtype, grad_output):
+    """With reduction="none" filter_eps compares eps with |grad_output · ∂ℓ/∂z|, in float16 too,
+    where backward divides grad_output by its largest power of two (a loss scale of 1024 made
+    the threshold 1024× too coarse, a grad_output of 1/64 64× too fine)."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(64, 16, generator=g).to(dtype)
+    weight = (torch.randn(1024, 16, generator=g) * 0.5).to(dtype)
+    target = torch.randint(0, 1024, (64,), generator=g)
+    logits = (hidden.double() @ weight.double().T).requires_grad_()
+    dz = torch.autograd.grad(F.cross_entropy(logits, target, reduction="sum"), logits)[0]
+    largest = grad_output * float(dz.abs().max())
+    for eps, skips_all in ((1.5 * largest, True), (0.5 * largest, False)):
+        leaves = [x.clone().requires_grad_() for x in (hidden, weight)]
+        losses = fastxent.linear_cross_entropy(
+            *leaves, target, reduction="none", chunk_size=64, filter_eps=eps
+        )
+        losses.backward(torch.full_like(losses, grad_output))
+        assert bool((leaves[1].grad == 0).all()) == skips_all, eps
+
+
 @pytest.mark.parametrize(
     "walk",
     [{"chunk_size": 96}, {"chunk_size": 512}, {"vocab_block": 16}],

@@ -476,10 +476,13 @@ def chunked_pass(
     kernel: Kernel,
     needs: tuple[bool, bool, bool],
     grad_rows: Tensor | None = None,
+    rows_kept_out: Tensor | None = None,
 ) -> Walked:
     """Losses (M,) and, for each of hidden, weight, bias flagged in ``needs``, its gradient.
 
-    ``grad_rows`` (M,) multiplies each row's gradient ("none" with a per-row grad_output).
+    ``grad_rows`` (M,) multiplies each row's gradient ("none" with a per-row grad_output);
+    ``rows_kept_out``: the factor it was divided by (float16), which ``filter_eps``, a bound on
+    the true ``|grad_output · ∂ℓ/∂z|``, divides out as it does the deferred factor.
     """
     num_classes = weight.shape[0]
     h2, t2, toks, ce_scale, z_scale, factor = _walk_inputs(
@@ -532,8 +535,10 @@ def chunked_pass(
         if need_b:
             db.add_(g.sum(0, dtype=acc))
         cols = None
-        if opts.filter_eps is not None:  # a float16 g is held without the deferred factor
-            eps = opts.filter_eps if factor is None else opts.filter_eps / factor
+        if opts.filter_eps is not None:  # a float16 g is held without these factors
+            eps = opts.filter_eps
+            for kept_out in (factor, rows_kept_out):
+                eps = eps if kept_out is None else eps / kept_out
             cols = _kept_columns(g, eps)
         if cols is None:
             _dense_update(
@@ -669,6 +674,7 @@ def vocab_pass(
     kernel: Kernel,
     needs: tuple[bool, bool, bool],
     grad_rows: Tensor | None = None,
+    rows_kept_out: Tensor | None = None,
 ) -> Walked:
     r""":func:`chunked_pass`'s results by walking blocks of ``B = opts.vocab_block`` classes.
 
@@ -692,7 +698,8 @@ def vocab_pass(
     of ∂W; float16 ∂W is computed in float32, its range being too small for a sum over tokens
     before backward's scaling), and nothing larger than a few (K, B) blocks is held beside the
     gradients.
-    ``kernel`` is unused: the block math needs the row's lse before the row is complete.
+    ``kernel`` is unused: the block math needs the row's lse before the row is complete;
+    ``rows_kept_out`` too: ``filter_eps`` does not apply to this walk.
     """
     from fastxent._torch.kernel import transform
 
@@ -922,7 +929,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_rows = grad_rows / peak
             _, dh, dw, db, factor = walk_of(opts)(
                 hidden, *in_hidden_dtype(hidden, weight, bias), target, class_weight, opts,
-                ctx.kernel, ctx.needs, grad_rows=grad_rows,
+                ctx.kernel, ctx.needs, grad_rows=grad_rows, rows_kept_out=peak,
             )  # fmt: skip
             if factor is not None:  # ∂W and ∂b in their float32 accumulators; ∂h float16
                 factor = factor * peak
