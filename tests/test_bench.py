@@ -198,6 +198,15 @@ def test_an_out_path_that_cannot_be_a_directory_is_refused_before_the_run(capsys
         assert f"--out {out}: cannot make that directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["bench.json", "bench.png"])
+def test_a_result_file_that_cannot_be_written_is_refused_before_the_run(name, capsys, tmp_path):
+    """Found after the run, it lost the run's tables to a traceback."""
+    (tmp_path / name).mkdir()
+    assert bench.run(parse(["--quick", "--no-memory", "--out", str(tmp_path)])) == 2
+    captured = capsys.readouterr()
+    assert f"cannot write {name} there" in captured.err and captured.out == "", captured
+
+
 @pytest.mark.parametrize(
     ("first_run_s", "runs"), [(1.0, 5), (2.0, 5), (2.1, 4), (4.0, 2), (11.0, 1), (99.0, 1)]
 )
@@ -206,11 +215,14 @@ def test_budget_cuts_the_runs_of_slow_methods_to_what_fits(first_run_s, runs):
     assert bench.Timing(5, 1, 0.0).runs_within_budget(first_run_s) == 5  # 0: no budget
 
 
-def test_peer_over_budget_is_timed_once_and_says_so(tmp_path):
-    """The budget cuts peers only: fastxent and the floor, the ratios' references, keep all runs."""
+def test_peer_over_budget_is_timed_once_and_says_so(tmp_path, capsys):
+    """The budget cuts peers only: fastxent and the floor, the ratios' references, keep all runs.
+    The table says so beside --no-memory's note (it showed only the first note of a row)."""
     argv = ["--quick", "--no-linear", "--methods", "fastxent-torch,eager", "--no-memory"]
     code = bench.run(parse([*argv, "--repeats", "3", "--budget", "1e-9", "--out", str(tmp_path)]))
     assert code == 0
+    out = capsys.readouterr().out
+    assert re.search(r"eager \(1,2\)", out) and "(2) timed 1 of 3 runs" in out, out
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = [row for case in report["cases"] for row in case["rows"] if not row["skipped"]]
     assert {row["name"] for row in rows} == {"fastxent-torch", "eager", "floor"}
@@ -254,6 +266,24 @@ def test_default_run_shows_the_slow_linear_rows_as_skipped_and_flags_bring_them(
             ("chunked", "linear"),
         ]
         assert why[("fastxent-linear", "linear")] is None and why[("eager", "linear")] is None
+
+
+@pytest.mark.parametrize(
+    ("methods", "kinds"),
+    [("fastxent-linear", {"linear"}), ("fastxent-torch", {"cross_entropy"}), (None, None)],
+)
+def test_cases_are_only_those_a_selected_method_runs(methods, kinds):
+    """Cases of the other kind timed only a floor (the default cross_entropy cases: most of a
+    linear-only run)."""
+    args = parse(["--quick"] if methods is None else ["--quick", "--methods", methods])
+    assert {c.kind for c in bench.cases_of(args)} == (kinds or {"cross_entropy", "linear"})
+
+
+def test_cpu_device_with_an_index_is_refused_not_taken_as_another_device(capsys, tmp_path):
+    """ "cpu:0" ran the methods a default CPU run leaves out, as if it were a GPU."""
+    argv = ["--quick", "--no-memory", "--device", "cpu:0", "--out", str(tmp_path)]
+    assert bench.run(parse(argv)) == 2
+    assert "--device must be cpu, cuda or cuda:N, got 'cpu:0'" in capsys.readouterr().err
 
 
 def test_default_cases_sweep_v_in_float32_and_run_bf16_at_the_headline_shape():
@@ -395,19 +425,21 @@ def test_empty_name_lists_are_refused_by_argparse(flag, text, capsys, monkeypatc
 @pytest.mark.parametrize("terminal", [False, True])
 def test_a_log_gets_a_line_per_finished_row_as_it_finishes(terminal, monkeypatch, capsys, tmp_path):
     """Not on a terminal rich draws no bar: each finished row is a plain line, printed before
-    the end (the plot, drawn last, sees them); on a terminal the bar is all there is."""
+    the end (the tables, printed after the run, see them); on a terminal the bar is all there is."""
     if terminal:
         monkeypatch.setenv("FORCE_COLOR", "1")
         monkeypatch.setenv("TERM", "xterm")
-    seen_by_the_plot = []
-    monkeypatch.setattr(bench, "plot", lambda *_: seen_by_the_plot.append(capsys.readouterr().out))
+    seen_by_the_tables = []
+    monkeypatch.setattr(
+        bench, "print_table", lambda *_: seen_by_the_tables.append(capsys.readouterr().out)
+    )
     monkeypatch.setattr(bench, "cpu_memory_reason", lambda: None)  # memory "measured" below
     monkeypatch.setattr(
         bench, "measure_memory_in_subprocess", lambda name, cases, *_: [3 << 20] * len(cases)
     )
     argv = ["--quick", "--no-linear", "--methods", "fastxent-torch,eager,liger", "--v", "256"]
     assert bench.run(parse([*argv, "--dtypes", "float32", "--out", str(tmp_path)])) == 0
-    [logged] = seen_by_the_plot
+    [logged] = seen_by_the_tables
     label = "cross_entropy N=64 V=256 float32"
     if terminal:
         assert f"{label} fastxent-torch:" not in logged and "MiB" not in logged, logged

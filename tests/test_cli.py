@@ -109,6 +109,7 @@ def usage_error(argv: list[str], capsys) -> str:
         ("foo", "argument --device: must be cpu, cuda or cuda:N, got 'foo'"),
         ("meta", "argument --device: must be cpu, cuda or cuda:N, got 'meta'"),
         ("", "argument --device: must be cpu, cuda or cuda:N, got ''"),
+        ("cpu:1", "argument --device: must be cpu, cuda or cuda:N, got 'cpu:1'"),
     ],
 )
 def test_check_rejects_a_device_it_cannot_run_on(value, message, capsys):
@@ -155,6 +156,18 @@ def test_check_rejects_a_tolerance_that_is_not_positive(value, message, capsys):
 def test_check_run_raises_on_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         check.run(**kwargs)
+
+
+@pytest.mark.parametrize("command", ["check", "bench"])
+def test_ctrl_c_is_one_line_and_exit_code_130(command, monkeypatch, capsys):
+    from fastxent import bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(check if command == "check" else bench, "run", interrupted)
+    assert cli.main([command]) == 130
+    assert capsys.readouterr().err == "fastxent: interrupted\n"
 
 
 def test_bad_device_is_a_usage_error_without_traceback():

@@ -86,6 +86,7 @@ DEFAULT_BUDGET_S = 10.0  # timed seconds per peer and case before its runs are c
 # on two cores: PyTorch's chunked path is the slowest peer by far, and the vocabulary walk and
 # the wide chunks are opt-in settings. --full and --methods run them.
 LEFT_OUT_BY_DEFAULT = ("chunked", "fastxent-vocab", "fastxent-wide")
+RESULT_FILES = ("bench.json", "bench.png")  # what a run writes into --out: raw numbers, plot
 MEMORY_PROCESSES = 2  # memory subprocesses at a time (peak RSS is per process; nothing is timed)
 VOCAB_BLOCK = 512  # classes per block of the linear vocabulary walk, the least-memory row
 WIDE_CHUNK = 1024  # tokens per chunk of the linear token walk's row that trades memory for time
@@ -358,7 +359,12 @@ def methods_of(args: argparse.Namespace) -> list[Method]:
     """The methods the flags ask for; on CPU without --methods, --full or --quick, those in
     ``LEFT_OUT_BY_DEFAULT`` come back as methods that say why they do not run."""
     chosen = [m for m in methods() if _selected(m.name, args.methods)]
-    if args.methods is not None or args.full or args.quick or args.device != "cpu":
+    if (
+        args.methods is not None
+        or args.full
+        or args.quick
+        or torch.device(args.device).type != "cpu"
+    ):
         return chosen
     return [_left_out(m) if m.name in LEFT_OUT_BY_DEFAULT else m for m in chosen]
 
@@ -853,12 +859,13 @@ def print_table(results: list[dict], console) -> None:
         for header in ("ms", "× fastxent", "1st call s", "peak MiB", "loss err", "grad err"):
             table.add_column(header, justify="right")
         for row in result["rows"]:
-            note = row["skipped"] or row["memory_skipped"] or row["note"]
-            mark = ""
-            if note:
+            said = [row["skipped"]] if row["skipped"] else [row["memory_skipped"], row["note"]]
+            marks = []
+            for note in filter(None, said):
                 if note not in notes:
                     notes.append(note)
-                mark = f" ({notes.index(note) + 1})"
+                marks.append(str(notes.index(note) + 1))
+            mark = f" ({','.join(marks)})" if marks else ""
             memory = row["peak_extra_bytes"]
             table.add_row(
                 row["name"] + mark,
@@ -1195,8 +1202,7 @@ def _check(args: argparse.Namespace) -> str | None:
     if problem is not None:
         return f"--device {problem}"
     cases = cases_of(args)
-    kinds = {m.kind for m in methods_of(args)}
-    if not any(case.kind in kinds for case in cases):
+    if not cases:
         return "no selected method runs on the selected cases (--no-linear with linear methods?)"
     return _memory_problem(cases) or _out_problem(args.out)
 
@@ -1226,20 +1232,26 @@ def _out_problem(out: Path) -> str | None:
         return f"--out {out}: cannot make that directory ({error.strerror})"
     if not os.access(out, os.W_OK):
         return f"--out {out}: the directory is not writable"
+    for path in (out / name for name in RESULT_FILES):
+        if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
+            return f"--out {out}: cannot write {path.name} there (a directory or read-only file)"
     return None
 
 
 def cases_of(args: argparse.Namespace) -> list[Case]:
-    """The cases the flags ask for, in run order."""
+    """The cases the flags ask for, in run order; only those of a kind a selected method runs
+    (``--methods fastxent-linear`` times no cross_entropy case, not even its floor)."""
     shapes = QUICK if args.quick else FULL if args.full else DEFAULTS
     n = args.n or shapes["n"]
     sweep = args.v or shapes["v"]
+    kinds = {m.kind for m in methods_of(args)}
     cases = [
         Case("cross_entropy", n, v, dtype)
         for i, dtype in enumerate(args.dtypes)
         for v in (sweep if i == 0 or args.v or args.quick else [HEADLINE_V])
+        if "cross_entropy" in kinds
     ]
-    if not args.no_linear:
+    if not args.no_linear and "linear" in kinds:
         linear_n, d = args.linear_n or shapes["linear_n"], args.d or shapes["d"]
         cases += [
             Case("linear", linear_n, v, dtype, d)
@@ -1350,12 +1362,12 @@ def run(args: argparse.Namespace) -> int:
     }
     goals = goal_checks(results) if device.type == "cpu" else []
     report["goals"] = [{**asdict(g), "met": g.met} for g in goals]
+    print_table(results, console)  # first: what was measured is shown even if a write fails
+    print_goals(goals, console)
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out / "bench.json", args.out / "bench.png"
+    json_path, png_path = (args.out / name for name in RESULT_FILES)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     plot(results, png_path)
-    print_table(results, console)
-    print_goals(goals, console)
     console.print(f"raw numbers: {json_path}   plot: {png_path}")
     for failure in failures:
         console.print(f"FAILED {failure}", style="red")

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         from fastxent import bench
 
         return bench.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: a line, not the traceback of wherever it landed
+        print("fastxent: interrupted", file=sys.stderr)
+        return 130
     except ImportError as error:
         print(
             f"fastxent: {error}. The command line needs its extras: pip install 'fastxent[cli]' "
