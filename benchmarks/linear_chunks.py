@@ -5,6 +5,7 @@
     python benchmarks/linear_chunks.py --chunks 256,1024 --bare
     python benchmarks/linear_chunks.py --chunks 64,128 --bare --tiles 1024,4096
     python benchmarks/linear_chunks.py --chunks 64,82,128 --torch-mm
+    python benchmarks/linear_chunks.py --chunks 80,1024 --products
 
 Smaller chunks hold fewer logits but rewrite d_weight (V×D) once per chunk. ``--vocab-blocks``
 adds the vocabulary walk (``vocab_block=B``: four matmuls, d_weight written once). ``--bare``
@@ -15,6 +16,9 @@ instead of twice (∂h and ∂W of this chunk and the logits of the next, while 
 cache; the chunk's logits are held transposed, (V, rows), so a tile is a contiguous block).
 ``--torch-mm`` adds, per chunk size, the walk with torch.mm (MKL's sgemm) for the chunk's
 logits and ∂h instead of oneDNN's linear, which the walk uses for float32 on CPU.
+``--products`` adds each of the three products alone, unchunked (``z = h Wᵀ``, ``∂h = z W``,
+``∂W = zᵀ h``) and, per chunk size, walked by chunks of that many rows with torch.mm: which of
+the three chunking slows down.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def main() -> None:
     parser.add_argument("--bare", action="store_true", help="also time the chunked matmuls alone")
     parser.add_argument("--tiles", default="", help="vocabulary tiles of the tiled matmuls")
     parser.add_argument("--torch-mm", action="store_true", help="also walk with torch.mm products")
+    parser.add_argument("--products", action="store_true", help="also time each product alone")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
@@ -97,7 +102,28 @@ def main() -> None:
 
         return step
 
+    def product(which: int, rows: int):
+        hd, wd = h.detach(), w.detach()
+        zc = z[:rows]  # a chunk's logits (the whole z when rows = N)
+
+        def step() -> None:
+            for start in range(0, args.n, rows):
+                n, hc = min(rows, args.n - start), hd[start : start + rows]
+                if which == 0:
+                    torch.mm(hc, wd.T, out=zc[:n])
+                elif which == 1:
+                    torch.mm(zc[:n], wd, out=dh[start : start + rows])
+                elif start == 0:
+                    torch.mm(zc[:n].T, hc, out=dw)
+                else:
+                    dw.addmm_(zc[:n].T, hc)
+
+        return step
+
     steps = {"3 matmuls": matmuls}
+    names = ("z = h Wᵀ", "∂h = z W", "∂W = zᵀ h")
+    for which, name in enumerate(names if args.products else ()):
+        steps[f"{name} whole"] = product(which, args.n)
     for chunk in (int(c) or None for c in args.chunks.split(",") if c):
         steps[f"chunk {chunk or 'default'}"] = fused(chunk_size=chunk)
         if args.torch_mm:
@@ -106,6 +132,8 @@ def main() -> None:
             steps[f"  matmuls only {chunk}"] = bare(chunk)
         for tile in (int(t) for t in args.tiles.split(",") if t and chunk):
             steps[f"  tiled {chunk}/{tile}"] = tiled(chunk, tile)
+        for which, name in enumerate(names if args.products and chunk else ()):
+            steps[f"  {name} {chunk}"] = product(which, chunk)
     for block in (int(b) for b in args.vocab_blocks.split(",") if b):
         steps[f"vocab block {block}"] = fused(vocab_block=block)
     for step in steps.values():
@@ -119,8 +147,13 @@ def main() -> None:
     floor = statistics.median(times["3 matmuls"])
     print(f"N={args.n} D={args.d} V={args.v} float32, {args.rounds} rounds")
     for name, runs in times.items():
-        median = statistics.median(runs)
-        print(f"  {name:18s} median {median * 1e3:8.1f} ms   × floor {median / floor:5.3f}")
+        median, whole = statistics.median(runs), None
+        if name.strip().startswith(names) and not name.endswith("whole"):
+            whole = statistics.median(times[name.strip().rsplit(" ", 1)[0] + " whole"])
+        against = f"   × whole {median / whole:5.3f}" if whole else ""
+        print(
+            f"  {name:18s} median {median * 1e3:8.1f} ms   × floor {median / floor:5.3f}{against}"
+        )
 
 
 @contextlib.contextmanager

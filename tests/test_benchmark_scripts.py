@@ -39,6 +39,7 @@ import varying_batch  # noqa: E402
             ["--n", "64", "--d", "16", "--v", "512", "--chunks", "16,0", "--bare", "--torch-mm"],
         ),
         (linear_chunks, ["--n", "40", "--d", "8", "--v", "96", "--chunks", "16", "--tiles", "32"]),
+        (linear_chunks, ["--n", "40", "--d", "8", "--v", "96", "--chunks", "16", "--products"]),
         (linear_filter, ["--n", "64", "--d", "16", "--v", "512", "--probs", "1e-2"]),
         (row_buffer, ["--n", "64", "--v", "512", "--dtype", "float32"]),
         pytest.param(
@@ -61,6 +62,7 @@ import varying_batch  # noqa: E402
     ids=[
         "linear_chunks",
         "linear_chunks_tiled",
+        "linear_chunks_products",
         "linear_filter",
         "row_buffer",
         "small_logits",
