@@ -248,15 +248,24 @@ def test_a_per_row_loss_scale_beyond_float16_range_is_applied_in_float32():
 
 
 def test_a_retained_backward_rescales_by_a_ratio_beyond_float16_range():
-    """grad_output 1, then 2^16 through the retained graph: the ratio cast to float16 was inf."""
+    """grad_output 1, then 2^16 through the retained graph: the ratio cast to float16 was inf.
+    The second gradient is the first times 2^16 (to one float16 rounding of each, and the
+    smallest subnormal's step), and its error against float64 is within 1.5x PyTorch's under
+    float16 autocast: finiteness alone passed a second backward that ignored its grad_output."""
     z16, y = _half_case()
     x = z16.clone().requires_grad_()
     loss = fastxent.cross_entropy(x, y, reduction="sum", backend="torch")
     loss.backward(torch.tensor(1.0), retain_graph=True)
+    first = x.grad.clone()
     x.grad = None
     loss.backward(torch.tensor(SCALE))
     theirs = _autocast_grad(z16, y, torch.tensor(SCALE), reduction="sum")
     assert torch.isfinite(theirs).all() and torch.isfinite(x.grad).all()
+    exact = _autocast_grad(z16.double(), y, torch.tensor(SCALE), reduction="sum").double()
+    assert norm_error(x.grad, exact / SCALE) <= 1.5 * norm_error(theirs, exact / SCALE)
+    torch.testing.assert_close(
+        x.grad.double(), first.double() * SCALE, rtol=2.0**-10, atol=SCALE * 2.0**-24
+    )
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1e5])
