@@ -790,7 +790,12 @@ def test_gpu_linear_under_autocast_with_float32_master_weights(autocast_dtype):
 def test_linear_under_autocast_on_the_triton_kernel(small_tiles):
     """Float32 master weights under bf16 autocast on the Triton kernel: the same loss and ∂h as
     the call on inputs cast to bf16 by hand, and ∂W equal to that call's after one rounding to
-    bf16 (autocast hands over the float32 accumulator)."""
+    bf16 (autocast hands over the float32 accumulator). Those equalities cannot see an error
+    both calls share, so loss, ∂h and ∂W are also compared with float64 on the cast inputs:
+    within eager PyTorch's error under the same autocast plus 1e-2 of the largest entry, as
+    test_gpu_linear_under_autocast_with_float32_master_weights."""
+    from test_linear import oracle
+
     gen = torch.Generator().manual_seed(15)
     hidden = torch.randn(2, 7, 16, generator=gen)
     weight = torch.randn(423, 16, generator=gen) * 0.3
@@ -808,6 +813,18 @@ def test_linear_under_autocast_on_the_triton_kernel(small_tiles):
     (loss, dh, dw), (loss_cast, dh_cast, dw_cast) = results
     assert dw.dtype == torch.float32 and torch.equal(loss, loss_cast) and torch.equal(dh, dh_cast)
     assert torch.equal(dw.bfloat16().float(), dw_cast)
+    want = oracle(*(x.bfloat16() for x in (hidden, weight)), None, target, label_smoothing=0.1)[:3]
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(*leaves).flatten(0, 1)
+        eager = torch.nn.functional.cross_entropy(logits, target.flatten(), label_smoothing=0.1)
+    eager.backward()
+    eager = (eager.detach(), *(x.grad for x in leaves))
+    for name, mine, base, w in zip(("loss", "dh", "dW"), (loss, dh, dw), eager, want, strict=True):
+        scale = w.abs().max()
+        err = (mine.double() - w).abs().max() / scale
+        base_err = (base.double() - w).abs().max() / scale
+        assert err <= base_err + 1e-2, f"{name}: {err:.2e} against eager {base_err:.2e}"
 
 
 @pytest.mark.parametrize("soft", [False, True])
