@@ -1,6 +1,8 @@
 """The float64 oracle against PyTorch's autograd, and the documented formulas against the oracle."""
 
 import doctest
+import inspect
+import re
 
 import numpy as np
 import pytest
@@ -158,15 +160,88 @@ def test_docstring_examples_run():
             assert result.failed == 0, test.name
 
 
-def test_docstring_formula_matches_reference():
-    """The documented per-row formula -Σ t log o + s·lse² and gradient o·Σt - t + 2 s lse o."""
+def _cross_entropy(q):  # -Σ_j t_j log o_j + s·lse²
+    return -(q["t"] * np.log(q["o"])).sum() + q["s"] * q["lse"] ** 2
+
+
+def _gradient(q):  # o_i Σ_j t_j - t_i + 2 s·lse·o_i
+    return q["o"] * q["t"].sum() - q["t"] + 2 * q["s"] * q["lse"] * q["o"]
+
+
+# Every equation the docstrings' ``.. math::`` blocks state, as written there (split at \qquad and
+# \\, spacing normalised by ``math_equations``), beside its NumPy transcription for one row: the
+# quantity it defines and how, from the row's z, t, s, c, α and the quantities defined above it.
+DOCUMENTED = {
+    r"z'_j = c \tanh(\alpha z_j / c) \quad\text{(softcap } c\text{; just } \alpha z_j "
+    r"\text{ without it)}": ("zp", lambda q: q["c"] * np.tanh(q["alpha"] * q["z"] / q["c"])),
+    r"\mathrm{lse} = \log \sum_k e^{z'_k}": ("lse", lambda q: np.log(np.exp(q["zp"]).sum())),
+    r"o_j = e^{z'_j - \mathrm{lse}}": ("o", lambda q: np.exp(q["zp"] - q["lse"])),
+    r"o_j = \frac{e^{z'_j}}{\sum_k e^{z'_k}}": (
+        "o",
+        lambda q: np.exp(q["zp"]) / np.exp(q["zp"]).sum(),
+    ),
+    r"E = -\sum_j t_j \log o_j + s \mathrm{lse}^2": ("loss", _cross_entropy),
+    r"\ell = -\sum_j t_j \log o_j + s \mathrm{lse}^2": ("loss", _cross_entropy),
+    r"\frac{\partial E}{\partial z'_i} = o_i \sum_j t_j - t_i + 2 s \mathrm{lse} o_i": (
+        "grad",
+        _gradient,
+    ),
+    r"\frac{\partial \ell}{\partial z'_i} = o_i \sum_j t_j - t_i + 2 s \mathrm{lse} o_i": (
+        "grad",
+        _gradient,
+    ),
+}
+
+
+def math_equations(doc: str) -> list[str]:
+    r"""The equations of every ``.. math::`` block in ``doc``: split at ``\qquad`` and ``\\``,
+    without alignment ``&``, ``\textstyle`` or trailing commas, thin spaces ``\,`` as spaces."""
+    equations, block, indent = [], None, 0
+    for line in [*inspect.cleandoc(doc).splitlines(), "."]:
+        depth = len(line) - len(line.lstrip())
+        if block is not None and (not line.strip() or depth > indent):
+            block.append(line)
+            continue
+        if block is not None:
+            text = re.sub(r"&|\\textstyle", "", " ".join(block)).replace(r"\,", " ")
+            for part in re.split(r"\\qquad|\\\\", text):
+                equations.append(" ".join(part.split()).rstrip(","))
+            block = None
+        if line.strip() == ".. math::":
+            block, indent = [], depth
+    return [e for e in equations if e]
+
+
+@pytest.mark.parametrize(
+    "documented", [fastxent.functional.cross_entropy, reference], ids=["cross_entropy", "reference"]
+)
+def test_docstring_formula_matches_reference(documented):
+    """The loss and gradient in the docstring's ``.. math::`` block, read from ``__doc__`` and
+    evaluated through DOCUMENTED (so a changed sign is an equation this test does not know),
+    equal the oracle's to 1e-13 for one row with every option, as does its effective target."""
+    if documented.__doc__ is None:
+        pytest.skip("docstrings stripped (python -OO)")
+    equations = math_equations(documented.__doc__)
+    unknown = [e for e in equations if e not in DOCUMENTED]
+    assert not unknown, f"documented but not transcribed in DOCUMENTED: {unknown}"
+    names = [DOCUMENTED[e][0] for e in equations]
+    assert "loss" in names and "grad" in names, equations
+    # The effective target, stated in prose: t = (1-ε) w_y e_y + (ε/C) w (p classes in reference).
+    assert re.search(r"``t = \(1-ε\) w_y e_y \+ \(ε/[Cp]\) w``", documented.__doc__)
+
     rng = np.random.default_rng(0)
-    z, y, w = rng.normal(size=(1, 5)), np.array([2]), rng.random(5) + 0.5
-    eps, s = 0.1, 0.01
-    t = (1 - eps) * w[2] * np.eye(5)[2] + eps / 5 * w  # t = (1-ε) w_y e_y + (ε/C) w
-    o, lse = reference.softmax(z)[0], reference.logsumexp(z)[0]
-    want_loss = -(t * np.log(o)).sum() + s * lse**2
-    want_grad = o * t.sum() - t + 2 * s * lse * o
-    loss, grad = reference.cross_entropy(z, y, w, reduction="sum", label_smoothing=eps, z_loss=s)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-13)
-    np.testing.assert_allclose(grad[0], want_grad, rtol=1e-13)
+    z, y, w = rng.normal(size=(1, 5)) * 3, np.array([2]), rng.random(5) + 0.5
+    eps, s, c, alpha = 0.1, 0.01, 2.0, 1.3
+    t = (1 - eps) * w[2] * np.eye(5)[2] + eps / 5 * w
+    zp = c * np.tanh(alpha * z[0] / c)  # as the prose defines z' where no equation does
+    q = {"z": z[0], "t": t, "s": s, "c": c, "alpha": alpha, "zp": zp}
+    q |= {"lse": reference.logsumexp(zp), "o": reference.softmax(zp)}
+    for equation, (name, value) in DOCUMENTED.items():  # in order: each uses those above it
+        if equation in equations:
+            q[name] = value(q)
+    loss, grad = reference.cross_entropy(
+        z, y, w, reduction="sum", label_smoothing=eps, z_loss=s, softcap=c, logit_scale=alpha
+    )
+    np.testing.assert_allclose(q["loss"], loss, rtol=1e-13)
+    dzp_dz = alpha * (1 - (q["zp"] / c) ** 2)  # the chain rule through the softcap
+    np.testing.assert_allclose(q["grad"] * dzp_dz, grad[0], rtol=1e-13)
