@@ -1,6 +1,8 @@
 """The command line: fastxent check proves the math and prints the error table; bad flags are
 usage errors (exit code 2, no traceback); every command and script has a --help."""
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,8 +93,19 @@ def test_check_says_in_one_line_that_a_table_had_nothing_to_run(monkeypatch, cap
     assert "│ –  │ triton" in out  # the float64 table lists its skipped backends still
 
 
+def registered_commands() -> dict[str, str]:
+    """The subcommands the parser registers, each with its help line (not the usage metavar)."""
+    parser = cli.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {choice.dest: choice.help for choice in commands._choices_actions}
+
+
 def test_no_command_names_the_commands(capsys):
-    assert "required: {check,bench}" in usage_error([], capsys)
+    """The usage error lists exactly the registered subcommands, which are check and bench."""
+    commands = registered_commands()
+    assert list(commands) == ["check", "bench"]
+    named = re.search(r"required: \{(.*)\}", usage_error([], capsys))
+    assert named is not None and named.group(1).split(",") == list(commands)
 
 
 def usage_error(argv: list[str], capsys) -> str:
@@ -185,7 +198,11 @@ def test_console_script_help():
     result = subprocess.run(
         [sys.executable, "-m", "fastxent.cli", "--help"], capture_output=True, text=True, check=True
     )
-    assert "check" in result.stdout and "bench" in result.stdout
+    text = " ".join(result.stdout.split())  # argparse wraps the help lines
+    commands = registered_commands()
+    assert list(commands) == ["check", "bench"]
+    for name, line in commands.items():
+        assert f"{name} {line}" in text, name
 
 
 @pytest.mark.parametrize(
