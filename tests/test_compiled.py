@@ -66,6 +66,15 @@ def max_err(actual, expected) -> float:
     return (actual.double() - expected).abs().max().item() / scale if expected.numel() else 0.0
 
 
+def rounding_excess(actual, expected, u) -> float:
+    """How far the worst entry's error exceeds u·|expected| (u: one rounding, relative) plus
+    1e-5·max|expected| (the float32 arithmetic before it); at most 0 when within. Relative to
+    each entry, not to max(1, ...): a "mean" gradient's entries are ~1/(N·V), far below 1."""
+    expected = expected.double()
+    bound = u * expected.abs() + 1e-5 * expected.abs().max()
+    return ((actual.double() - expected).abs() - bound).max().item()
+
+
 def index_targets(n, v, gen, ignore_index=-100, ignored=()):
     y = torch.randint(0, v, (n,), generator=gen)
     y[list(ignored)] = ignore_index
@@ -517,7 +526,10 @@ def test_step_holds_the_gradient_and_no_logits_sized_temporary(options, soft, dt
     peak = allocated_peak_bytes(step)
     assert grad_bytes <= peak < grad_bytes + n * v * 2
     expected_grad = oracle(z.detach(), y, **options)[1]
-    assert max_err(z.grad, expected_grad) <= LOW_PRECISION_TOL[dtype]
+    # Each entry within one rounding of the float64 oracle's (2^-8 relative in bf16, 1e-6 in
+    # float32) plus 1e-5 of the largest: a bound of 2^-8 absolute passed bf16 "mean" gradients
+    # (entries ~1/(N·V), the largest ~1/N) with every o_j term missing.
+    assert rounding_excess(z.grad, expected_grad, LOW_PRECISION_TOL[dtype]) <= 0.0
 
 
 @pytest.mark.parametrize("options", [{}, GENERAL], ids=["plain", "all"])
@@ -543,7 +555,8 @@ def test_inplace_backward_allocates_nothing_logits_sized(options, dtype):
     peak = allocated_peak_bytes(lambda: grads.append(step(logits)))
     assert grads[0].data_ptr() == logits.data_ptr()
     assert peak < n * v * logits.element_size() / 8
-    assert max_err(grads[0], expected_grad) <= LOW_PRECISION_TOL[dtype]
+    # Each entry within one rounding of the float64 oracle's, plus 1e-5 of the largest (above).
+    assert rounding_excess(grads[0], expected_grad, LOW_PRECISION_TOL[dtype]) <= 0.0
 
 
 def test_graph_code_is_renamed_on_python_3_10_too():
