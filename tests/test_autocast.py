@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import fastxent
+from fastxent import reference
+from fastxent.check import torch_composed
 from test_linear import make_case, oracle
 
 AUTOCAST = {"device_type": "cpu", "dtype": torch.bfloat16}
@@ -90,11 +92,14 @@ def test_token_walk_weight_gradient_is_its_float32_accumulator():
 def test_linear_under_autocast_equals_the_call_on_cast_inputs(walk):
     """Bit for bit the same loss and gradients as calling it outside autocast on inputs cast to
     bf16 by hand (gradients then cast back), with the options whose math has a matmul of its
-    own (label smoothing with class weights: z'·w): autocast is off inside the call."""
+    own (label smoothing with class weights: z'·w): autocast is off inside the call. And, so
+    that an error both calls share shows, each output's error against float64 on the bf16-cast
+    inputs is at most eager PyTorch's under autocast plus 1e-2 of its largest entry."""
     hidden, weight, bias, target = make_case((3, 11), dim=16, num_classes=523, seed=23)
     hidden, weight, bias = hidden.float(), weight.float(), bias.float()
     class_weight = torch.rand(523) + 0.5
-    kwargs = {"class_weight": class_weight, "label_smoothing": 0.2, "z_loss": 1e-3, **walk}
+    options = {"class_weight": class_weight, "label_smoothing": 0.2, "z_loss": 1e-3}
+    kwargs = {**options, **walk}
 
     def call(h, w, b):
         return fastxent.linear_cross_entropy(h, w, target, b, **kwargs)
@@ -110,6 +115,23 @@ def test_linear_under_autocast_equals_the_call_on_cast_inputs(walk):
             # the walks hand over their float32 accumulators: equal up to that one rounding.
             g = g.bfloat16().float()
         assert torch.equal(g, w), name
+    exact = oracle(*(x.to(torch.bfloat16) for x in (hidden, weight, bias)), target, **options)
+    with torch.autocast(**AUTOCAST):
+        eager = run(
+            lambda h, w, b: torch_composed(
+                F.linear(h, w, b).flatten(0, 1),
+                target.flatten(),
+                class_weight,
+                label_smoothing=0.2,
+                z_loss=1e-3,
+            ),
+            (hidden, weight, bias),
+        )
+    for name, g, b, w in zip(("loss", "dh", "dW", "db"), got, eager, exact, strict=True):
+        scale = w.abs().max()
+        err = (g.double() - w).abs().max() / scale
+        ref_err = (b.double() - w).abs().max() / scale
+        assert err <= ref_err + 1e-2, f"{name}: error {err:.2e} > eager {ref_err:.2e} + 1e-2"
 
 
 @pytest.mark.parametrize("backend", ["torch", "compiled", "auto"])
@@ -117,7 +139,10 @@ def test_linear_under_autocast_equals_the_call_on_cast_inputs(walk):
 def test_cross_entropy_under_autocast_is_unchanged(backend, dtype):
     """cross_entropy computes as without autocast (float32 accumulation, the gradient in the
     logits' dtype), here with class weights and smoothing, whose z'·w is a matmul that CPU
-    autocast would otherwise run in bf16."""
+    autocast would otherwise run in bf16: the same results bit for bit, and against the float64
+    reference on the same logits the loss to 1e-5 relative (float32 sums) and each gradient
+    entry within one rounding (2^-8 relative in bf16, 1e-6 in float32) plus 1e-5 of the largest.
+    """
     g = torch.Generator().manual_seed(24)
     z = torch.randn(64, 3000, generator=g).to(dtype)
     target = torch.randint(0, 3000, (64,), generator=g)
@@ -133,6 +158,18 @@ def test_cross_entropy_under_autocast_is_unchanged(backend, dtype):
     assert got[1].dtype == dtype
     for g_, w_ in zip(got, want, strict=True):
         assert torch.equal(g_, w_)
+    ref_loss, ref_grad = reference.cross_entropy(
+        z.double().numpy(),
+        target.numpy(),
+        weight.double().numpy(),
+        label_smoothing=0.2,
+        z_loss=1e-3,
+    )
+    assert abs(got[0].item() - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    u = 2.0**-8 if dtype == torch.bfloat16 else 1e-6
+    ref_grad = torch.from_numpy(ref_grad)
+    bound = u * ref_grad.abs() + 1e-5 * ref_grad.abs().max()
+    assert ((got[1].double() - ref_grad).abs() <= bound).all()
 
 
 def test_mixed_dtypes_outside_autocast_say_how_to_fix_it():
