@@ -1,17 +1,21 @@
 """fastxent inside torch.compile'd code: the same losses and gradients as eager; calls that
 "auto" computes with PyTorch's fused ops trace whole (no graph break, fullgraph=True works);
-the kernel paths run outside the graph as one graph break.
+the kernel paths run outside the graph as one graph break. Compiled equals eager, and eager is
+anchored to the float64 oracle (reference.py), so an error both share shows too.
 
 Dynamo's ``aot_eager`` backend traces forward and backward as torch.compile does, without
 inductor's code generation (seconds less per case); the kernels themselves are tested
 elsewhere.
 """
 
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import fastxent
+from fastxent import reference
+from test_linear import oracle as linear_oracle
 from versions import graph_break_has_a_reason, newer_torch
 
 SMALL, LARGE = (32, 512), (600, 1000)  # below and above auto's fused-ops limit (2^19 logits)
@@ -36,6 +40,20 @@ def assert_same(got, want):
         torch.testing.assert_close(g, w, **F32)
 
 
+def oracle(z, y, **options):
+    """(loss, [∂loss/∂z]) of ``cross_entropy(z * 2, y, **options)`` in float64 (reference.py, the
+    2 as its logit_scale), backward with ones as ``compiled_and_eager``'s ``loss.sum()``."""
+    loss, grad = reference.cross_entropy(z.double().numpy(), y.numpy(), logit_scale=2.0, **options)
+    return torch.from_numpy(np.asarray(loss)), [torch.from_numpy(grad)]
+
+
+def assert_near(got, exact):
+    """float32 (loss, grads) against the float64 oracle's, at F32's tolerances."""
+    torch.testing.assert_close(got[0].double(), exact[0], **F32)
+    for g, w in zip(got[1], exact[1], strict=True):
+        torch.testing.assert_close(g.double(), w, **F32)
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
@@ -55,6 +73,7 @@ def test_cross_entropy_compiled_matches_eager(backend, shape):
         lambda z, y: fastxent.cross_entropy(z * 2, y, label_smoothing=0.1, backend=backend), z, y
     )
     assert_same(got, want)
+    assert_near(want, oracle(z, y, label_smoothing=0.1))
     breaks = sum(counters["graph_break"].values())
     if backend == "auto" and shape == SMALL:
         assert breaks == 0  # PyTorch's ops: traced whole
@@ -77,12 +96,15 @@ def test_small_auto_calls_trace_with_fullgraph(options, dynamic):
         dynamic=dynamic,
     )  # fmt: skip
     assert_same(got, want)
-    h, w = torch.randn(16, 8), torch.randn(100, 8)
+    assert_near(want, oracle(z, y, **options))
+    h, w, y = torch.randn(16, 8), torch.randn(100, 8), torch.randint(0, 100, (16,))
     got, want = compiled_and_eager(
         lambda h, w, y: fastxent.linear_cross_entropy(h, w, y, **options),
-        h, w, torch.randint(0, 100, (16,)), fullgraph=True, dynamic=dynamic,
+        h, w, y, fullgraph=True, dynamic=dynamic,
     )  # fmt: skip
     assert_same(got, want)
+    loss, dh, dw, _ = linear_oracle(h, w, None, y, **options)
+    assert_near(want, (loss, [dh, dw]))
 
 
 @graph_break_has_a_reason
@@ -104,6 +126,8 @@ def test_linear_walks_compiled_match_eager(walk):
         lambda h, w, y: fastxent.linear_cross_entropy(h, w, y, **walk), h, w, y
     )
     assert_same(got, want)
+    loss, dh, dw, _ = linear_oracle(h, w, None, y)
+    assert_near(want, (loss, [dh, dw]))
 
 
 def test_another_threads_compilation_changes_no_path(monkeypatch):
