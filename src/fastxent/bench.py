@@ -1131,7 +1131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         type=_names,
         help="methods to run, comma-separated; 'fastxent' selects every fastxent row (each "
-        f"backend and the linear walks) (default: all of {', '.join(method_names())}; but on "
+        "backend and the linear walks); only the cases of a kind they run are timed "
+        f"(default: all of {', '.join(method_names())}; but on "
         "CPU without --full or --quick, "
         f"{' and '.join(LEFT_OUT_BY_DEFAULT)} are shown as skipped linear rows: name them to run "
         "them)",
