@@ -280,7 +280,7 @@ def test_cases_are_only_those_a_selected_method_runs(methods, kinds):
 
 
 def test_cpu_device_with_an_index_is_refused_not_taken_as_another_device(capsys, tmp_path):
-    """ "cpu:0" ran the methods a default CPU run leaves out, as if it were a GPU."""
+    """--device cpu:0 ran the methods a default CPU run leaves out, as if it were a GPU."""
     argv = ["--quick", "--no-memory", "--device", "cpu:0", "--out", str(tmp_path)]
     assert bench.run(parse(argv)) == 2
     assert "--device must be cpu, cuda or cuda:N, got 'cpu:0'" in capsys.readouterr().err
