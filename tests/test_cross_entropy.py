@@ -366,6 +366,19 @@ def test_ignore_index_may_be_a_valid_class(backend):
     assert not got[1][target == 1].any()
 
 
+def test_a_row_longer_than_the_portable_kernels_chunk():
+    """More classes than the portable kernel's chunk of CHUNK_ELEMENTS logits: one row per
+    chunk (a rows-per-chunk of 0 made range() fail), loss and gradient as PyTorch's."""
+    from fastxent._torch.kernel import CHUNK_ELEMENTS
+
+    v = CHUNK_ELEMENTS + 1
+    z = torch.randn(2, v, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    target = torch.tensor([3, v - 1])
+    want = loss_and_grad(F.cross_entropy, z, target)
+    got = loss_and_grad(fastxent.cross_entropy, z, target, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
 @pytest.mark.parametrize("backend", PATHS)
 def test_nan_and_inf_propagate_like_torch(backend):
     z = torch.randn(4, 6, dtype=torch.float64)

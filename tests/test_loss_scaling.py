@@ -247,6 +247,22 @@ def test_a_per_row_loss_scale_beyond_float16_range_is_applied_in_float32():
     assert (w.grad.double() - w64.grad).abs().max() <= 2.0**-10 * w64.grad.abs().max()
 
 
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_float16_smoothing_carries_the_largest_weight_of_any_class(backend):
+    """With label smoothing every row carries every class's weight (ε/C·w), so the float16
+    factor must count the largest weight of all classes, not only of the targets: a weight of
+    1e6 on a class no target names overflowed the gradient to -inf when it did not."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 4, generator=g).half()
+    y = torch.tensor([0, 1, 2, 0])
+    w = torch.tensor([1.0, 1.0, 1.0, 1e6])  # class 3 is never a target
+    x = z.clone().requires_grad_()
+    fastxent.cross_entropy(x, y, w, label_smoothing=0.5, backend=backend).backward()
+    exact = z.double().requires_grad_()
+    F.cross_entropy(exact, y, w.double(), label_smoothing=0.5).backward()
+    torch.testing.assert_close(x.grad.double(), exact.grad, rtol=2.0**-10, atol=0.0)
+
+
 def test_a_retained_backward_rescales_by_a_ratio_beyond_float16_range():
     """grad_output 1, then 2^16 through the retained graph: the ratio cast to float16 was inf.
     The second gradient is the first times 2^16 (to one float16 rounding of each, and the
