@@ -765,7 +765,7 @@ def test_gpu_linear_under_autocast_with_float32_master_weights(autocast_dtype):
     """The CUDA token walk under autocast, float32 weight and bias: gradients in float32 (∂W
     straight from the accumulator), errors against float64 on the cast inputs within those of
     eager PyTorch under the same autocast plus 1e-2 of the largest entry."""
-    from test_linear import oracle
+    from test_linear import assert_within_baseline, oracle
 
     gen = torch.Generator().manual_seed(14)
     hidden = torch.randn(4, 300, 64, generator=gen)
@@ -786,11 +786,7 @@ def test_gpu_linear_under_autocast_with_float32_master_weights(autocast_dtype):
         results.append((loss.detach(), *(x.grad for x in leaves)))
     ours, theirs = results
     assert all(x.dtype == torch.float32 for x in ours)
-    for name, mine, base, w in zip(("loss", "dh", "dW", "db"), ours, theirs, want, strict=True):
-        scale = w.abs().max()
-        err = (mine.cpu().double() - w).abs().max() / scale
-        base_err = (base.cpu().double() - w).abs().max() / scale
-        assert err <= base_err + 1e-2, f"{name}: {err:.2e} against eager {base_err:.2e}"
+    assert_within_baseline(ours, theirs, want, 1e-2)
 
 
 @interpreter
@@ -801,7 +797,7 @@ def test_linear_under_autocast_on_the_triton_kernel(small_tiles):
     both calls share, so loss, ∂h and ∂W are also compared with float64 on the cast inputs:
     within eager PyTorch's error under the same autocast plus 1e-2 of the largest entry, as
     test_gpu_linear_under_autocast_with_float32_master_weights."""
-    from test_linear import oracle
+    from test_linear import assert_within_baseline, oracle
 
     gen = torch.Generator().manual_seed(15)
     hidden = torch.randn(2, 7, 16, generator=gen)
@@ -827,11 +823,7 @@ def test_linear_under_autocast_on_the_triton_kernel(small_tiles):
         eager = torch.nn.functional.cross_entropy(logits, target.flatten(), label_smoothing=0.1)
     eager.backward()
     eager = (eager.detach(), *(x.grad for x in leaves))
-    for name, mine, base, w in zip(("loss", "dh", "dW"), (loss, dh, dw), eager, want, strict=True):
-        scale = w.abs().max()
-        err = (mine.double() - w).abs().max() / scale
-        base_err = (base.double() - w).abs().max() / scale
-        assert err <= base_err + 1e-2, f"{name}: {err:.2e} against eager {base_err:.2e}"
+    assert_within_baseline((loss, dh, dw), eager, want, 1e-2, ("loss", "dh", "dW"))
 
 
 @pytest.mark.parametrize("soft", [False, True])
