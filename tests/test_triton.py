@@ -385,6 +385,17 @@ def test_unavailable_reason_on_cpu_needs_the_interpreter(monkeypatch):
     assert "CUDA" in triton_backend.unavailable_reason(torch.device("meta"))
 
 
+def test_without_triton_cpu_is_told_about_the_interpreter_and_cuda_to_install(monkeypatch):
+    """Installing triton would not make it run on CPU: there the reason is the interpreter."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    on_cpu = triton_backend.unavailable_reason(torch.device("cpu"))
+    assert "TRITON_INTERPRET=1" in on_cpu and "pip install" not in on_cpu
+    assert "pip install triton" in triton_backend.unavailable_reason(torch.device("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "pip install triton" in triton_backend.unavailable_reason(torch.device("cpu"))
+
+
 @interpreter
 def test_unavailable_reason_with_the_interpreter():
     assert triton_backend.unavailable_reason(torch.device("cpu")) is None

@@ -52,7 +52,18 @@ def version_problem(version: str) -> str | None:
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """None on CUDA when triton imports, and on CPU when ``TRITON_INTERPRET=1``; else why not."""
+    """None on CUDA when triton imports, and on CPU when ``TRITON_INTERPRET=1``; else why not.
+
+    The device is asked first: on CPU without the interpreter, installing triton would not help.
+    """
+    if device.type not in ("cuda", "cpu"):
+        return f"Triton kernels run on CUDA devices, not on {device.type}"
+    if device.type == "cpu" and not interpreter_requested():
+        return (
+            "Triton kernels run on CUDA devices, and on CPU only through Triton's interpreter "
+            "(slow; for tests): set the environment variable TRITON_INTERPRET=1 before triton "
+            "is first imported"
+        )
     try:
         import triton
     except ImportError as error:
@@ -62,13 +73,6 @@ def unavailable_reason(device: torch.device) -> str | None:
         return problem
     if device.type == "cuda":
         return None
-    if device.type != "cpu":
-        return f"Triton kernels run on CUDA devices, not on {device.type}"
-    if not interpreter_requested():
-        return (
-            "Triton kernels run on CPU only through Triton's interpreter; set the environment "
-            "variable TRITON_INTERPRET=1 before triton is first imported"
-        )
     kernels = sys.modules.get("fastxent._triton.kernels")
     compiled = [triton.language.zeros] + (
         [] if kernels is None else [kernels.cross_entropy_rows_kernel]
