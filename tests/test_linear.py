@@ -747,6 +747,17 @@ def test_shift_errors_count_the_shifted_targets():
         _call(target=torch.rand(2, 4, 20, dtype=torch.float64), ignore_index=0)
 
 
+def test_hidden_and_weight_swapped_is_named():
+    """With the projection passed as hidden (and hidden as weight) the target count matches the
+    projection's rows: the error says so; a target of another count gets no such guess."""
+    hidden, weight = torch.randn(6, 8), torch.randn(50, 8)
+    with pytest.raises(ValueError, match="are hidden and weight swapped"):
+        fastxent.linear_cross_entropy(weight, hidden, torch.randint(0, 50, (6,)))
+    with pytest.raises(ValueError, match=r"got \(7,\)\.$") as error:
+        fastxent.linear_cross_entropy(hidden, weight, torch.randint(0, 50, (7,)))
+    assert "swapped" not in str(error.value)
+
+
 def test_auto_takes_the_fused_ops_path_for_small_cpu_calls(monkeypatch, shapes_passed_to):
     """ "auto" computes small CPU calls without a chosen walk from the materialised logits; an
     explicit backend, chunk_size, filter_eps or vocab_block, or more logits, take the walks."""

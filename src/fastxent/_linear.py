@@ -243,8 +243,14 @@ def check_inputs(
     after = "; shift=True uses target[..., 1:] with hidden[..., :-1, :]" if shift else ""
 
     def context() -> str:
+        swapped = (
+            "; are hidden and weight swapped? The order is (hidden (N, D), weight (V, D), target)"
+            if target.dim() == 1 and target.shape[0] == num_classes != hidden.shape[0]
+            else ""
+        )
         return (
-            f"one per token of hidden of shape {tuple(hidden.shape)}, by V for probabilities{after}"
+            f"one per token of hidden of shape {tuple(hidden.shape)}, by V for "
+            f"probabilities{after}{swapped}"
         )
 
     return check_target_kind(
