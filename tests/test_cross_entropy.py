@@ -190,6 +190,22 @@ def test_float32_accumulation_for_bf16(backend):
     torch.testing.assert_close(loss, torch.tensor(np.log(50000.0), dtype=torch.float32))
 
 
+@pytest.mark.parametrize("backend", [*PATHS, "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("target_dtype", [torch.float64, torch.float32, torch.float16])
+def test_the_loss_dtype_follows_the_logits_not_the_probability_targets(
+    backend, dtype, target_dtype
+):
+    """README: float32 for float32/bf16/fp16 logits whatever the targets' dtype, float64 for
+    float64 logits; the value is the float64 loss of the same (rounded) inputs."""
+    z, target, _ = make_case((6, 33), soft=True, weighted=False, dtype=dtype)
+    target = target.to(target_dtype)
+    loss = fastxent.cross_entropy(z, target, backend=backend)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want = F.cross_entropy(z.double(), target.double())
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["torch", "compiled", "triton"])
 @pytest.mark.parametrize(
     "case",
