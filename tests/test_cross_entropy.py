@@ -547,6 +547,33 @@ def test_inplace_backward_refuses_overlapping_rows_and_takes_strided_ones():
         torch.testing.assert_close(loss, want[0], rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("grad_output", [0.5, float("inf")])
+def test_inplace_backward_into_float16_logits_with_the_negative_bit(grad_output):
+    """inplace_backward into float16 logits that are a ``torch._neg_view``: PyTorch's float32
+    -> float16 ``copy_`` ignores the destination's negative bit (torch 2.13), so the gradient
+    written there came out negated (200% off, silently), and so did the entries that an inf
+    grad_output scales in backward (whose zeros are kept). The same values without the bit,
+    and PyTorch in float64, are the references."""
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(4, 9, generator=gen).half()
+    target = torch.tensor([1, -100, 3, 8])
+    grads = []
+    for neg in (True, False):
+        x = base.clone().requires_grad_()
+        z = torch._neg_view(x * 1.0) if neg else -(x * 1.0)
+        assert z.is_neg() == neg
+        loss = fastxent.cross_entropy(
+            z, target, reduction="sum", inplace_backward=True, backend=BACKEND
+        )
+        loss.backward(torch.tensor(grad_output))
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    if grad_output == 0.5:
+        x64 = base.double().requires_grad_()
+        F.cross_entropy(-x64, target, reduction="sum").backward(torch.tensor(0.5).double())
+        torch.testing.assert_close(grads[0].double(), x64.grad, rtol=2e-3, atol=1e-4)
+
+
 @newer_torch((2, 5), "PyTorch's own loss takes a (1,) target for (C,) logits")
 @pytest.mark.parametrize("backend", PATHS)
 def test_a_single_class_index_in_a_one_element_target(backend):

@@ -208,7 +208,10 @@ def scaled_in_blocks(grad: Tensor, factor: Tensor, out: Tensor) -> Tensor:
     for start in range(0, grad.shape[0], rows):
         block = slice(start, start + rows)
         product = grad[block] * (factor[block] if per_row else factor)
-        out[block] = torch.where(grad[block] == 0, 0.0, product) if keep_zeros else product
+        product = torch.where(grad[block] == 0, 0.0, product) if keep_zeros else product
+        # cast first into float16 with the negative bit (inplace_backward on a torch._neg_view):
+        # PyTorch's float32 -> float16 copy ignores the destination's bit (2.13)
+        out[block] = product.to(out.dtype) if out.is_neg() else product
     return out
 
 

@@ -128,5 +128,7 @@ def cross_entropy_rows(
             g.mul_(dzp_dz)
         elif opts.logit_scale != 1.0:
             g.mul_(opts.logit_scale)
-        grad[chunk].copy_(g)
+        # Into float16 logits with the negative bit (torch._neg_view, inplace_backward): cast
+        # first, as PyTorch's float32 -> float16 copy_ ignores the destination's bit (2.13).
+        grad[chunk].copy_(g.to(grad.dtype) if grad.is_neg() else g)
     return rows
