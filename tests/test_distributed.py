@@ -873,6 +873,37 @@ print("freed" if group() is None else "alive")
     assert done.stdout.strip() == "freed", done.stderr
 
 
+def _neg_view_inplace_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Each rank's float16 slice written in place, as a ``torch._neg_view`` and as plain -x."""
+    init_gloo(rank, world, init_file, 60)
+    full = torch.randn(4, 9, generator=torch.Generator().manual_seed(4)).half()
+    start, size = (0, 4) if rank == 0 else (4, 5)
+    y = torch.tensor([1, -100, 3, 8])
+    grads = []
+    for neg in (True, False):
+        x = full[:, start : start + size].clone().requires_grad_()
+        local = torch._neg_view(x * 1.0) if neg else -(x * 1.0)
+        loss = vocab_parallel_cross_entropy(local, y, reduction="sum", inplace_backward=True)
+        loss.backward(torch.tensor(0.5))
+        grads.append(x.grad)
+    torch.save(grads, Path(out_dir) / f"rank{rank}.pt")
+    leave_gloo()
+
+
+def test_inplace_backward_into_float16_logits_with_the_negative_bit(tmp_path):
+    """PyTorch's float32 -> float16 ``copy_`` ignores the destination's negative bit (torch
+    2.13): the gradient written into a ``torch._neg_view`` slice came out negated, silently."""
+    full = torch.randn(4, 9, generator=torch.Generator().manual_seed(4)).half()
+    x64 = full.double().requires_grad_()
+    y = torch.tensor([1, -100, 3, 8])
+    F.cross_entropy(-x64, y, reduction="sum").backward(torch.tensor(0.5, dtype=torch.float64))
+    ranks = spawn_with_deadline(tmp_path, _neg_view_inplace_worker, 2)
+    for (start, size), (neg, plain) in zip(((0, 4), (4, 5)), ranks, strict=True):
+        torch.testing.assert_close(neg, plain, rtol=0, atol=0)
+        want = x64.grad[:, start : start + size]
+        torch.testing.assert_close(neg.double(), want, rtol=2e-3, atol=1e-4)
+
+
 def _dtensor_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """DTensor logits (rows sharded, or replicated) and a DTensor hidden/weight pair on the
     kernel paths: their errors against the same call on plain tensors."""

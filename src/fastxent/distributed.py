@@ -904,6 +904,7 @@ def vocab_parallel_rows(
             g.mul_(dzp_dz)
         elif opts.logit_scale != 1.0:
             g.mul_(opts.logit_scale)
-        if not keep_e:
-            grad[chunk].copy_(g)
+        if not keep_e:  # cast first into float16 with the negative bit (torch._neg_view):
+            # PyTorch's float32 -> float16 copy_ ignores the destination's bit (2.13)
+            grad[chunk].copy_(g.to(grad.dtype) if grad.is_neg() else g)
     return rows
