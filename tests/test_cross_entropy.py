@@ -525,6 +525,19 @@ def test_inplace_backward_refuses_a_view_of_a_leaf(view):
     assert torch.equal(w.detach(), before)
 
 
+def test_inplace_backward_refuses_a_view_that_is_itself_a_leaf_requiring_grad():
+    """``x.detach()[:4].requires_grad_()`` is a view whose base requires no grad, and itself a
+    leaf that requires grad (PyTorch refuses in-place ops on it): it was taken, and the gradient
+    overwrote the caller's data, here a parameter's, through the shared memory."""
+    param = torch.nn.Parameter(torch.randn(6, 10))
+    before = param.detach().clone()
+    for z in (param.detach()[:4].requires_grad_(), torch.randn(8, 10)[::2].requires_grad_()):
+        assert z.is_leaf and z._is_view() and not z._base.requires_grad
+        with pytest.raises(ValueError, match=r"leaf tensor that requires grad \("):
+            fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
+    assert torch.equal(param.detach(), before)
+
+
 def test_inplace_backward_refuses_expanded_logits():
     z = (torch.randn(1, 10, requires_grad=True) * 1.0).expand(4, 10)
     with pytest.raises(ValueError, match=r"expanded.*input\.contiguous"):

@@ -136,13 +136,16 @@ def check_soft_ignore_index(soft: bool, ignore_index: int) -> None:
 def check_inplace_logits(z: Tensor) -> None:
     """``inplace_backward`` writes the gradient into ``z``'s storage: refused when that storage
     belongs to a leaf that requires grad (the leaf itself or a view of it: PyTorch refuses in-place
-    ops there too), and when elements share memory (an expanded tensor)."""
+    ops there too), and when elements share memory (an expanded tensor). A view that is a leaf
+    requiring grad itself (``x.detach()[:4].requires_grad_()``, whose base requires none) is
+    refused as a leaf."""
     base = z._base if z._is_view() else z
-    if z.requires_grad and base.is_leaf and base.requires_grad:
+    through_view = not z.is_leaf and base.is_leaf and base.requires_grad
+    if z.requires_grad and (z.is_leaf or through_view):
         raise ValueError(
             "inplace_backward=True would overwrite a leaf tensor that requires grad (your "
             "parameters or data, or the detached input of a reentrant torch.utils.checkpoint"
-            + (", through a view of it" if base is not z else "")
+            + (", through a view of it" if through_view else "")
             + "); use it on logits computed by the model (within the checkpointed function), "
             "or pass inplace_backward=False."
         )
