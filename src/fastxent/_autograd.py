@@ -180,6 +180,13 @@ def times_deferred(grad_output: Tensor, factor: Tensor | None) -> Tensor:
 SCALE_BLOCK_ELEMENTS = 1 << 20  # CPU: elements per block of scaled_in_blocks (4 MiB in float32)
 
 
+def copy_into(destination: Tensor, source: Tensor) -> None:
+    """``destination.copy_(source)``, also where the destination has the negative bit (float16
+    logits that are a ``torch._neg_view``, written by ``inplace_backward``): PyTorch's
+    float32 -> float16 ``copy_`` ignores that bit (torch 2.13), so the source is cast first."""
+    destination.copy_(source.to(destination.dtype) if destination.is_neg() else source)
+
+
 def scaled_in_blocks(grad: Tensor, factor: Tensor, out: Tensor) -> Tensor:
     """``out = grad · factor`` (``factor`` 0-dim, or (M,): one per row of ``grad``, (M, ...)),
     multiplied in the accumulation dtype: cast to bf16/fp16 first, a factor past float16's range
@@ -208,10 +215,9 @@ def scaled_in_blocks(grad: Tensor, factor: Tensor, out: Tensor) -> Tensor:
     for start in range(0, grad.shape[0], rows):
         block = slice(start, start + rows)
         product = grad[block] * (factor[block] if per_row else factor)
-        product = torch.where(grad[block] == 0, 0.0, product) if keep_zeros else product
-        # cast first into float16 with the negative bit (inplace_backward on a torch._neg_view):
-        # PyTorch's float32 -> float16 copy ignores the destination's bit (2.13)
-        out[block] = product.to(out.dtype) if out.is_neg() else product
+        copy_into(
+            out[block], torch.where(grad[block] == 0, 0.0, product) if keep_zeros else product
+        )
     return out
 
 

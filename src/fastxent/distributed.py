@@ -110,6 +110,7 @@ from fastxent._autograd import (
     accumulation_dtype,
     apply_outside_graph,
     autocast_off,
+    copy_into,
     detached_without_grad_mode,
     fx_proxy_among,
     fx_recorded,
@@ -904,7 +905,6 @@ def vocab_parallel_rows(
             g.mul_(dzp_dz)
         elif opts.logit_scale != 1.0:
             g.mul_(opts.logit_scale)
-        if not keep_e:  # cast first into float16 with the negative bit (torch._neg_view):
-            # PyTorch's float32 -> float16 copy_ ignores the destination's bit (2.13)
-            grad[chunk].copy_(g.to(grad.dtype) if grad.is_neg() else g)
+        if not keep_e:
+            copy_into(grad[chunk], g)
     return rows

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastxent._autograd import accumulation_dtype
+from fastxent._autograd import accumulation_dtype, copy_into
 from fastxent._options import CrossEntropyOptions
 
 CHUNK_ELEMENTS = 1 << 21  # 8 MB of float32 per temporary
@@ -128,7 +128,5 @@ def cross_entropy_rows(
             g.mul_(dzp_dz)
         elif opts.logit_scale != 1.0:
             g.mul_(opts.logit_scale)
-        # Into float16 logits with the negative bit (torch._neg_view, inplace_backward): cast
-        # first, as PyTorch's float32 -> float16 copy_ ignores the destination's bit (2.13).
-        grad[chunk].copy_(g.to(grad.dtype) if grad.is_neg() else g)
+        copy_into(grad[chunk], g)
     return rows
