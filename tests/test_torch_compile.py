@@ -112,6 +112,31 @@ def test_fullgraph_names_the_kernel_path(options):
         fn(z)
 
 
+@newer_torch((2, 5), "torch.compiler.is_exporting")
+def test_kernel_paths_stay_kernels_where_dynamo_says_it_exports(monkeypatch):
+    """Dynamo before PyTorch 2.13 folded ``torch.compiler.is_exporting()`` to True wherever it
+    traced (pytorch/pytorch#176347): every compiled call took PyTorch's ops, the linear loss
+    with its whole logits. Here the function is that of those versions (dynamo traces into a
+    stand-in); fastxent reads the flag that export sets, so the kernel path and the linear walk
+    still run outside the graph, a graph break each."""
+
+    class FoldedToTrue:  # not a torch function, so dynamo traces its call
+        def __call__(self) -> bool:
+            return torch.compiler.is_compiling()
+
+    monkeypatch.setattr(torch.compiler, "is_exporting", FoldedToTrue())
+    z, y = torch.randn(SMALL), torch.randint(0, SMALL[1], SMALL[:1])
+    h, w, t = torch.randn(40, 8), torch.randn(100, 8), torch.randint(0, 100, (40,))
+    for fn, inputs in (
+        (lambda z: fastxent.cross_entropy(z * 2, y, backend="torch"), (z,)),
+        (lambda h, w: fastxent.linear_cross_entropy(h, w, t, chunk_size=8), (h, w)),
+    ):
+        counters.clear()
+        got, want = compiled_and_eager(fn, *inputs)
+        assert_same(got, want)
+        assert sum(counters["graph_break"].values()) > 0
+
+
 @pytest.mark.parametrize("walk", [{"chunk_size": 8}, {"vocab_block": 30}])
 def test_linear_walks_compiled_match_eager(walk):
     h, w = torch.randn(40, 8), torch.randn(100, 8)
@@ -224,7 +249,20 @@ def test_dual_tensors_through_a_compiled_kernel_call_keep_their_tangent(loss, gr
         torch.testing.assert_close(got.tangent, want, **F32)
 
 
-@pytest.mark.parametrize("loss", ["cross_entropy", "linear walk"])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "cross_entropy",
+        pytest.param(
+            "linear walk",
+            marks=newer_torch(
+                (2, 13),
+                "dynamo before 2.13 fails to resume after the walk's graph break under "
+                "torch.func.grad (AssertionError in fakeifying the wrapped result)",
+            ),
+        ),
+    ],
+)
 def test_torch_func_traced_by_the_eager_backend_around_a_kernel_call(loss):
     """backend="eager" traces vmap's and grad's functions with their tensors wrapped, where the
     caller's test cannot see it; the kernel's Function then met torch.func ("must override the

@@ -386,7 +386,15 @@ def _proxy_tracing() -> bool:
 
 def _is_exporting() -> bool:
     """Whether torch.export traces now (strict export traces with dynamo, where a size test
-    on the symbolic batch would fix it); False before PyTorch has the test (2.5)."""
+    on the symbolic batch would fix it); False before PyTorch has the test (2.5).
+
+    The flag behind ``torch.compiler.is_exporting()`` is read, not the function: dynamo before
+    PyTorch 2.13 replaced that call by a constant True wherever it traced, torch.compile
+    included (pytorch/pytorch#176347), which sent every compiled call to PyTorch's ops: the
+    whole N×V logits of ``linear_cross_entropy``, no kernel, no ``inplace_backward``."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return is_exporting is not None and is_exporting()
 
