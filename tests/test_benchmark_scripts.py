@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastxent
-from versions import compiled_backend
+from versions import builds_inplace_variants, compiled_backend
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -145,6 +145,7 @@ def _grads(h, w, y, eps):
 
 
 @compiled_backend
+@builds_inplace_variants
 def test_kernel_memory_script_reports_row_sized_extra(monkeypatch, capsys):
     flags = ["--n", "16", "--v", "512", "--dtypes", "bfloat16", "--options", "all"]
     monkeypatch.setattr(sys, "argv", [kernel_memory.__file__, *flags, "--targets", "index"])

@@ -20,7 +20,7 @@ from fastxent import reference
 from fastxent._compiled import kernel, unavailable_reason
 from fastxent._options import CrossEntropyOptions
 from fastxent.bench import allocated_peak_bytes
-from versions import compiled_backend
+from versions import builds_inplace_variants, compiled_backend
 
 pytestmark = compiled_backend
 
@@ -459,6 +459,7 @@ def test_calls_the_graph_does_not_take(shapes_passed_to):
     assert len(portable) == 3
 
 
+@builds_inplace_variants
 @pytest.mark.parametrize("num_classes", [13, 100])
 @pytest.mark.parametrize("soft", [False, True])
 def test_softcap_and_smoothing_into_the_logits_build_or_go_portable(
@@ -559,7 +560,10 @@ def test_step_holds_the_gradient_and_no_logits_sized_temporary(options, soft, dt
     assert rounding_excess(z.grad, expected_grad, LOW_PRECISION_TOL[dtype]) <= 0.0
 
 
-@pytest.mark.parametrize("options", [{}, GENERAL], ids=["plain", "all"])
+@pytest.mark.parametrize(
+    "options",
+    [pytest.param({}, id="plain"), pytest.param(GENERAL, id="all", marks=builds_inplace_variants)],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_backward_allocates_nothing_logits_sized(options, dtype):
     # "Zero extra with inplace_backward": the gradient goes into the logits' own storage, and

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastxent
@@ -161,15 +162,23 @@ def test_traced_and_exported_probability_targets_follow_the_batch_size(linear):
         def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
             return loss(x, target)
 
+    class PyTorchLoss(nn.Module):
+        def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(x @ weight.T, target)
+
     def inputs(rows: int):
         x = torch.randn(rows, 4, dtype=torch.float64, generator=gen)
         return x, torch.rand(rows, 5, dtype=torch.float64, generator=gen).softmax(dim=1)
 
     traced = torch.jit.trace(Loss(), inputs(6))
     batch = torch.export.Dim("batch")
-    exported = torch.export.export(
-        Loss(), inputs(6), dynamic_shapes=({0: batch}, {0: batch})
-    ).module()
+    dynamic_batch = ({0: batch}, {0: batch})
+    try:  # PyTorch's own loss first: torch 2.11's fixes the batch of probability targets
+        torch.export.export(PyTorchLoss(), inputs(6), dynamic_shapes=dynamic_batch)
+    except Exception as error:  # torch._dynamo.exc.UserError: "Constraints violated (batch)"
+        first_line = str(error).splitlines()[0]
+        pytest.skip(f"this torch cannot export F.cross_entropy with a dynamic batch: {first_line}")
+    exported = torch.export.export(Loss(), inputs(6), dynamic_shapes=dynamic_batch).module()
     x, target = inputs(9)
     want, _ = _oracle(x @ weight.T, target)
     torch.testing.assert_close(traced(x, target), want, rtol=1e-12, atol=0)
