@@ -544,6 +544,26 @@ def test_inplace_backward_refuses_expanded_logits():
         fastxent.cross_entropy(z, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_inplace_backward_refuses_targets_and_weights_in_the_logits_memory(backend):
+    """Class weights taken from a row of the logits, read while the kernel overwrote them, gave
+    the compiled kernel a loss 20x off; a copy of them gives PyTorch's loss."""
+    leaf = torch.randn(6, 80, dtype=torch.float64).softmax(1).requires_grad_()
+    classes = torch.arange(6)
+    inplace = {"inplace_backward": True, "backend": backend}
+    for call in (
+        lambda z: fastxent.cross_entropy(z, classes, z[0].detach(), **inplace),
+        lambda z: fastxent.cross_entropy(z, z.detach()[:, :], **inplace),
+    ):
+        with pytest.raises(ValueError, match=r"shares their memory.*\.clone\(\)"):
+            call(leaf * 1.0)
+    z = leaf * 1.0
+    weight = z[0].detach().clone()
+    loss = fastxent.cross_entropy(z, classes, weight, inplace_backward=True, backend=backend)
+    want = F.cross_entropy(leaf.detach(), classes, weight)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+
+
 def test_inplace_backward_refuses_overlapping_rows_and_takes_strided_ones():
     """Windows from unfold share memory without a zero stride: writing each row's gradient
     there overwrote its neighbours' logits (wrong loss and gradient). A transpose or a

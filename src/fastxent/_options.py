@@ -133,12 +133,22 @@ def check_soft_ignore_index(soft: bool, ignore_index: int) -> None:
         )
 
 
-def check_inplace_logits(z: Tensor) -> None:
+def check_inplace_logits(z: Tensor, **read_in_forward: Tensor | None) -> None:
     """``inplace_backward`` writes the gradient into ``z``'s storage: refused when that storage
     belongs to a leaf that requires grad (the leaf itself or a view of it: PyTorch refuses in-place
     ops there too), and when elements share memory (an expanded tensor). A view that is a leaf
     requiring grad itself (``x.detach()[:4].requires_grad_()``, whose base requires none) is
-    refused as a leaf."""
+    refused as a leaf. So are tensors the kernel reads while it writes (``read_in_forward``:
+    targets, class weights) that share ``z``'s storage: a chunk written before another chunk
+    reads them would change what it reads (class weights taken from a row of the logits gave
+    the compiled kernel a loss 20x off)."""
+    for name, x in read_in_forward.items():
+        if x is not None and shares_storage(x, z):
+            raise ValueError(
+                f"inplace_backward=True overwrites the logits while it reads {name}, which "
+                f"shares their memory (a view of the logits); pass {name}.clone() or "
+                "inplace_backward=False."
+            )
     base = z._base if z._is_view() else z
     through_view = not z.is_leaf and base.is_leaf and base.requires_grad
     if z.requires_grad and (z.is_leaf or through_view):
@@ -155,6 +165,13 @@ def check_inplace_logits(z: Tensor) -> None:
             f"share it (shape {tuple(z.shape)}, strides {z.stride()}: expanded, or overlapping "
             "windows as from unfold). Pass input.contiguous() or inplace_backward=False."
         )
+
+
+def shares_storage(x: Tensor, y: Tensor) -> bool:
+    """Whether ``x`` and ``y`` are views of one storage (neither empty: those hold no memory)."""
+    if not (x.numel() and y.numel()) or x.device != y.device:
+        return False
+    return x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
 
 
 def may_overlap(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:

@@ -547,7 +547,7 @@ def _by_kernel(
         with autocast_off(z):
             return composed.cross_entropy(z, t, weight, opts)
     if opts.inplace_backward:
-        check_inplace_logits(logits)
+        check_inplace_logits(logits, target=target, weight=weight)
     name, kernel = resolve_backend(backend, z.device, z.numel())
     finish_target_check = None
     if not opts.soft:
