@@ -405,10 +405,11 @@ def _is_exporting() -> bool:
     """Whether torch.export traces now (strict export traces with dynamo, where a size test
     on the symbolic batch would fix it); False before PyTorch has the test (2.5).
 
-    The flag behind ``torch.compiler.is_exporting()`` is read, not the function: dynamo before
-    PyTorch 2.13 replaced that call by a constant True wherever it traced, torch.compile
-    included (pytorch/pytorch#176347), which sent every compiled call to PyTorch's ops: the
-    whole N×V logits of ``linear_cross_entropy``, no kernel, no ``inplace_backward``."""
+    The flag behind ``torch.compiler.is_exporting()`` is read, not the function: the dynamo of
+    some releases (2.11; not 2.13) replaces that call by a constant True wherever it traces,
+    torch.compile included (pytorch/pytorch#176347), which sent every compiled call to
+    PyTorch's ops: the whole N×V logits of ``linear_cross_entropy``, no kernel, no
+    ``inplace_backward``."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     if isinstance(flag, bool):
         return flag
