@@ -263,11 +263,15 @@ def _check_dtensor_mix(**tensors: Tensor | None) -> None:
     torch.Tensor and DTensor"); say which input is which, and the usual cause: a weight that
     FSDP2 (``fully_shard``) holds sharded outside its module's forward. The target is not
     asked: under ``loss_parallel()`` DTensor takes a plain one."""
-    # loaded wherever a DTensor exists; torch < 2.5 defines it in torch.distributed._tensor
-    modules = (
-        sys.modules.get(m) for m in ("torch.distributed.tensor", "torch.distributed._tensor")
-    )
-    dtensor = next((m.DTensor for m in modules if hasattr(m, "DTensor")), None)
+    # loaded wherever a DTensor exists; torch < 2.5 defines it in torch.distributed._tensor.
+    # A plain loop: the dynamo of 2.4 and 2.8 could not trace next() over a generator (a graph
+    # break in every small call that torch.compile traces whole, an error under fullgraph=True).
+    dtensor = None
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "DTensor"):
+            dtensor = module.DTensor
+            break
     if dtensor is None:
         return
     given = {name: x for name, x in tensors.items() if x is not None}
