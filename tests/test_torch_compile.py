@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 import fastxent
 from fastxent import reference
 from test_linear import oracle as linear_oracle
-from versions import compiled_backend, graph_break_has_a_reason, newer_torch, not_on_torch
+from versions import compiled_backend, graph_break_has_a_reason, newer_torch
 
 SMALL, LARGE = (32, 512), (600, 1000)  # below and above auto's fused-ops limit (2^19 logits)
 F32 = {"rtol": 1e-5, "atol": 1e-6}
@@ -283,10 +283,10 @@ def test_dual_tensors_through_a_compiled_kernel_call_keep_their_tangent(loss, gr
         "cross_entropy",
         pytest.param(
             "linear walk",
-            marks=not_on_torch(
-                (2, 11),
-                "torch 2.11's dynamo fails to resume after the walk's graph break under "
-                "torch.func.grad (AssertionError in fakeifying the wrapped result)",
+            marks=newer_torch(
+                (2, 13),
+                "dynamo before 2.13 (2.8, 2.11) fails to resume after the walk's graph break "
+                "under torch.func.grad (AssertionError in fakeifying the wrapped result)",
             ),
         ),
     ],
