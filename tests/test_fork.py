@@ -14,8 +14,15 @@ import torch.nn.functional as F
 import fastxent
 from fastxent import _autograd
 from fastxent._compiled import kernel, unavailable_reason
+from versions import TORCH
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork"),
+    # PyTorch's own: after a torch.compile'd backward in the parent (as earlier tests run), a
+    # backward in a forked child of torch 2.11 raises "Unable to handle autograd's threading in
+    # combination with fork-based multiprocessing" (F.cross_entropy alone; 2.8, 2.13 do not)
+    pytest.mark.skipif(TORCH == (2, 11), reason="torch 2.11: no backward in a forked child"),
+]
 
 
 def held_in_another_thread(module, name: str):
