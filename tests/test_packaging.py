@@ -1,4 +1,4 @@
-"""The source distribution carries what its test suite imports (tests/test_packaging.py)."""
+"""The source distribution carries what its test suite imports."""
 
 import shutil
 import subprocess
