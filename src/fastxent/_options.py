@@ -406,7 +406,7 @@ def _is_exporting() -> bool:
     on the symbolic batch would fix it); False before PyTorch has the test (2.5).
 
     The flag behind ``torch.compiler.is_exporting()`` is read, not the function: the dynamo of
-    some releases (2.11; not 2.13) replaces that call by a constant True wherever it traces,
+    some releases (2.8, 2.11; not 2.13) replaces that call by a constant True wherever it traces,
     torch.compile included (pytorch/pytorch#176347), which sent every compiled call to
     PyTorch's ops: the whole N×V logits of ``linear_cross_entropy``, no kernel, no
     ``inplace_backward``."""

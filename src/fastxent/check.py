@@ -285,10 +285,15 @@ def device_problem(device: str) -> str | None:
         dev = torch.device(device)
     except (RuntimeError, TypeError):  # not a device string torch can parse
         dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+    # "cpu:0" names the same CPU; refused so that one spelling means it
+    if (
+        dev is None
+        or dev.type not in ("cpu", "cuda")
+        or (dev.type == "cpu" and dev.index is not None)
+    ):
         return f"must be cpu, cuda or cuda:N, got {device!r}"
-    if dev.type == "cpu":  # "cpu:0" names the same CPU; refused so that one spelling means it
-        return None if dev.index is None else f"must be cpu, cuda or cuda:N, got {device!r}"
+    if dev.type == "cpu":
+        return None
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         return f"{device!r} was asked for, but torch sees no CUDA device"
