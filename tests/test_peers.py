@@ -8,13 +8,15 @@ Tolerance: both sides compute in float32, the same sums in another order, so the
 difference is a few float32 ulps of the largest entry (at most 1.1e-6 of it here, in d_hidden).
 ``REL = 1e-5`` of the largest entry leaves a margin of 9x; an option off by 1% (label_smoothing
 0.101 for 0.1) already fails it, and a different formula (a mean over another count, a term
-missing) far more. Where a peer is lossy (bf16
-results or bf16 accumulation) both are bounded against float64 instead.
+missing) far more. Where a peer is lossy (bf16 results or bf16 accumulation) both are bounded
+against float64 instead.
 
 Without CUDA, Liger's Triton kernels run on CPU tensors through Triton's interpreter
-(tests/conftest.py sets TRITON_INTERPRET=1), and CCE through its ``torch_compile`` path: its
-own kernel (``impl="cce"``) fails in the interpreter, so the test of that kernel is a ``gpu``
-test. Each CCE call shape and option set compiles once (a few seconds), so there are few.
+(tests/conftest.py sets TRITON_INTERPRET=1; the ``liger`` fixture hands the interpreter's
+kernels Python floats as fp32 scalars, as compiled Triton does, which Liger's class-weight path
+needs), and CCE through its ``torch_compile`` path: its own kernel (``impl="cce"``) fails in the
+interpreter, so the test of that kernel is a ``gpu`` test (Liger's softcap cases, too, run only
+on CUDA). Each CCE option set compiles once (a few seconds), so there are few.
 """
 
 import inspect
@@ -324,6 +326,8 @@ def test_liger_needs_flat_tokens_and_has_no_shift(liger):
             assert (our_results[1][:, -1] == 0).all()
             our_results[1] = our_results[1][:, :-1]
         assert_same_results(our_results, liger_results, [f"{n} shift={shift}" for n in "lhw"])
+    with pytest.raises(ValueError, match="too many values to unpack"):
+        liger.functional.liger_fused_linear_cross_entropy(hidden, weight, target)
 
 
 def test_liger_bf16_weight_gradient_accumulation(liger):
@@ -380,13 +384,13 @@ def cce():
     return pytest.importorskip("cut_cross_entropy")
 
 
-def make_sequences(batch=3, length=16, dim=24, num_classes=200, seed=0):
+def make_sequences(batch=3, length=16, dim=24, num_classes=200, ignore_index=-100, seed=0):
     """(B, T, D) hidden states, (V, D) weight, (B, T) targets with every fourth ignored."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(batch, length, dim, generator=g)
     weight = torch.randn(num_classes, dim, generator=g) * 2 / dim**0.5
     target = torch.randint(0, num_classes, (batch, length), generator=g)
-    target[:, ::4] = -100
+    target[:, ::4] = ignore_index
     return [x.to(DEVICE) for x in (hidden, weight, target)]
 
 
@@ -435,10 +439,11 @@ def test_cce_mean_shift_and_argument_order(cce):
 
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_cce_softcap_and_reductions(cce, reduction):
-    """softcap c·tanh(z/c) and the reductions; "none" with shift gives (B, T - 1) on both
-    sides, ignored positions 0."""
-    hidden, weight, target = make_sequences()
-    options = {"softcap": 2.5, "reduction": reduction, "shift": True}
+    """softcap c·tanh(z/c), the reductions and ignore_index (a class, 7, with "sum": a graph of
+    its own anyway); "none" with shift gives (B, T - 1) on both sides, ignored positions 0."""
+    ignore_index = 7 if reduction == "sum" else -100
+    hidden, weight, target = make_sequences(ignore_index=ignore_index)
+    options = {"softcap": 2.5, "reduction": reduction, "shift": True, "ignore_index": ignore_index}
     grad_output = (
         torch.linspace(0.5, 1.5, 3 * 15, device=DEVICE).reshape(3, 15)
         if reduction == "none"
@@ -456,7 +461,7 @@ def test_cce_softcap_and_reductions(cce, reduction):
     )
     assert_same_results(ours, theirs, ["loss", "dh", "dW"])
     if reduction == "none":
-        assert ours[0].shape == (3, 15) and (ours[0][target[:, 1:] == -100] == 0).all()
+        assert ours[0].shape == (3, 15) and (ours[0][target[:, 1:] == ignore_index] == 0).all()
 
 
 def test_cce_all_ignored_mean_is_nan(cce):
