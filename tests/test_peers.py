@@ -120,9 +120,12 @@ def liger(monkeypatch):
 
 
 # Liger's softcap calls libdevice's tanh, which Triton's interpreter does not provide (it
-# returns None there): that path runs on CUDA only.
-liger_softcap_needs_cuda = pytest.mark.skipif(
-    INTERPRETED, reason="Liger's softcap calls libdevice tanh, absent from Triton's interpreter"
+# returns None there): those cases are ``gpu`` tests (run by `pytest -m gpu` on a GPU).
+liger_softcap_needs_cuda = (
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        INTERPRETED, reason="Liger's softcap calls libdevice tanh, absent from Triton's interpreter"
+    ),
 )
 
 # (Liger's options, fastxent's options): the mapping README.md's table states.
