@@ -43,11 +43,12 @@ def same_random_draws():
 
 @pytest.fixture(autouse=True)
 def subnormals_kept():
-    """After a test, subnormal numbers work again in this thread. torch 2.4's inductor built its
-    C++ with -ffast-math, whose start-up code turns on flush-to-zero in the thread that loads a
-    compiled kernel (pytorch/pytorch #126848): every later test inherited it, Hypothesis then
-    refused to draw floats. Only there: on later releases a test that leaves them off should
-    show in the tests after it (it would mean fastxent or inductor turned them off)."""
+    """After a test, subnormal numbers work again in this thread. The inductor of torch 2.4 and
+    2.5 built its C++ with -ffast-math, whose start-up code turns on flush-to-zero in the thread
+    that loads a compiled kernel (pytorch/pytorch #126848): every later test inherited it,
+    Hypothesis then refused to draw floats. Only there: on later releases a test that leaves
+    them off should show in the tests after it (it would mean fastxent or inductor turned them
+    off)."""
     yield
     if versions.INDUCTOR_FLUSHES_SUBNORMALS and versions.flushes_subnormals():
         versions.restore_default_float_environment()

@@ -20,7 +20,7 @@ from fastxent import reference
 from fastxent._compiled import kernel, unavailable_reason
 from fastxent._options import CrossEntropyOptions
 from fastxent.bench import allocated_peak_bytes
-from versions import builds_inplace_variants, compiled_backend
+from versions import TORCH, builds_inplace_variants, compiled_backend, folds_in_place
 
 pytestmark = compiled_backend
 
@@ -327,7 +327,9 @@ def test_softcap_tanh_matches_tanh_eager_and_compiled():
     got = kernel._tanh(special)
     assert got[:2].tolist() == [1.0, -1.0] and got[2].isnan() and got[3].item() == 0.0
     wide = torch.compile(kernel._tanh, dynamic=True)(x.double())  # float64: tanh itself
-    assert ((wide - want).abs() <= 2 * 2.0**-52 * want.abs()).all()
+    # (inductor before 2.7 computes a float64 tanh to 3e-16 absolute, 0 for |x| ~ 1e-30)
+    close = 2 * 2.0**-52 * (want.abs() if TORCH >= (2, 7) else 1.0)
+    assert ((wide - want).abs() <= close).all()
 
 
 @pytest.mark.parametrize("softcap", [1e5, 1e8, 1e30])
@@ -509,13 +511,14 @@ def test_unavailable_reason(monkeypatch):
         compiled._toolchain_reason.cache_clear()
 
 
-def test_torch_2_4s_inductor_is_not_used(monkeypatch):
-    """torch 2.4's inductor builds with -ffast-math, whose loaded kernels flush subnormal
-    numbers to zero in the whole process: "auto" then takes the portable kernel."""
+@pytest.mark.parametrize("version", ["2.4.1+cpu", "2.5.1+cu124"])
+def test_inductor_that_flushes_subnormals_is_not_used(monkeypatch, version):
+    """torch 2.4's and 2.5's inductor builds with -ffast-math, whose loaded kernels flush
+    subnormal numbers to zero in the whole process: "auto" then takes the portable kernel."""
     import fastxent._compiled as compiled
 
     compiled._toolchain_reason.cache_clear()
-    monkeypatch.setattr(torch, "__version__", "2.4.1+cpu")
+    monkeypatch.setattr(torch, "__version__", version)
     try:
         assert "-ffast-math" in unavailable_reason(torch.device("cpu"))
         name, _ = fastxent.functional.resolve_backend("auto", torch.device("cpu"), 1 << 22)
@@ -530,6 +533,7 @@ def test_torch_2_4s_inductor_is_not_used(monkeypatch):
     ids=["plain", "all", "uncapped", "soft-all"],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@folds_in_place  # else backward scales into a second (N, V) buffer
 def test_step_holds_the_gradient_and_no_logits_sized_temporary(options, soft, dtype):
     # The step must hold one (N, V) gradient and row-sized work; any full-size temporary (a
     # z.to(float32), a float32 scatter_ into a bf16 gradient, a second float32 buffer beside the
@@ -565,6 +569,7 @@ def test_step_holds_the_gradient_and_no_logits_sized_temporary(options, soft, dt
     [pytest.param({}, id="plain"), pytest.param(GENERAL, id="all", marks=builds_inplace_variants)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@folds_in_place  # else backward scales into a new (N, V) buffer
 def test_inplace_backward_allocates_nothing_logits_sized(options, dtype):
     # "Zero extra with inplace_backward": the gradient goes into the logits' own storage, and
     # the step allocates only per-row vectors (well under one (N, V) buffer).

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import fastxent
 from fastxent import _autograd
 from fastxent._compiled import kernel, unavailable_reason
-from versions import TORCH
+from versions import COMPILED_UNAVAILABLE, TORCH, compiled_backend
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork"),
@@ -84,7 +84,52 @@ def test_the_buffer_reuse_lock():
         assert child_exit_code(lambda: matches_pytorch("torch", 64, 4096), 60) == 0
 
 
-@pytest.mark.skipif(unavailable_reason(torch.device("cpu")) is not None, reason="no compiler")
+PARENT_THREADS = torch.get_num_threads()
+compiled_in_a_child = pytest.mark.skipif(
+    TORCH < (2, 12) and PARENT_THREADS > 1,
+    reason="before torch 2.12 the compiled backend is unavailable in a forked child",
+)
+
+
+@pytest.mark.parametrize("n", [64, 2048])
+def test_auto_in_a_child_forked_after_the_parent_ran_kernels(n):
+    """Before torch 2.12, inductor's kernels keep the parent's OpenMP thread count, and in a
+    forked child a kernel first run there waited forever for threads the child lacks (torch
+    2.6, 2.9-2.11), after torch.set_num_threads(1) too. "auto" takes the portable kernel in
+    such a child; from 2.12 on it keeps the compiled one."""
+    matches_pytorch("auto", n, 4096)  # the parent's kernels and OpenMP threads run
+
+    def other_shapes():  # a kernel this process has not run (V <= 4096 is a graph of its own)
+        reason = unavailable_reason(torch.device("cpu"))
+        if TORCH < (2, 12) and PARENT_THREADS > 1 and COMPILED_UNAVAILABLE is None:
+            assert reason is not None and "forked" in reason
+        return matches_pytorch("auto", n, 3000)
+
+    assert child_exit_code(other_shapes, 90) == 0
+
+
+@compiled_backend
+def test_a_fork_of_a_torch_before_2_12_refuses_the_compiled_backend(monkeypatch):
+    """What the child of a fork does there (run in this process, as a stand-in): the compiled
+    backend is unavailable with the reason, "auto" takes the portable kernel, and an explicit
+    backend="compiled" raises rather than wait forever."""
+    monkeypatch.setattr(torch, "__version__", "2.11.0")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(kernel, "forked_with_fixed_teams", None)
+    kernel._note_fixed_teams_in_child()
+    z, y = torch.randn(256, 4096), torch.randint(0, 4096, (256,))
+    with pytest.raises(RuntimeError, match=r"forked from one running 2 threads.*'spawn'"):
+        fastxent.cross_entropy(z, y, backend="compiled")
+    name, _ = fastxent.functional.resolve_backend("auto", z.device, z.numel())
+    assert name == "torch"
+    monkeypatch.setattr(torch, "__version__", "2.12.0")
+    monkeypatch.setattr(kernel, "forked_with_fixed_teams", None)
+    kernel._note_fixed_teams_in_child()
+    assert kernel.forked_with_fixed_teams is None
+
+
+@compiled_backend
+@compiled_in_a_child
 def test_the_compiled_kernels_first_call_lock():
     def first_call():  # a variant's first call of its graph runs under the lock
         kernel._called.clear()  # (in the child) whatever this process called before
@@ -94,7 +139,8 @@ def test_the_compiled_kernels_first_call_lock():
         assert child_exit_code(first_call) == 0
 
 
-@pytest.mark.skipif(unavailable_reason(torch.device("cpu")) is not None, reason="no compiler")
+@compiled_backend
+@compiled_in_a_child
 def test_a_compile_in_a_child_forked_after_the_parent_compiled(tmp_path):
     """inductor's C++ compile threads (a ThreadPoolExecutor it keeps) are not the child's: the
     child's copy of the pool, started in the parent, counted workers it does not have."""

@@ -8,6 +8,7 @@ import shutil
 
 import torch
 
+from fastxent._compiled import kernel
 from fastxent._compiled.kernel import cross_entropy_rows
 from fastxent._options import major_minor
 
@@ -15,16 +16,18 @@ __all__ = ["cross_entropy_rows", "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """None on a CPU with a working torch.compile and C++ compiler, else why not."""
+    """None on a CPU with a working torch.compile and C++ compiler, else why not (and in a
+    forked child where the kernels would hang: ``kernel.forked_with_fixed_teams``)."""
     if torch.device(device).type != "cpu":
         return f"it generates CPU kernels only, got a {torch.device(device).type} device"
-    return _toolchain_reason()
+    return _toolchain_reason() or kernel.forked_with_fixed_teams
 
 
 def inductor_flushes_subnormals() -> bool:
     """Whether this torch's inductor builds CPU kernels with -ffast-math, whose start-up code
-    turns on flush-to-zero in the thread that loads one (before 2.5: pytorch/pytorch #126848)."""
-    return major_minor(torch.__version__) < (2, 5)
+    turns on flush-to-zero in the thread that loads one (before 2.6: pytorch/pytorch #126848;
+    2.5.1 measured)."""
+    return major_minor(torch.__version__) < (2, 6)
 
 
 @functools.cache
@@ -37,7 +40,7 @@ def _toolchain_reason() -> str | None:
         return (
             f"torch {torch.__version__}'s inductor builds its C++ with -ffast-math, which turns "
             "off subnormal numbers in the whole process once a kernel loads (pytorch/pytorch "
-            "#126848, fixed in 2.5)"
+            "#126848, fixed in 2.6)"
         )
     compilers = (os.environ.get("CXX"), "c++", "g++", "clang++")
     if not any(c and shutil.which(c) for c in compilers):

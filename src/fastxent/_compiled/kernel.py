@@ -62,7 +62,7 @@ import torch
 from torch import Tensor
 
 from fastxent._autograd import accumulation_dtype, lock_made_afresh_after_fork
-from fastxent._options import CrossEntropyOptions
+from fastxent._options import CrossEntropyOptions, major_minor
 
 SHIFT_COLUMNS = 64  # K: the shift m is the max of each row's first K logits (in the first lines)
 SUM_E_RANGE = (2.0**-40, 2.0**100)  # rows whose Σe falls outside are redone (see shift_suits)
@@ -284,8 +284,30 @@ def _new_compile_threads_in_child() -> None:
         pool.cache_clear()
 
 
+# Inductor before 2.12 writes the thread count into its kernels (``#pragma omp parallel
+# num_threads(2)``). In a child forked from a process whose OpenMP threads have run, such a
+# team waits forever for threads the child does not have, torch.set_num_threads(1) or not
+# (torch 2.6, 2.7, 2.9, 2.10 and 2.11 measured; 2.12's and 2.13's kernels take the count set
+# at run time). Set in such a child: the compiled backend is then unavailable there.
+forked_with_fixed_teams: str | None = None  # why, in such a child
+
+
+def _note_fixed_teams_in_child() -> None:
+    global forked_with_fixed_teams
+    threads = torch.get_num_threads()  # the parent's: a fork keeps it
+    if major_minor(torch.__version__) < (2, 12) and threads > 1:
+        forked_with_fixed_teams = (
+            f"this process was forked from one running {threads} threads, and the kernels of "
+            f"torch {torch.__version__}'s inductor keep that many OpenMP threads, which a forked "
+            "child does not have: a call would wait forever (kernels take the thread count at "
+            "run time from torch 2.12). Use backend='torch' here, or start processes with "
+            "multiprocessing's 'spawn' or 'forkserver'"
+        )
+
+
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_new_compile_threads_in_child)
+    os.register_at_fork(after_in_child=_note_fixed_teams_in_child)
 
 
 def _call(v: Variant, graph, *args):
