@@ -992,7 +992,7 @@ def test_dtensor_inputs_run_on_pytorchs_ops_and_match_plain_tensors(tmp_path):
             assert loss_error < 1e-6 and grad_error < 1e-6, (key, loss_error, grad_error)
 
 
-@newer_torch((2, 6), "fully_shard in torch.distributed.fsdp")
+@newer_torch((2, 7), "fully_shard on CPU (2.6's asks its stream for record_event)")
 def test_fsdp2_lm_head_weight_works_with_the_root_and_is_explained_when_sharded_alone(tmp_path):
     """FSDP2 gathers a weight into a plain tensor inside its fully_shard module's forward and
     keeps the root's gathered after forward; a plain hidden with a still-sharded weight used to

@@ -482,7 +482,7 @@ def test_vocab_parallel_linear_collectives(spawned, world):
         }
 
 
-@newer_torch((2, 5), "ProcessGroup(store, rank, size)")
+@newer_torch((2, 6), "ProcessGroup(store, rank, size)")
 def test_process_group_needs_initialised_distributed():
     assert not dist.is_initialized()
     group = dist.ProcessGroup(dist.HashStore(), 0, 1)  # a group object, no default group

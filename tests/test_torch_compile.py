@@ -16,7 +16,12 @@ from torch._dynamo.utils import counters
 import fastxent
 from fastxent import reference
 from test_linear import oracle as linear_oracle
-from versions import compiled_backend, graph_break_has_a_reason, newer_torch
+from versions import (
+    compiled_backend,
+    exports_a_dynamic_batch,
+    graph_break_has_a_reason,
+    newer_torch,
+)
 
 SMALL, LARGE = (32, 512), (600, 1000)  # below and above auto's fused-ops limit (2^19 logits)
 F32 = {"rtol": 1e-5, "atol": 1e-6}
@@ -140,9 +145,9 @@ def test_fullgraph_names_the_kernel_path(options):
         fn(z)
 
 
-@newer_torch((2, 5), "torch.compiler.is_exporting")
+@exports_a_dynamic_batch  # torch.compiler.is_exporting is there (2.7)
 def test_kernel_paths_stay_kernels_where_dynamo_says_it_exports(monkeypatch):
-    """Dynamo before PyTorch 2.13 folded ``torch.compiler.is_exporting()`` to True wherever it
+    """The dynamo of PyTorch 2.7-2.11 folded ``torch.compiler.is_exporting()`` to True wherever it
     traced (pytorch/pytorch#176347): every compiled call took PyTorch's ops, the linear loss
     with its whole logits. Here the function is that of those versions (dynamo traces into a
     stand-in); fastxent reads the flag that export sets, so the kernel path and the linear walk

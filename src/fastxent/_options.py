@@ -403,13 +403,14 @@ def _proxy_tracing() -> bool:
 
 def _is_exporting() -> bool:
     """Whether torch.export traces now (strict export traces with dynamo, where a size test
-    on the symbolic batch would fix it); False before PyTorch has the test (2.5).
+    on the symbolic batch would fix it); False before PyTorch has the test (2.7).
 
     The flag behind ``torch.compiler.is_exporting()`` is read, not the function: the dynamo of
-    some releases (2.8, 2.11; not 2.13) replaces that call by a constant True wherever it traces,
-    torch.compile included (pytorch/pytorch#176347), which sent every compiled call to
+    2.7-2.11 replaces that call by a constant True wherever it traces, torch.compile included
+    (pytorch/pytorch#176347; 2.12's reads the flag), which sent every compiled call to
     PyTorch's ops: the whole N×V logits of ``linear_cross_entropy``, no kernel, no
-    ``inplace_backward``."""
+    ``inplace_backward``. (2.7's strict export runs dynamo before it sets the flag, so there
+    only ``strict=False`` exports a dynamic batch.)"""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     if isinstance(flag, bool):
         return flag

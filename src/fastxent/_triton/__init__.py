@@ -36,8 +36,10 @@ def interpreter_requested() -> bool:
 
 
 # The oldest triton the kernels were run with: 3.6 on the GPU machine's image (torch 2.11), and
-# its interpreter; CI's is newer. Under triton 3.0 (torch 2.4's) the interpreter computed wrong
-# losses (errors of 6e4 and more), and 3.1-3.5 were never run.
+# its interpreter; CI's is newer. Under triton 3.0 and 3.1 (torch 2.4's, 2.5's) the interpreter
+# computed wrong losses (errors of 16 to 6e4 and more); 3.4's could not run the kernels (its
+# interpreter converts a size-1 array to an int); 3.2's, 3.3's and 3.5's pass the interpreter
+# tests, but no GPU has run the kernels with them.
 MIN_TRITON = (3, 6)
 
 
