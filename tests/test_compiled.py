@@ -6,6 +6,7 @@ are on); sizes are dynamic, so every shape below reuses the variant's graph.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import warnings
@@ -606,7 +607,9 @@ def test_graph_code_is_renamed_on_python_3_10_too():
 
     assert kernel.renamed(Python310Code(), "g_7") == ("renamed", "g_7")
     code = kernel.renamed(kernel._rows_graph.__code__, "g_8")
-    assert (code.co_name, code.co_qualname) == ("g_8", "g_8")
+    assert code.co_name == "g_8"
+    if sys.version_info >= (3, 11):  # co_qualname is 3.11's
+        assert code.co_qualname == "g_8"
 
 
 def test_first_calls_of_a_graph_run_one_thread_at_a_time(monkeypatch):

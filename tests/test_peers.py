@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import fastxent
+from versions import TRITON_TOO_OLD
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -115,6 +116,8 @@ def liger(monkeypatch):
     import liger_kernel.transformers.functional  # noqa: F401  (transformers.functional)
 
     if INTERPRETED:
+        if TRITON_TOO_OLD is not None:  # triton 3.0's interpreter: Liger's losses off by 16 too
+            pytest.skip(f"Triton's interpreter: {TRITON_TOO_OLD}")
         _pass_float_arguments_as_fp32(monkeypatch)
     return transformers
 
