@@ -1,6 +1,8 @@
-"""A fork made while another thread holds one of fastxent's locks: the child's copy of the lock
-stays held by a thread the child does not have, so its first call waited forever. The locks
-are made afresh in the child (``os.register_at_fork``)."""
+"""What a forked child inherits that it cannot use. A fork made while another thread holds one
+of fastxent's locks: the child's copy of the lock stays held by a thread the child does not
+have, so its first call waited forever; the locks are made afresh in the child
+(``os.register_at_fork``). Inductor's compile threads, and, before torch 2.12, kernels that keep
+the parent's OpenMP thread count: the compiled backend is then unavailable in the child."""
 
 import os
 import signal
@@ -95,7 +97,7 @@ compiled_in_a_child = pytest.mark.skipif(
 def test_auto_in_a_child_forked_after_the_parent_ran_kernels(n):
     """Before torch 2.12, inductor's kernels keep the parent's OpenMP thread count, and in a
     forked child a kernel first run there waited forever for threads the child lacks (torch
-    2.6, 2.9-2.11), after torch.set_num_threads(1) too. "auto" takes the portable kernel in
+    2.6, 2.7, 2.9-2.11), after torch.set_num_threads(1) too. "auto" takes the portable kernel in
     such a child; from 2.12 on it keeps the compiled one."""
     matches_pytorch("auto", n, 4096)  # the parent's kernels and OpenMP threads run
 
