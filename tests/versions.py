@@ -36,8 +36,8 @@ exports_a_dynamic_batch = pytest.mark.skipif(
 strict_export_sets_the_flag = newer_torch(
     (2, 8), "before torch 2.8 strict export's dynamo stage runs without the export flag"
 )
-graph_break_has_a_reason = pytest.mark.skipif(
-    TORCH < (2, 8), reason="torch.compiler.disable takes a reason from torch 2.8"
+graph_break_has_a_reason = newer_torch(
+    (2, 8), "torch.compiler.disable takes a reason from torch 2.8"
 )
 COMPILED_UNAVAILABLE = unavailable_reason(torch.device("cpu"))
 compiled_backend = pytest.mark.skipif(
