@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype),
         "warmup": args.warmup,
         "iters": args.iters,
+        "complete": False,  # True once every task has run: a run cut short keeps what it had
         "runs": [],
     }
     try:
@@ -414,19 +415,29 @@ def main(argv: list[str] | None = None) -> int:
                 {"task": "cross_entropy", "shape": shape_name, "N": n, "V": v, "floor_s": floor_s,
                  "rows": rows}
             )  # fmt: skip
+            write_results(results, args.out)
             failed |= _fastxent_wrong(rows, dtype)
             del z0
         for task in ("linear", "amp"):
             if task in args.task_list:
                 run = linear_task(task == "amp", shape_name, (n, d, v), y, g, args, device, cuda)
                 results["runs"].append(run)
+                write_results(results, args.out)
                 failed |= _fastxent_wrong(run["rows"], dtype)
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    results["complete"] = True
+    write_results(results, args.out)
     print(f"\nwrote {args.out}")
     return 1 if failed else 0
+
+
+def write_results(results: dict, path: str) -> None:
+    """The JSON as it stands, rewritten after every task's run: a lent GPU's time may run out
+    (or a provider crash the process) before the last one, and what ran is still kept."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)  # never half a file, even when killed while writing
 
 
 def linear_task(amp: bool, shape_name: str, shape, y, g, args, device, cuda: bool) -> dict:
