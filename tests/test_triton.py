@@ -638,6 +638,48 @@ def test_gpu_linear_cross_entropy_against_reference(dtype, chunk_size):
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol}"
 
 
+def _compiled_then_eager(fn, inputs, rows_launched: list) -> list:
+    """[(loss, grads, kernel launches)] of ``fn`` under torch.compile (inductor), then eager,
+    each on fresh leaves of ``inputs``."""
+    results = []
+    for run in (torch.compile(fn), fn):
+        rows_launched.clear()
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        loss = run(*leaves)
+        loss.backward()
+        results.append((loss.detach(), [x.grad for x in leaves], len(rows_launched)))
+    return results
+
+
+@pytest.mark.gpu
+@compiled
+def test_gpu_compiled_steps_run_the_triton_kernel_and_the_walk(shapes_passed_to):
+    """torch.compile'd code on CUDA runs fastxent's Triton kernel and linear walk outside its
+    graph, as eager does. The dynamo of torch 2.7-2.11 folds ``is_exporting()`` to True where it
+    traces (pytorch/pytorch#176347): fastxent took that for torch.export before, and every
+    compiled call computed PyTorch's ops instead (the linear loss with all its logits)."""
+    rows_launched = shapes_passed_to(triton_backend, "cross_entropy_rows")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, v = 512, 70000  # 3.6e7 logits: above auto's fused-ops limit on CUDA (2^25)
+    z = torch.randn(n, v, device="cuda", generator=g)
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    h = torch.randn(300, 64, device="cuda", generator=g)
+    w = torch.randn(5000, 64, device="cuda", generator=g) * 0.2
+    t = torch.randint(0, 5000, (300,), device="cuda", generator=g)
+    cases = {
+        "cross_entropy": (lambda z: fastxent.cross_entropy(z * 2, y, label_smoothing=0.1), [z]),
+        "linear": (lambda h, w: fastxent.linear_cross_entropy(h, w, t, chunk_size=128), [h, w]),
+    }
+    for name, (fn, inputs) in cases.items():
+        (loss, grads, launched), (want_loss, want_grads, eager_launched) = _compiled_then_eager(
+            fn, inputs, rows_launched
+        )
+        assert launched == eager_launched > 0, (name, launched, eager_launched)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0.0)
+        for got, want in zip(grads, want_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=0.0, atol=1e-6 * want.abs().max().item())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
 def test_gpu_small_auto_calls_take_the_fused_ops_and_match_the_reference(soft, monkeypatch):
