@@ -460,3 +460,38 @@ def test_a_log_gets_a_line_per_finished_row_as_it_finishes(terminal, monkeypatch
         assert re.fullmatch(pattern, line), (pattern, line)
     memory = sorted(lines[len(expected) :])  # in the order the processes finish
     assert memory == [f"{label} {name}: peak 3 MiB" for name in ("eager", "fastxent-torch")]
+
+
+def test_plot_colours_each_method_alike_in_every_panel(quick_run, monkeypatch, tmp_path):
+    """The quick run's results drawn again, the figure kept: a method's lines share one colour
+    across the cross_entropy and linear panels (eager's lines in both), and the memory panels
+    label the floor as what it is there."""
+    import matplotlib.pyplot as plt
+
+    _, out = quick_run
+    report = json.loads((out / "bench.json").read_text())
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    bench.plot(report["cases"], tmp_path / "bench.png")
+    (fig,) = kept
+    colour_of: dict[str, set] = {}
+    for ax in fig.axes:
+        for line in ax.lines:
+            colour_of.setdefault(line.get_label().rsplit(" ", 1)[0], set()).add(line.get_color())
+    assert all(len(colours) == 1 for colours in colour_of.values()), colour_of
+    eager = colour_of["torch F.cross_entropy"] | colour_of["torch F.linear + F.cross_entropy"]
+    assert len(eager) == 1, eager
+    time_ax, memory_ax = fig.axes[2], fig.axes[3]  # the linear row
+    assert any(line.get_label().startswith("floor: 3 matmuls") for line in time_ax.lines)
+    assert any(line.get_label().startswith(bench.FLOOR_MEMORY_LABEL) for line in memory_ax.lines)
+    assert not any(line.get_label().startswith("floor: 3") for line in memory_ax.lines)
+
+
+def test_every_method_has_its_own_plot_colour():
+    names = {m.name for m in bench.methods()} | {"floor"}
+    assert names <= set(bench.PLOT_COLORS)
+    by_colour: dict[str, set] = {}
+    for name in names:
+        by_colour.setdefault(bench.PLOT_COLORS[name], set()).add(name)
+    shared = [group for group in by_colour.values() if len(group) > 1]
+    assert shared == [{"fastxent-compiled", "fastxent-linear"}], shared

@@ -1011,8 +1011,29 @@ def print_goals(goals: list[Goal], console) -> None:
     console.print(table)
 
 
+# One colour per method in every panel of the plot; fastxent's usual path of each kind (the
+# compiled kernel, the token walk) shares the first, so the eye follows it from row to row.
+PLOT_COLORS = {
+    "fastxent-compiled": "C0",
+    "fastxent-linear": "C0",
+    "fastxent-torch": "C1",
+    "fastxent-triton": "C2",
+    "eager": "C3",
+    "compile": "C4",
+    "liger": "C5",
+    "cce": "C6",
+    "chunked": "C7",
+    "fastxent-vocab": "C8",
+    "fastxent-wide": "C9",
+    "floor": "black",
+}
+# The floor row's memory is not what its time is (the products or the copy): the gradients.
+FLOOR_MEMORY_LABEL = "floor: the gradients' own memory"
+
+
 def plot(results: list[dict], path: Path) -> None:
-    """Time and peak memory against V, one line per (method, dtype), one row per kind."""
+    """Time and peak memory against V, one line per (method, dtype), one row per kind; each
+    method in the same colour (:data:`PLOT_COLORS`) in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1030,21 +1051,21 @@ def plot(results: list[dict], path: Path) -> None:
                 if row["median_s"] is None:
                     continue
                 point = (case["v"], row["median_s"], row["peak_extra_bytes"])
-                lines.setdefault((row["label"], case["dtype"]), []).append(point)
-        labels = sorted({label for label, _ in lines})
+                lines.setdefault((row["name"], row["label"], case["dtype"]), []).append(point)
         dashes = {dtype: ls for dtype, ls in zip(DTYPES, ("-", "--", ":", "-."), strict=True)}
         markers = {dtype: mk for dtype, mk in zip(DTYPES, ("o", "s", "^", "D"), strict=True)}
         undrawn = 0  # series with a peak of 0 (below what the RSS measurement resolves)
-        for (label, dtype), points in sorted(lines.items()):
+        for (name, label, dtype), points in sorted(lines.items(), key=lambda item: item[0][1:]):
             points.sort()
-            color = "black" if label.startswith("floor") else f"C{labels.index(label) % 10}"
+            color = PLOT_COLORS.get(name, "grey")
             style = {"color": color, "linestyle": dashes[dtype], "marker": markers[dtype]}
             v = [p[0] for p in points]
             ax_time.plot(v, [1e3 * p[1] for p in points], label=f"{label} {dtype}", **style)
             memory = [(p[0], p[2] / MIB) for p in points if p[2]]  # log axis: no zeros
             undrawn += any(p[2] == 0 for p in points)
             if memory:
-                ax_mem.plot(*zip(*memory, strict=True), label=f"{label} {dtype}", **style)
+                mem_label = FLOOR_MEMORY_LABEL if name == "floor" else label
+                ax_mem.plot(*zip(*memory, strict=True), label=f"{mem_label} {dtype}", **style)
         if undrawn:
             ax_mem.text(
                 0.01, 0.01, f"{undrawn} series at 0 MiB (below resolution): not drawn there",
