@@ -20,6 +20,7 @@ from versions import (
     compiled_backend,
     exports_a_dynamic_batch,
     graph_break_has_a_reason,
+    graph_keeps_asserts,
     newer_torch,
 )
 
@@ -143,6 +144,25 @@ def test_fullgraph_names_the_kernel_path(options):
     fn = torch.compile(lambda z: fastxent.cross_entropy(z * 2, y, **options), fullgraph=True)
     with pytest.raises(Exception, match=r"fastxent runs its own kernel"):
         fn(z)
+
+
+@graph_break_has_a_reason
+def test_the_host_check_of_cuda_targets_is_a_graph_break_with_its_reason():
+    """What small CUDA calls with class indices run first under torch.compile (their range
+    check reads the targets; a graph break), here on CPU tensors: fullgraph=True names it,
+    and without fullgraph a bad target raises fastxent's IndexError, as in eager."""
+    from fastxent.functional import check_index_targets_on_the_host
+
+    def fn(y):
+        check_index_targets_on_the_host(y, 16, -100)
+        return y + 1
+
+    y = torch.randint(0, 16, (8,))
+    with pytest.raises(Exception, match="reads CUDA class-index targets on the host"):
+        torch.compile(fn, fullgraph=True)(y)
+    y[2] = 99
+    with pytest.raises(IndexError, match=r"target\[2\] = 99 is out of range"):
+        torch.compile(fn)(y)
 
 
 @exports_a_dynamic_batch  # torch.compiler.is_exporting is there (2.7)
@@ -317,3 +337,28 @@ def test_torch_func_traced_by_the_eager_backend_around_a_kernel_call(loss):
         h, y, want = h[0], y[0], x.grad
     got = torch.compile(fn, backend="eager")(h, y)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@graph_keeps_asserts
+@pytest.mark.parametrize(
+    "kind, dynamic", [("cross_entropy", False), ("cross_entropy", True), ("linear", False)]
+)
+def test_out_of_range_target_in_a_compiled_graph_raises_fastxents_message(kind, dynamic):
+    """Small calls traced whole by torch.compile (inductor, fullgraph) check their class
+    indices in the graph: a bad one raises fastxent's message, not inductor's bounds check
+    ("index out of bounds: 0 <= tmp11 < 16L"); ignored and valid targets give eager's loss."""
+    n, v = 12, 16
+    z, h, w = torch.randn(n, v), torch.randn(n, 4), torch.randn(v, 4)
+    if kind == "cross_entropy":
+        fn = lambda y: fastxent.cross_entropy(z, y, ignore_index=3, label_smoothing=0.1)  # noqa: E731
+    else:
+        fn = lambda y: fastxent.linear_cross_entropy(h, w, y, ignore_index=3)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    y = torch.randint(0, v, (n,))
+    y[2] = 3  # ignore_index, a valid class here: ignored, not refused
+    torch.testing.assert_close(compiled(y), fn(y), **F32)
+    for bad in (v, -1, -100):
+        y_bad = y.clone()
+        y_bad[5] = bad
+        with pytest.raises(RuntimeError, match="class-index target is out of range"):
+            compiled(y_bad)

@@ -681,6 +681,23 @@ def test_gpu_compiled_steps_run_the_triton_kernel_and_the_walk(shapes_passed_to)
 
 
 @pytest.mark.gpu
+def test_gpu_small_compiled_call_checks_its_targets_on_the_host():
+    """A small CUDA call traced by torch.compile reads its class indices outside the graph (a
+    device-side assert in the graph would leave the device unusable): a bad one raises
+    fastxent's IndexError, and the device still computes the next call."""
+    z = torch.randn(40, 300, device="cuda", requires_grad=True)
+    y = torch.randint(0, 300, (40,), device="cuda")
+    fn = torch.compile(lambda z, y: fastxent.cross_entropy(z, y, label_smoothing=0.1))
+    want = torch.nn.functional.cross_entropy(z, y, label_smoothing=0.1)
+    torch.testing.assert_close(fn(z, y), want)
+    y_bad = y.clone()
+    y_bad[7] = 300
+    with pytest.raises(IndexError, match=r"target\[7\] = 300 is out of range"):
+        fn(z, y_bad)
+    torch.testing.assert_close(fn(z, y), want)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
 def test_gpu_small_auto_calls_take_the_fused_ops_and_match_the_reference(soft, monkeypatch):
     """Small CUDA calls under "auto" run PyTorch's fused ops with fastxent's semantics."""

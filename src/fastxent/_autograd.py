@@ -406,19 +406,21 @@ def needs_pytorch_ops(*tensors: Tensor | None) -> bool:
     return any(carries_tangent(x) for x in tensors)
 
 
-def outside_graph(fn: Callable) -> Callable:
+KERNEL_OUTSIDE_GRAPH = (
+    "fastxent runs its own kernel outside torch.compile's graph; calls that backend='auto' "
+    "computes with PyTorch's fused ops (small ones, without inplace_backward or walk options) "
+    "trace with fullgraph=True"
+)
+
+
+def outside_graph(fn: Callable, reason: str = KERNEL_OUTSIDE_GRAPH) -> Callable:
     """``fn`` never traced by torch.compile: a graph break, which ``fullgraph=True`` reports
-    with the reason below (on PyTorch versions that take one).
+    with ``reason`` (on PyTorch versions that take one).
 
     The Functions here keep their gradient buffers between forward and backward, which a traced
     graph would replace by tensors of its own, and the kernels are compiled already (or
     Triton's): only the calls computed from PyTorch's fused ops belong in a traced graph.
     """
-    reason = (
-        "fastxent runs its own kernel outside torch.compile's graph; calls that backend='auto' "
-        "computes with PyTorch's fused ops (small ones, without inplace_backward or walk "
-        "options) trace with fullgraph=True"
-    )
     try:
         return torch.compiler.disable(fn, reason=reason)
     except TypeError:  # no `reason` before PyTorch 2.8

@@ -375,7 +375,7 @@ def values_readable(*tensors: Tensor | None) -> bool:
     loss does, and their targets are not checked here. While dynamo traces, only the meta test
     applies (dynamo's tensors are fake, and it traces through fastxent as through any code)."""
     compiling = torch.compiler.is_dynamo_compiling()  # dynamo cannot trace _proxy_tracing
-    if torch.jit.is_tracing() or _is_exporting() or (not compiling and _proxy_tracing()):
+    if torch.jit.is_tracing() or is_exporting() or (not compiling and _proxy_tracing()):
         return False
     for x in tensors:
         if x is None:
@@ -401,7 +401,7 @@ def _proxy_tracing() -> bool:
     return _get_dispatch_mode(_PROXY_MODE) is not None
 
 
-def _is_exporting() -> bool:
+def is_exporting() -> bool:
     """Whether torch.export traces now (strict export traces with dynamo, where a size test
     on the symbolic batch would fix it); False before PyTorch has the test (2.7).
 
@@ -414,8 +414,8 @@ def _is_exporting() -> bool:
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     if isinstance(flag, bool):
         return flag
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return is_exporting is not None and is_exporting()
+    asks_torch = getattr(torch.compiler, "is_exporting", None)
+    return asks_torch is not None and asks_torch()
 
 
 def _is_fake(x: Tensor) -> bool:
@@ -440,7 +440,7 @@ def check_index_targets(
         target = target[..., 1:]
     if target.numel() == 0 or not values_readable(target):
         return
-    bad = _out_of_range(target, num_classes, ignore_index)
+    bad = targets_out_of_range(target, num_classes, ignore_index)
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0]) if target.dim() else ()
         value = int(target[where]) if where else int(target)
@@ -453,7 +453,7 @@ def check_index_targets(
         )
 
 
-def _out_of_range(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+def targets_out_of_range(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     """Where a class index is outside [0, C) and is not ignore_index (bool, target's shape).
 
     Compared in int64, as the kernels read the targets: in a narrower dtype an ignore_index
@@ -477,7 +477,7 @@ def start_index_target_check(
         check_index_targets(target, num_classes, ignore_index)
         return _nothing
     verdict = torch.empty((), dtype=torch.bool, pin_memory=True)
-    verdict.copy_(_out_of_range(target, num_classes, ignore_index).any(), non_blocking=True)
+    verdict.copy_(targets_out_of_range(target, num_classes, ignore_index).any(), non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
 

@@ -279,7 +279,7 @@ def cross_entropy(
                     lambda: composed.cross_entropy(z, t, weight, opts), target, opts
                 )
             else:
-                check_index_targets(target, num_classes, ignore_index)
+                check_index_targets_on_the_host(target, num_classes, ignore_index)
                 loss = composed.cross_entropy(z, t, weight, opts)
     else:
         loss = _by_kernel(z, t, weight, opts, backend, target, input)
@@ -560,6 +560,15 @@ def _by_kernel(
     if finish_target_check is not None:
         finish_target_check()
     return loss
+
+
+# On CUDA a check inside a traced graph would be a device-side assert, after which the device
+# is unusable: the targets are read on the host, outside the graph (a break under torch.compile).
+check_index_targets_on_the_host = outside_graph(
+    check_index_targets,
+    reason="fastxent reads CUDA class-index targets on the host, outside the graph, to check "
+    "their range (on CPU the graph checks them itself)",
+)
 
 
 def _with_our_index_error(

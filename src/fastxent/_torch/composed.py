@@ -36,7 +36,13 @@ from fastxent._autograd import (
     under_torch_func,
     wrapper_subclass,
 )
-from fastxent._options import CrossEntropyOptions, values_readable
+from fastxent._options import (
+    CrossEntropyOptions,
+    is_exporting,
+    major_minor,
+    targets_out_of_range,
+    values_readable,
+)
 
 # PyTorch's loss as it was at import: users replace torch.nn.functional.cross_entropy with
 # fastxent's (a drop-in), and calls through the module attribute then came back here forever.
@@ -56,6 +62,8 @@ def cross_entropy(
         zp = zp * opts.logit_scale
     if opts.soft:
         target = target.to(acc)
+    elif checks_targets_in_graph(z.device):
+        target = asserted_in_range(target, opts)
     w = None if weight is None else weight.to(device=z.device, dtype=acc)
     per_row = opts.reduction == "none"
     torch_mean = _torch_mean_form(z, target, weight, opts)
@@ -84,6 +92,37 @@ def cross_entropy(
 
 
 MEAN_IF_COUNTED = "mean where some target is counted"
+
+# From torch 2.9 inductor compiles torch._assert_async into a check that raises (C++) or a
+# device assert (Triton); 2.4-2.8 drop the op (measured), so a graph relying on it ran unchecked.
+GRAPH_KEEPS_ASSERTS = major_minor(torch.__version__) >= (2, 9)
+TRACED_RANGE_MESSAGE = (
+    "fastxent: a class-index target is out of range (not in [0, C) and not ignore_index). "
+    "A torch.compile graph cannot name it: call the loss without torch.compile to see which"
+)  # inside generated C++ and Triton string literals: no quotes, no backslashes
+
+
+def checks_targets_in_graph(device: torch.device) -> bool:
+    """Whether class indices on ``device`` are checked inside the graph that torch.compile
+    traces now (:func:`asserted_in_range`): on CPU, while dynamo traces (not for torch.export),
+    where inductor keeps the check. On CUDA the check would be a device-side assert, which
+    leaves the device unusable: there fastxent reads the targets on the host (a graph break)
+    and raises its IndexError, as in eager (:mod:`fastxent.functional`)."""
+    if device.type != "cpu" or not GRAPH_KEEPS_ASSERTS:
+        return False
+    return torch.compiler.is_dynamo_compiling() and not is_exporting()
+
+
+def asserted_in_range(target: Tensor, opts: CrossEntropyOptions) -> Tensor:
+    """Class indices ``target`` (M,) with a check traced before the loss: one outside [0, C)
+    that is not ignore_index raises :data:`TRACED_RANGE_MESSAGE` (a RuntimeError on CPU) when
+    the graph runs, instead of inductor's bounds check of the gather ("index out of bounds:
+    0 <= tmp11 < 16L"). A graph cannot name the position, as the eager IndexError does. The
+    loss reads such targets as ignore_index, so that the bounds check, which inductor may
+    order first, never fires."""
+    bad = targets_out_of_range(target, opts.num_classes, opts.ignore_index)
+    torch._assert_async(~bad.any(), TRACED_RANGE_MESSAGE)
+    return torch.where(bad, opts.ignore_index, target)
 
 
 def _torch_mean_form(
