@@ -62,7 +62,7 @@ def cross_entropy(
         zp = zp * opts.logit_scale
     if opts.soft:
         target = target.to(acc)
-    elif checks_targets_in_graph(z.device):
+    elif checks_targets_in_graph(z, target):
         target = asserted_in_range(target, opts)
     w = None if weight is None else weight.to(device=z.device, dtype=acc)
     per_row = opts.reduction == "none"
@@ -102,15 +102,18 @@ TRACED_RANGE_MESSAGE = (
 )  # inside generated C++ and Triton string literals: no quotes, no backslashes
 
 
-def checks_targets_in_graph(device: torch.device) -> bool:
-    """Whether class indices on ``device`` are checked inside the graph that torch.compile
-    traces now (:func:`asserted_in_range`): on CPU, while dynamo traces (not for torch.export),
-    where inductor keeps the check. On CUDA the check would be a device-side assert, which
-    leaves the device unusable: there fastxent reads the targets on the host (a graph break)
-    and raises its IndexError, as in eager (:mod:`fastxent.functional`)."""
-    if device.type != "cpu" or not GRAPH_KEEPS_ASSERTS:
+def checks_targets_in_graph(z: Tensor, target: Tensor) -> bool:
+    """Whether the class indices ``target`` of logits ``z`` are checked inside the graph that
+    torch.compile traces now (:func:`asserted_in_range`): on CPU, while dynamo traces (not for
+    torch.export), where inductor keeps the check; not for DTensor (:func:`wrapper_subclass`),
+    which has no sharding rule for the assert. On CUDA the check would be a device-side assert,
+    which leaves the device unusable: there fastxent reads the targets on the host (a graph
+    break) and raises its IndexError, as in eager (:mod:`fastxent.functional`)."""
+    if z.device.type != "cpu" or not GRAPH_KEEPS_ASSERTS:
         return False
-    return torch.compiler.is_dynamo_compiling() and not is_exporting()
+    if not torch.compiler.is_dynamo_compiling() or is_exporting():
+        return False
+    return not (wrapper_subclass(z) or wrapper_subclass(target))
 
 
 def asserted_in_range(target: Tensor, opts: CrossEntropyOptions) -> Tensor:
