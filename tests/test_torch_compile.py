@@ -146,6 +146,25 @@ def test_fullgraph_names_the_kernel_path(options):
         fn(z)
 
 
+@graph_keeps_asserts
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jacrev"])
+def test_torch_func_transforms_of_small_calls_compile_with_the_in_graph_check(transform):
+    """vmap has no batching rule for the graph's target check (torch._assert_async): under
+    vmap (jacrev's too) it is left out, and the transforms give eager PyTorch's results."""
+    z, y = torch.randn(3, 8, 16), torch.randint(0, 16, (3, 8))
+
+    def loss(loss_fn):
+        per_batch = lambda z, y: loss_fn(z, y, label_smoothing=0.1)  # noqa: E731
+        if transform == "vmap":
+            return torch.func.vmap(per_batch)
+        if transform == "grad":
+            return lambda z, y: torch.func.grad(per_batch)(z[0], y[0])
+        return lambda z, y: torch.func.jacrev(per_batch)(z[0], y[0])
+
+    got = torch.compile(loss(fastxent.cross_entropy), fullgraph=True)(z, y)
+    torch.testing.assert_close(got, loss(torch.nn.functional.cross_entropy)(z, y), **F32)
+
+
 @graph_break_has_a_reason
 def test_the_host_check_of_cuda_targets_is_a_graph_break_with_its_reason():
     """What small CUDA calls with class indices run first under torch.compile (their range

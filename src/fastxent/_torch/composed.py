@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C._functorch import is_batchedtensor
 
 from fastxent._autograd import (
     accumulation_dtype,
@@ -106,14 +107,18 @@ def checks_targets_in_graph(z: Tensor, target: Tensor) -> bool:
     """Whether the class indices ``target`` of logits ``z`` are checked inside the graph that
     torch.compile traces now (:func:`asserted_in_range`): on CPU, while dynamo traces (not for
     torch.export), where inductor keeps the check; not for DTensor (:func:`wrapper_subclass`),
-    which has no sharding rule for the assert. On CUDA the check would be a device-side assert,
-    which leaves the device unusable: there fastxent reads the targets on the host (a graph
-    break) and raises its IndexError, as in eager (:mod:`fastxent.functional`)."""
+    which has no sharding rule for the assert, nor under vmap (jacrev, ...), which has no
+    batching rule for it (dynamo traces ``is_batchedtensor``). On CUDA the check would be a
+    device-side assert, which leaves the device unusable: there fastxent reads the targets on
+    the host (a graph break) and raises its IndexError, as in eager (:mod:`fastxent.functional`).
+    """
     if z.device.type != "cpu" or not GRAPH_KEEPS_ASSERTS:
         return False
     if not torch.compiler.is_dynamo_compiling() or is_exporting():
         return False
-    return not (wrapper_subclass(z) or wrapper_subclass(target))
+    if wrapper_subclass(z) or wrapper_subclass(target):
+        return False
+    return not (is_batchedtensor(z) or is_batchedtensor(target))
 
 
 def asserted_in_range(target: Tensor, opts: CrossEntropyOptions) -> Tensor:
