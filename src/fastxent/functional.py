@@ -567,7 +567,7 @@ def _by_kernel(
 check_index_targets_on_the_host = outside_graph(
     check_index_targets,
     reason="fastxent reads CUDA class-index targets on the host, outside the graph, to check "
-    "their range (on CPU the graph checks them itself)",
+    "their range (on CPU, from torch 2.9, the graph checks them itself)",
 )
 
 
