@@ -89,12 +89,12 @@ def _fake_python(tmp_path: Path, body: str) -> Path:
 
 
 def _session(tmp_path: Path, fake: Path, **env: str) -> subprocess.CompletedProcess:
+    """The script run from ``tmp_path`` (no .whl/ of peers' wheels to install there)."""
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(fake), OUT=str(out), **env)
     return subprocess.run(
-        ["bash", str(SESSION)], cwd=SESSION.parent.parent, env=env, capture_output=True,
-        text=True, timeout=60,
-    )  # fmt: skip
+        ["bash", str(SESSION)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_gpu_session_runs_every_step_into_one_log(tmp_path):
@@ -121,3 +121,15 @@ def test_gpu_session_stops_a_step_at_the_deadline_and_skips_the_rest(tmp_path):
     assert "== gpu-tests: stopped at its" in log, log
     assert "== suite: not run" in log, log
     assert done.returncode == 124, done.stdout + done.stderr
+
+
+def test_gpu_session_installs_carried_wheels_first(tmp_path):
+    """Peers' wheels carried in .whl/ are installed (no index: the GPU machine reaches none)
+    before any step runs."""
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "peer-1.0-py3-none-any.whl").write_bytes(b"")
+    _session(tmp_path, _fake_python(tmp_path, "exit 0"))
+    first, second = (tmp_path / "calls").read_text().splitlines()[:2]
+    assert first.startswith("-m pip install") and "--no-index" in first, first
+    assert first.endswith(".whl/peer-1.0-py3-none-any.whl"), first
+    assert second.startswith("-c "), second  # then the machine step
