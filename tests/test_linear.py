@@ -515,6 +515,28 @@ def test_filter_eps_lets_a_nan_through(filter_eps):
     torch.testing.assert_close(got[1][finite] * 13, clean[1], **F64)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("walk", [{"chunk_size": 4}, {"vocab_block": 4}], ids=str)
+def test_a_nan_in_an_ignored_tokens_hidden_state_reaches_no_gradient(walk, reduction):
+    """The walks drop ignored tokens before the matmul (README): a NaN hidden state there
+    leaves every gradient that of the other tokens, where PyTorch's 0·NaN makes ∂W NaN."""
+    hidden, weight, bias, target = make_case((13,), seed=4)
+    target[5] = -100
+    hidden[5, 0] = float("nan")
+    got = ours(hidden, weight, bias, target, reduction=reduction, **walk)
+    kept = torch.ones(13, dtype=torch.bool)
+    kept[5] = False
+    want = oracle(hidden[kept], weight, bias, target[kept], reduction="sum")
+    counted = int((target != -100).sum())
+    scale = 1 / counted if reduction == "mean" else 1.0
+    loss, dh, dw, db = got
+    assert torch.isfinite(dw).all() and torch.isfinite(db).all() and torch.isfinite(dh).all()
+    assert (dh[5] == 0).all()
+    torch.testing.assert_close(loss.sum().double(), want[0] * scale, **F64)
+    for g, w in ((dh[kept], want[1]), (dw, want[2]), (db, want[3])):
+        torch.testing.assert_close(g.double(), w * scale, **F64)
+
+
 @pytest.mark.parametrize(
     "walk", [{}, {"chunk_size": 3}, {"vocab_block": 4}, {"filter_eps": 0.0}, {"backend": "auto"}]
 )

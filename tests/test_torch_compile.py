@@ -146,6 +146,23 @@ def test_fullgraph_names_the_kernel_path(options):
         fn(z)
 
 
+@pytest.mark.parametrize("option", ["z_loss", "softcap", "logit_scale", "label_smoothing"])
+def test_a_nan_option_is_refused_in_compiled_code_too(option):
+    """Dynamo makes a float option symbolic once its value changed (here: dynamic=True), and
+    assumes it finite, so an infinite one goes through there (README); NaN it keeps a
+    constant, and fastxent's check refuses it as in eager."""
+    z, y = torch.randn(SMALL), torch.randint(0, SMALL[1], SMALL[:1])
+    fn = torch.compile(
+        lambda z, value: fastxent.cross_entropy(z, y, **{option: value}),
+        backend="aot_eager",
+        dynamic=True,
+    )
+    fn(z, 0.5)
+    fn(z, 0.25)
+    with pytest.raises(ValueError, match=rf"{option} must be .*, got nan"):
+        fn(z, float("nan"))
+
+
 @graph_keeps_asserts
 @pytest.mark.parametrize("transform", ["vmap", "grad", "jacrev"])
 def test_torch_func_transforms_of_small_calls_compile_with_the_in_graph_check(transform):
