@@ -698,6 +698,21 @@ def test_gpu_small_compiled_call_checks_its_targets_on_the_host():
 
 
 @pytest.mark.gpu
+def test_gpu_small_calls_under_fullgraph():
+    """fullgraph=True on CUDA: probability targets trace whole (nothing to read on the host);
+    class indices are read on the host, a graph break that fullgraph refuses with its reason."""
+    z = torch.randn(40, 300, device="cuda")
+    probs = torch.softmax(torch.randn(40, 300, device="cuda"), dim=1)
+    fn = torch.compile(
+        lambda z, t: fastxent.cross_entropy(z, t, label_smoothing=0.1, z_loss=1e-3), fullgraph=True
+    )
+    want = fastxent.cross_entropy(z, probs, label_smoothing=0.1, z_loss=1e-3)
+    torch.testing.assert_close(fn(z, probs), want)
+    with pytest.raises(Exception, match="reads CUDA class-index targets on the host"):
+        fn(z, torch.randint(0, 300, (40,), device="cuda"))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("soft", [False, True], ids=["index", "soft"])
 def test_gpu_small_auto_calls_take_the_fused_ops_and_match_the_reference(soft, monkeypatch):
     """Small CUDA calls under "auto" run PyTorch's fused ops with fastxent's semantics."""
