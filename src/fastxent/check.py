@@ -356,12 +356,14 @@ def run(device: str = "cpu", tolerance: float = 1e-10) -> int:
         (torch.float64, tolerance, BACKENDS),
         (torch.float32, FLOAT32_TOLERANCE, tuple(FLOAT64_NOTES)),
     )
+    shown: set[str] = set()  # notes printed already: a later table refers to them
     for dtype, bound, backends in tables:
         name = str(dtype).removeprefix("torch.")
         rows = list(error_rows(device, dtype, backends))
         if all(vs_ref is None for _, _, vs_ref, _, _ in rows):  # nothing ran: no table
             for backend, _, _, _, note in rows:
-                console.print(f"{name} on {device}, {backend}: {note}")
+                said = "skipped, as above" if note in shown else note
+                console.print(f"{name} on {device}, {backend}: {said}")
             continue
         table = Table(
             title=f"max relative error in {name} on {device}, PyTorch's in {name} too (loss "
@@ -381,5 +383,6 @@ def run(device: str = "cpu", tolerance: float = 1e-10) -> int:
         console.print(table)
         for note, number in notes.items():
             console.print(f"({number}) {note}")
+        shown.update(notes)
     console.print("[green]all checks passed[/green]" if ok else "[red]some checks failed[/red]")
     return 0 if ok else 1
