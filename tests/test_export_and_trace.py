@@ -192,6 +192,13 @@ def test_jit_script_is_refused_with_what_to_use_instead(linear_loss):
         torch.jit.script(_Head(linear_loss))
 
 
+@pytest.mark.parametrize("fn", [fastxent.cross_entropy, fastxent.linear_cross_entropy])
+def test_jit_script_of_the_functions_fails_with_torchscripts_own_reason(fn):
+    """README: of the functions, TorchScript's own error says why (keyword-only arguments)."""
+    with pytest.raises(torch.jit.frontend.NotSupportedError, match="keyword-only arguments"):
+        torch.jit.script(fn)
+
+
 def test_elementwise_mean_is_mean_with_pytorchs_deprecation_warning():
     logits, target = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
     with pytest.warns(UserWarning, match="elementwise_mean' is deprecated"):
