@@ -155,12 +155,13 @@ def default_chunk_size(
     Given ``num_tokens``, the same number of chunks is made even: ``ceil(N / k)`` rows for the
     ``k`` chunks the limit needs, rounded up to a multiple of ``CHUNK_ROWS_MULTIPLE`` within it
     (a short last chunk costs nearly a full one; on an H200, Gemma-2-2B shapes: 2048-row
-    chunks 50.5 ms, 2304-row ones 53.5 ms, ``benchmarks/gpu_tune.py --part linear``), else to
+    chunks 48.7 ms, 2304-row ones 53.5 ms, ``benchmarks/gpu_tune.py --part linear``), else to
     one of ``CHUNK_ROWS_FINE`` (up, or down to the limit's multiple where up does not fit: up to
     7 rows fewer per chunk, so up to 7/limit more chunks, one more at N = 2048). So the
     heights a run meets are few whatever N is: on CPU each new height of oneDNN's chunk logits
     left memory with the C allocator, and a token count that changed every step (a varying
-    batch, or ignored tokens, dropped before the products) grew the process by up to ~0.8 GB.
+    batch, or ignored tokens, dropped before the products) grew the process by 0.3 to 0.55 GB
+    over 300 to 800 steps (BENCHMARKS.md, "Machine D, a sixth VM").
     """
     item = dtype.itemsize
     weight_grad_rows = dim * accumulation_dtype(dtype).itemsize // item
