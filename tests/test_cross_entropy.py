@@ -191,6 +191,32 @@ def test_float32_accumulation_for_bf16(backend):
 
 
 @pytest.mark.parametrize("backend", [*PATHS, "compiled"])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize(
+    "dtype, weight_dtype",
+    [
+        (torch.float32, torch.float16),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float64),
+        (torch.float64, torch.bfloat16),
+        (torch.float64, torch.float32),
+    ],
+)
+def test_class_weights_of_another_float_dtype(backend, soft, dtype, weight_dtype):
+    """README: class weights may have any floating dtype (PyTorch asks for the logits'). The
+    value is PyTorch's float64 loss and gradient of the same rounded inputs, to the logits'
+    precision."""
+    z, target, weight = make_case((6, 33), soft=soft, weighted=True, dtype=dtype)
+    weight = weight.to(weight_dtype)
+    kw = {"label_smoothing": 0.1}
+    got = loss_and_grad(fastxent.cross_entropy, z, target, weight, backend=backend, **kw)
+    want = loss_and_grad(F.cross_entropy, z.double(), target, weight.double(), **kw)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got[0].double(), want[0], rtol=tol, atol=0)
+    torch.testing.assert_close(got[1].double(), want[1], rtol=0, atol=tol * want[1].abs().max())
+
+
+@pytest.mark.parametrize("backend", [*PATHS, "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("target_dtype", [torch.float64, torch.float32, torch.float16])
 def test_the_loss_dtype_follows_the_logits_not_the_probability_targets(
