@@ -86,8 +86,8 @@ def test_the_buffer_reuse_lock():
         assert child_exit_code(lambda: matches_pytorch("torch", 64, 4096), 60) == 0
 
 
-# what fastxent's own fork hook decides (kernel._note_fixed_teams_in_child), stated here
-CHILD_LOSES_COMPILED = TORCH < (2, 12) and torch.get_num_threads() > 1
+# what fastxent's own fork hook decides (kernel._note_fixed_teams_in_child)
+CHILD_LOSES_COMPILED = kernel.kernels_fix_their_teams()
 compiled_in_a_child = pytest.mark.skipif(
     CHILD_LOSES_COMPILED,
     reason="before torch 2.12 the compiled backend is unavailable in a forked child",

@@ -292,10 +292,16 @@ def _new_compile_threads_in_child() -> None:
 forked_with_fixed_teams: str | None = None  # why, in such a child
 
 
+def kernels_fix_their_teams() -> bool:
+    """Whether this torch's inductor kernels hold a team of more than one OpenMP thread fixed at
+    build time (before 2.12, more than one thread): a forked child cannot run them."""
+    return major_minor(torch.__version__) < (2, 12) and torch.get_num_threads() > 1
+
+
 def _note_fixed_teams_in_child() -> None:
     global forked_with_fixed_teams
-    threads = torch.get_num_threads()  # the parent's: a fork keeps it
-    if major_minor(torch.__version__) < (2, 12) and threads > 1:
+    if kernels_fix_their_teams():
+        threads = torch.get_num_threads()  # the parent's: a fork keeps it
         forked_with_fixed_teams = (
             f"this process was forked from one running {threads} threads, and the kernels of "
             f"torch {torch.__version__}'s inductor keep that many OpenMP threads, which a forked "
